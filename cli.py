@@ -1,0 +1,249 @@
+#!/usr/bin/env python
+"""sitdistill command line: distil a Stable Diffusion teacher into a SiT student.
+
+Thin by design: argparse only, each subcommand calls into the library. Heavy imports (torch,
+diffusers) happen inside the subcommand that needs them, so `--help` is instant.
+
+Exit codes: 0 success, 1 a failure while working (or a subcommand this version does not have
+yet), 2 a usage or recipe error (one line on stderr, nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+# The seed's training flags (sit-xl-e2e-sdxl `train.py`) and the recipe keys they stand for.
+# Flags that are given override the recipe; flags that are absent keep the recipe's value.
+SEED_TRAIN_FLAGS: dict[str, str] = {
+    "data_root": "data.root",
+    "output_dir": "output.dir",
+    "model_size": "student.preset",
+    "batch_size": "training.batch_size",
+    "learning_rate": "optimizer.lr",
+    "num_epochs": "training.num_epochs",
+    "use_aspect_ratio_bucket": "data.bucket",
+    "train_vae": "training.train_vae",
+    "train_text_encoder": "training.train_text_encoder",
+    "mixed_precision": "training.mixed_precision",
+    "use_ema": "training.use_ema",
+}
+# The seed trains SDXL -> SiT 2b; `cli.py train` starts from that recipe unless --recipe says otherwise.
+SEED_TRAIN_RECIPE = str(Path(__file__).resolve().parent / "recipes" / "sdxl_sit_2b.yaml")
+
+
+class NotReady(RuntimeError):
+    """A subcommand that this version does not provide yet."""
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+# ---------------------------------------------------------------------------------------------
+# Subcommands
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_show_recipe(args: argparse.Namespace) -> int:
+    from distill.recipe import load_recipe, to_yaml
+
+    print(to_yaml(load_recipe(args.recipe, args.overrides)), end="")
+    return 0
+
+
+def _run_recipe(recipe_path: str | None, overrides: list[str], dry_run: bool) -> int:
+    from distill.plan import describe_plan
+    from distill.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    if dry_run:
+        print(describe_plan(recipe))
+        print("dry run: nothing was trained or written.")
+        return 0
+    try:
+        from distill.trainer import train
+    except ImportError:
+        raise NotReady(
+            "training is not part of this version yet; `--dry-run` prints the resolved plan"
+        ) from None
+    train(recipe)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _run_recipe(args.recipe, args.overrides, args.dry_run)
+
+
+def seed_flags_to_overrides(args: argparse.Namespace) -> list[str]:
+    """The seed's `train.py` flags as recipe `key=value` overrides."""
+    out = []
+    for flag, key in SEED_TRAIN_FLAGS.items():
+        value = getattr(args, flag)
+        if value is None or value is False:
+            continue
+        if value is True:
+            value = "true"
+        out.append(f"{key}={value}")
+    if args.num_epochs is not None:
+        out.append("training.max_steps=null")  # the seed counts epochs, not steps
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    overrides = seed_flags_to_overrides(args) + list(args.overrides)
+    return _run_recipe(args.recipe, overrides, args.dry_run)
+
+
+def cmd_data_report(args: argparse.Namespace) -> int:
+    from distill.data_report import data_report
+
+    print(data_report(args.dir, args.recipe, args.overrides))
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from students import PRESETS, count_parameters
+
+    print(f"{'preset':<8} {'hidden':>6} {'depth':>5} {'heads':>5} {'patch':>5}  parameters (SD1.5 text)")
+    for name in PRESETS:
+        spec = PRESETS[name]
+        n = count_parameters(name, cond_dims={"encoder_hidden_states": 768})
+        print(f"{name:<8} {spec['hidden_size']:>6} {spec['depth']:>5} {spec['num_heads']:>5} "
+              f"{spec['patch_size']:>5}  {n / 1e6:9.1f} M")
+    return 0
+
+
+def cmd_toy_teacher(args: argparse.Namespace) -> int:
+    from teachers import toy
+
+    return toy.main(args) or 0
+
+
+def _not_ready(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise NotReady(f"`{name}` is not part of this version yet")
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_recipe_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    if required:
+        p.add_argument("recipe", help="recipe YAML file (may `extends:` another)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="recipe overrides, e.g. training.max_steps=100 student.preset=B/2")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cli.py",
+        description="Distil a frozen Stable Diffusion 1.5 / SDXL UNet teacher into a SiT transformer student.",
+        epilog="Start with: python cli.py run recipes/toy.yaml  (a toy world and toy teacher, CPU, no download).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="train a student from a recipe",
+                       description="Train a student from a recipe. Overrides follow the recipe path.")
+    _add_recipe_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print the resolved plan and stop")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("train", help="the seed's train.py flags, mapped onto a recipe",
+                       description="Seed-compatible training: each flag sets a recipe key "
+                       + ", ".join(f"--{f}={k}" for f, k in SEED_TRAIN_FLAGS.items())
+                       + ". Absent flags keep the recipe's values.")
+    p.add_argument("--recipe", default=SEED_TRAIN_RECIPE, help="base recipe (default recipes/sdxl_sit_2b.yaml)")
+    p.add_argument("--data_root", help="folder of images with same-name .txt captions")
+    p.add_argument("--output_dir", help="run folder for checkpoints and logs")
+    p.add_argument("--model_size", help="student preset, e.g. 2b or 3b (`cli.py presets` lists all)")
+    p.add_argument("--batch_size", type=int)
+    p.add_argument("--learning_rate", type=float)
+    p.add_argument("--num_epochs", type=int)
+    p.add_argument("--use_aspect_ratio_bucket", action="store_true", default=None)
+    p.add_argument("--train_vae", action="store_true", default=None)
+    p.add_argument("--train_text_encoder", action="store_true", default=None)
+    p.add_argument("--mixed_precision", nargs="?", const="bf16", choices=("no", "fp16", "bf16"),
+                   help="mixed precision; the bare flag (as in the seed) means bf16")
+    p.add_argument("--use_ema", action="store_true", default=None)
+    p.add_argument("--dry-run", action="store_true", help="print the resolved plan and stop")
+    _add_recipe_args(p, required=False)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate images with a student (the seed's inference flags)")
+    p.add_argument("--checkpoint", help="student checkpoint folder (or the seed's sit_model.pt)")
+    p.add_argument("--model_size", help="student preset of a seed-format checkpoint")
+    p.add_argument("--prompt", action="append", help="prompt (repeatable)")
+    p.add_argument("--prompts-file", help="one prompt per line")
+    p.add_argument("--negative_prompt", default="")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--num_inference_steps", type=int, default=50)
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--scheduler", default="euler")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", default="outputs")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA or raw student weights")
+    p.set_defaults(func=_not_ready("sample"))
+
+    p = sub.add_parser("eval", help="student-vs-teacher report (grids, paired distances, per-timestep error)")
+    p.add_argument("checkpoint")
+    p.add_argument("--baseline", help="a checkpoint trained without teacher, shown beside")
+    p.add_argument("--out", help="report folder")
+    p.set_defaults(func=_not_ready("eval"))
+
+    p = sub.add_parser("export", help="write a diffusers-loadable pipeline folder from a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=("diffusers", "seed"), default="diffusers")
+    p.set_defaults(func=_not_ready("export"))
+
+    p = sub.add_parser("bench", help="time the training step and break it down")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_not_ready("bench"))
+
+    p = sub.add_parser("show-recipe", help="print a recipe fully resolved (extends + overrides)")
+    _add_recipe_args(p)
+    p.set_defaults(func=cmd_show_recipe)
+
+    p = sub.add_parser("data-report", help="scan an image folder: bucket histogram, skipped files and why")
+    p.add_argument("dir", help="folder of images with same-name .txt captions")
+    p.add_argument("recipe", nargs="?", help="recipe whose data settings to use (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_data_report)
+
+    p = sub.add_parser("presets", help="list the student presets and their sizes")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("toy-teacher", help="train (or reuse) a toy teacher and save it as a diffusers folder")
+    p.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
+    p.add_argument("--out", help="output folder (default: the project cache)")
+    p.set_defaults(func=cmd_toy_teacher)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from distill.recipe import RecipeError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RecipeError as e:
+        return _fail(str(e), EXIT_USAGE)
+    except NotReady as e:
+        return _fail(str(e), EXIT_FAILED)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The command line: help, recipe errors as one line with exit code 2, seed flags, dry runs."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("run", "train", "sample", "eval", "export", "bench", "show-recipe", "data-report", "toy-teacher", "presets"):
+        assert name in out
+
+
+def test_bad_override_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    out_dir = tmp_path / "run"
+    p = run_cli("run", str(ROOT / "recipes/toy.yaml"), f"output.dir={out_dir}", "training.batchsize=2", cwd=tmp_path)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "training.batchsize" in lines[0] and "training.batch_size" in lines[0]
+    assert "Traceback" not in p.stderr
+    assert not out_dir.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_recipe_file_names_the_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("student:\n  preset: S/2\n  hiden_size: 3\n")
+    assert cli.main(["show-recipe", str(bad)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert str(bad) in err and "student.hidden_size" in err
+
+
+def test_show_recipe_prints_resolved_yaml(capsys):
+    assert cli.main(["show-recipe", str(ROOT / "recipes/toy_sdxl.yaml"), "training.max_steps=7"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["teacher"]["source"] == "toy:sdxl"  # from the child
+    assert shown["student"]["preset"] == "S/2"  # from the parent
+    assert shown["training"]["max_steps"] == 7  # from the command line
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", str(ROOT / "recipes/toy.yaml"), "output.dir=out", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "toy:sd15" in out and "dry run" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_seed_training_flags_map_to_recipe_keys():
+    args = cli.build_parser().parse_args([
+        "train", "--data_root", "/data", "--output_dir", "/out", "--model_size", "3b", "--batch_size", "2",
+        "--learning_rate", "2e-5", "--num_epochs", "10", "--use_aspect_ratio_bucket", "--train_vae",
+        "--train_text_encoder", "--mixed_precision", "--use_ema",
+    ])
+    ov = cli.seed_flags_to_overrides(args)
+    from distill.recipe import load_recipe
+
+    r = load_recipe(args.recipe, ov)
+    assert r.data.root == "/data" and r.output.dir == "/out" and r.student.preset == "3b"
+    assert r.training.batch_size == 2 and r.optimizer.lr == pytest.approx(2e-5)
+    assert r.training.num_epochs == 10 and r.training.max_steps is None
+    assert r.data.bucket and r.training.train_vae and r.training.train_text_encoder and r.training.use_ema
+    assert r.training.mixed_precision == "bf16"
+
+
+def test_absent_seed_flags_keep_the_recipe():
+    args = cli.build_parser().parse_args(["train"])
+    assert cli.seed_flags_to_overrides(args) == []
+
+
+@pytest.mark.parametrize("argv", [["eval", "ckpt"], ["export", "ckpt", "--out", "x"], ["bench"]])
+def test_commands_not_in_this_version_say_so(argv, capsys):
+    assert cli.main(argv) == cli.EXIT_FAILED
+    assert "not part of this version" in capsys.readouterr().err
