@@ -123,7 +123,6 @@ class CaptionMixConfig:
 
     enabled: bool = False
     weight: float = 1.0
-    probability: float = 0.5
 
 
 @dataclass
@@ -133,7 +132,6 @@ class PromptFileConfig:
     enabled: bool = False
     weight: float = 1.0
     path: Optional[str] = None
-    probability: float = 0.5
 
 
 @dataclass
@@ -168,6 +166,10 @@ class TimestepJitterConfig:
 
 @dataclass
 class PerturbConfig:
+    """The SDiT perturbation family: the teacher is the only target. Each sample of a batch is
+    assigned to one enabled batch part (a, b, d), so one extra forward serves them all; `weight`
+    scales a part's loss inside `losses.perturb`. The trajectory part has a batch of its own."""
+
     input_noise: InputNoiseConfig = field(default_factory=InputNoiseConfig)
     caption_mix: CaptionMixConfig = field(default_factory=CaptionMixConfig)
     prompt_file: PromptFileConfig = field(default_factory=PromptFileConfig)

@@ -1,0 +1,520 @@
+"""The image + caption folder dataset (the tagutl format).
+
+    dataset/
+      image1.png   image1.txt   image1.json (optional)
+      sub/image2.JPG   sub/image2.txt
+
+Images: `.png .jpg .jpeg .webp` in any letter case, found recursively. Captions: the same stem with
+`caption_extension`. Metadata: the same stem with `.json` (an object), kept in `ImageRecord.meta`.
+
+Bad files never stop a run. `scan_folder` skips them and lists each with a reason from
+SKIP_REASONS; an image that only fails when it is decoded for training is replaced by another
+item of the same bucket and reported in the sample's `load_errors`.
+
+Image sizes come from headers and are cached (keyed by path, mtime and byte size), so a rescan of
+a large folder opens no image at all. With `verify_images` the scan also reads each image's data
+once, cheaply, to catch truncated files (PNG: chunk CRCs without decompressing; JPEG: a 1/8-scale
+DCT decode; WebP: a full decode); the outcome is cached as well.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from data.buckets import (SMALL_BUCKET_POLICIES, Bucket, assign_bucket, bucket_histogram,
+                          make_buckets, resize_and_crop)
+from data.captions import CaptionProcessor
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+MISSING_CAPTION_POLICIES = ("skip", "empty")
+
+# Why a file was left out: the fixed set of names used in reports and tests.
+SKIP_REASONS = {
+    "empty": "zero-byte file",
+    "unreadable": "not an image Pillow can open",
+    "truncated": "image data truncated or corrupt",
+    "too_small": "shorter side below min_size",
+    "no_caption": "caption file missing (missing_caption: skip)",
+    "bad_caption": "caption file is not UTF-8 text",
+    "bad_metadata": ".json metadata unreadable or not an object",
+}
+
+EXIF_ORIENTATION = 0x0112
+ORIENTATIONS_SWAPPING_SIDES = (5, 6, 7, 8)  # transpose / rotate 90 / transverse / rotate 270
+SIXTEEN_TO_EIGHT_BIT = 257.0  # 65535 / 255
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+MAX_LOAD_ATTEMPTS = 8  # substitutes tried before the dataset gives up on a bucket
+CACHE_VERSION = 1
+DEFAULT_SCAN_WORKERS = min(8, os.cpu_count() or 1)
+
+
+@dataclass
+class ImageRecord:
+    """One usable image. width/height are after EXIF orientation (a rotated photo swaps them)."""
+    path: str
+    caption_path: str | None
+    caption: str
+    meta: dict
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str  # a key of SKIP_REASONS
+    detail: str = ""
+
+
+@dataclass
+class ScanResult:
+    records: list[ImageRecord]
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        counts = {r: 0 for r in SKIP_REASONS}
+        for s in self.skipped:
+            counts[s.reason] += 1
+        return {r: n for r, n in counts.items() if n}
+
+    def summary(self) -> str:
+        """E.g. 'used 120 / skipped 3: 2 unreadable, 1 no caption'."""
+        line = f"used {len(self.records)} / skipped {len(self.skipped)}"
+        parts = [f"{n} {r.replace('_', ' ')}" for r, n in self.skipped_by_reason().items()]
+        return line + (": " + ", ".join(parts) if parts else "")
+
+
+class _Skip(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _header_orientation(im: Image.Image) -> int:
+    # PngImageFile.getexif() decodes the whole image when the eXIf chunk was not in the header;
+    # such files are rare, and loading applies their orientation anyway (the cover-resize then
+    # works from the real size).
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1
+    return int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+
+
+def _check_data(im: Image.Image) -> None:
+    """Read the image data once, as cheaply as the format allows; raises on truncation."""
+    if im.format == "PNG":
+        im.verify()  # walks every chunk and checks its CRC, without inflating
+    elif im.format == "JPEG":
+        im.draft(im.mode, (1, 1))  # decode at 1/8 scale: every byte is still read
+        im.load()
+    else:
+        im.load()
+
+
+def read_image_size(path: str | os.PathLike, verify: bool = False) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, from the header; raises _Skip."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if _header_orientation(im) in ORIENTATIONS_SWAPPING_SIDES:
+                w, h = h, w
+    except Exception as e:  # UnidentifiedImageError, DecompressionBombError, OSError, ...
+        raise _Skip("unreadable", f"{type(e).__name__}: {e}") from None
+    if verify:
+        try:
+            with Image.open(path) as im:
+                _check_data(im)
+        except Exception as e:
+            raise _Skip("truncated", f"{type(e).__name__}: {e}") from None
+    return w, h
+
+
+def _read_entry(path: Path, verify: bool) -> list:
+    """[width, height, verified, reason, detail] for the header cache."""
+    try:
+        return [*read_image_size(path, verify), verify, None, None]
+    except _Skip as e:
+        return [0, 0, verify, e.reason, e.detail]
+
+
+def _default_cache_file(root: Path) -> Path:
+    try:
+        from distill.paths import cache_dir
+        base = Path(cache_dir())
+    except ImportError:
+        base = Path(os.environ.get("SITDISTILL_CACHE", os.path.expanduser("~/.cache/sitdistill")))
+    key = hashlib.sha1(str(root).encode()).hexdigest()[:16]
+    return base / "image_headers" / f"{key}.json"
+
+
+class _HeaderCache:
+    """{relative path: [mtime_ns, bytes, width, height, verified, reason, detail]} in one JSON file."""
+
+    def __init__(self, file: Path | None) -> None:
+        self.file, self.old, self.new = file, {}, {}
+        if file is not None and file.is_file():
+            try:
+                data = json.loads(file.read_text())
+                if data.get("version") == CACHE_VERSION:
+                    self.old = data["entries"]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                log.warning("ignoring unreadable image header cache %s", file)
+
+    def lookup(self, rel: str, st: os.stat_result, verify: bool) -> list | None:
+        entry = self.old.get(rel)
+        if entry and entry[0] == st.st_mtime_ns and entry[1] == st.st_size and (entry[4] or not verify):
+            self.new[rel] = entry
+            return entry
+        return None
+
+    def store(self, rel: str, st: os.stat_result, entry: list) -> list:
+        self.new[rel] = [st.st_mtime_ns, st.st_size] + entry
+        return self.new[rel]
+
+    def save(self) -> None:
+        if self.file is None or self.new == self.old:
+            return
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"version": CACHE_VERSION, "entries": self.new}))
+        os.replace(tmp, self.file)  # atomic: a reader never sees half a file
+
+
+def _walk(root: Path, recursive: bool):
+    """(directory, sorted file names); hidden entries skipped, symlink loops visited once."""
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
+        yield Path(dirpath), sorted(f for f in filenames if not f.startswith("."))
+
+
+class _Siblings:
+    """The file names of one directory, for finding `stem + extension` (exact, else any case)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names, self.lower = set(names), {n.lower(): n for n in names}
+
+    def find(self, stem: str, extension: str) -> str | None:
+        exact = stem + extension
+        return exact if exact in self.names else self.lower.get(exact.lower())
+
+
+@dataclass
+class _Found:
+    path: Path
+    rel: str
+    stat: os.stat_result
+    caption: str
+    caption_path: str | None
+    meta: dict
+    entry: list | None  # header cache entry, None until read
+
+
+def _read_caption(path: Path) -> str:
+    text = path.read_bytes().decode("utf-8-sig")  # strict: invalid bytes raise
+    if "\x00" in text:  # valid UTF-8, but no text file holds NUL bytes
+        raise ValueError("contains NUL bytes (a binary file)")
+    return text.strip()
+
+
+def _read_side_files(directory: Path, stem: str, siblings: _Siblings, caption_extension: str,
+                     missing_caption: str) -> tuple[str, str | None, dict]:
+    """(caption, caption path or None, metadata) of one image; raises _Skip."""
+    caption, caption_path = "", None
+    caption_name = siblings.find(stem, caption_extension)
+    if caption_name is None and missing_caption == "skip":
+        raise _Skip("no_caption", f"expected {stem}{caption_extension}")
+    if caption_name is not None:
+        caption_path = str(directory / caption_name)
+        try:
+            caption = _read_caption(directory / caption_name)
+        except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
+            raise _Skip("bad_caption", f"{caption_name}: {e}") from None
+    meta_name = siblings.find(stem, ".json")
+    if meta_name is None:
+        return caption, caption_path, {}
+    try:
+        meta = json.loads((directory / meta_name).read_bytes().decode("utf-8-sig"))
+    except (ValueError, OSError) as e:
+        raise _Skip("bad_metadata", f"{meta_name}: {e}") from None
+    if not isinstance(meta, dict):
+        raise _Skip("bad_metadata", f"{meta_name}: a JSON {type(meta).__name__}, not an object")
+    return caption, caption_path, meta
+
+
+def scan_folder(root: str | os.PathLike, *, recursive: bool = True,
+                caption_extension: str = ".txt", missing_caption: str = "skip",
+                min_size: int = 64, size_cache: bool | str | os.PathLike = True,
+                verify_images: bool = True, workers: int = DEFAULT_SCAN_WORKERS) -> ScanResult:
+    """Find the usable images under `root`; list the others with their reason.
+
+    `missing_caption`: "skip" leaves out an image without a caption file; "empty" keeps it with
+    the empty caption. `min_size`: shorter side (px) below which an image is "too_small".
+    `size_cache`: True for the project cache dir, a file path, or False for none.
+    `verify_images`: also read each image's data once to catch truncated files (cached).
+    `workers`: threads for the header reads that are not cached.
+    """
+    if missing_caption not in MISSING_CAPTION_POLICIES:
+        raise ValueError(f"missing_caption must be one of {MISSING_CAPTION_POLICIES}, "
+                         f"got {missing_caption!r}")
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root {root} is not a directory")
+    cache_file = (_default_cache_file(root) if size_cache is True
+                  else Path(size_cache) if size_cache else None)
+    cache = _HeaderCache(cache_file)
+    result = ScanResult(records=[])
+    found: list[_Found] = []  # images whose side files are fine, in walk order
+    for directory, names in _walk(root, recursive):
+        siblings = _Siblings(names)
+        for name in names:
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = directory / name
+            st = path.stat()
+            try:
+                if st.st_size == 0:
+                    raise _Skip("empty", "")
+                caption, caption_path, meta = _read_side_files(
+                    directory, stem, siblings, caption_extension, missing_caption)
+            except _Skip as e:
+                result.skipped.append(Skipped(str(path), e.reason, e.detail))
+                continue
+            rel = path.relative_to(root).as_posix()
+            found.append(_Found(path, rel, st, caption, caption_path, meta,
+                                cache.lookup(rel, st, verify_images)))
+
+    # Header reads (and data checks) missing from the cache run on threads: Pillow releases the
+    # GIL while it decodes, and a first scan of a large folder is dominated by the data check.
+    todo = [f for f in found if f.entry is None]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for f, entry in zip(todo, pool.map(lambda f: _read_entry(f.path, verify_images), todo)):
+            f.entry = cache.store(f.rel, f.stat, entry)
+    cache.save()
+
+    for f in found:
+        _, _, w, h, _, reason, detail = f.entry
+        if reason is not None:
+            result.skipped.append(Skipped(str(f.path), reason, detail))
+        elif min(w, h) < min_size:
+            result.skipped.append(Skipped(str(f.path), "too_small", f"{w}x{h} < min_size {min_size}"))
+        else:
+            result.records.append(ImageRecord(str(f.path), f.caption_path, f.caption, f.meta, w, h))
+    return result
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode: alpha composited on white; palette, grey, CMYK, 16-bit converted."""
+    if img.mode.startswith("I"):
+        # I;16* and I (Pillow's modes for 16-bit grey PNG): Pillow's own convert("L") clips at 255,
+        # which would turn nearly every 16-bit pixel white; scale the range instead.
+        arr = np.asarray(img).astype(np.float32) / SIXTEEN_TO_EIGHT_BIT
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    if img.mode in ALPHA_MODES or "transparency" in img.info:
+        # Transparent pixels carry arbitrary colour (often black); white is what viewers show and
+        # what kohya / diffusers' scripts composite on.
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _open_rgb(path: str | os.PathLike, cover: Bucket | None = None
+              ) -> tuple[Image.Image, tuple[int, int]]:
+    """(RGB image, original (h, w)). With `cover`, a JPEG is DCT-decoded at the smallest scale that
+    still covers that bucket, which makes decoding large photos several times faster."""
+    with Image.open(path) as im:
+        w, h = im.size
+        orientation = _header_orientation(im)
+        if cover is not None and im.format == "JPEG":
+            swap = orientation in ORIENTATIONS_SWAPPING_SIDES
+            ow, oh = (h, w) if swap else (w, h)  # size as displayed
+            scale = max(cover[0] / ow, cover[1] / oh)
+            need = (int(np.ceil(ow * scale)), int(np.ceil(oh * scale)))
+            im.draft(im.mode, need[::-1] if swap else need)
+        img = ImageOps.exif_transpose(im)
+    original = (w, h) if orientation in ORIENTATIONS_SWAPPING_SIDES else (h, w)
+    return to_rgb(img), original
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """The image as 8-bit RGB, EXIF orientation applied, alpha composited on white."""
+    return _open_rgb(path)[0]
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """Scanned records -> training samples in their aspect-ratio bucket.
+
+    `buckets`: the bucket grid (None: one square bucket resolution x resolution). Each item's
+    bucket is `self.buckets[self.bucket_of_item[i]]`. An item is indexed by `i` (using the epoch
+    set by `set_epoch`) or by `(i, epoch)`, which keeps per-item randomness right in persistent
+    DataLoader workers that never see `set_epoch`. All randomness (caption dropout and shuffle,
+    random crop, substitutes for broken files) comes from a generator seeded with
+    (seed, epoch, i), so a sample is the same across resume, worker count and rank.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], *, buckets: Sequence[Bucket] | None = None,
+                 resolution: int = 512, no_upscale: bool = False, bucket_step: int | None = None,
+                 caption_processor: CaptionProcessor | None = None, crop: str = "center",
+                 seed: int = 0) -> None:
+        self.records = list(records)
+        grid = list(buckets) if buckets is not None else [(resolution, resolution)]
+        assigned = [assign_bucket(r.width, r.height, grid, no_upscale, bucket_step)
+                     for r in self.records]
+        self.buckets: list[Bucket] = sorted(set(assigned))
+        number = {b: i for i, b in enumerate(self.buckets)}
+        self.bucket_of_item = [number[b] for b in assigned]
+        self.items_of_bucket: dict[int, list[int]] = {}
+        for i, b in enumerate(self.bucket_of_item):
+            self.items_of_bucket.setdefault(b, []).append(i)
+        self.caption_processor = caption_processor or CaptionProcessor()
+        self.crop = crop
+        self.seed = seed
+        self.epoch = 0
+        self.failed: set[int] = set()  # items that failed to decode (this process)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def histogram(self) -> list[tuple[Bucket, int]]:
+        return bucket_histogram([self.buckets[b] for b in self.bucket_of_item])
+
+    def _substitute(self, index: int, rng: np.random.Generator) -> int:
+        pool = [j for j in self.items_of_bucket[self.bucket_of_item[index]] if j not in self.failed]
+        if not pool:
+            bucket = self.buckets[self.bucket_of_item[index]]
+            raise RuntimeError(f"every image of bucket {bucket[0]}x{bucket[1]} failed to load")
+        return pool[int(rng.integers(len(pool)))]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        bucket = self.buckets[self.bucket_of_item[index]]
+        errors: list[tuple[str, str]] = []
+        item = index
+        for _ in range(MAX_LOAD_ATTEMPTS):
+            if item in self.failed:
+                item = self._substitute(index, rng)
+            record = self.records[item]
+            try:
+                img, original = _open_rgb(record.path, cover=bucket)
+                break
+            except Exception as e:  # a broken file must never stop training
+                errors.append((record.path, f"{type(e).__name__}: {e}"))
+                log.warning("could not load %s (%s); using another image of the same bucket",
+                            record.path, errors[-1][1])
+                self.failed.add(item)
+        else:
+            raise RuntimeError(f"{MAX_LOAD_ATTEMPTS} images in a row failed to load: {errors}")
+        img, _, crop_top_left = resize_and_crop(img, bucket, self.crop, rng)
+        pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (H, W, 3)
+        pixels = pixels.permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W) in [-1, 1]
+        return {
+            "pixel_values": pixels,
+            "caption": self.caption_processor(record.caption, rng),
+            "original_size": original,
+            "crop_top_left": crop_top_left,
+            "target_size": (bucket[1], bucket[0]),
+            "meta": record.meta,
+            "path": record.path,
+            "index": index,
+            "load_errors": errors,
+        }
+
+
+SIZE_KEYS = ("original_size", "crop_top_left", "target_size")
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack pixels to (N, 3, H, W) and the SDXL size triples to long tensors (N, 2); lists else."""
+    batch: dict[str, Any] = {"pixel_values": torch.stack([s["pixel_values"] for s in samples])}
+    for key in SIZE_KEYS:
+        batch[key] = torch.tensor([s[key] for s in samples], dtype=torch.long)
+    for key in samples[0]:
+        if key not in batch:
+            batch[key] = [s[key] for s in samples]
+    batch["load_errors"] = [e for errors in batch["load_errors"] for e in errors]
+    return batch
+
+
+def build_folder_dataset(root: str | os.PathLike, *, recursive: bool = True,
+                         caption_extension: str = ".txt", missing_caption: str = "skip",
+                         caption_prefix: str = "", shuffle_tags: bool = False, keep_tokens: int = 0,
+                         tag_separator: str = ",", caption_dropout: float = 0.0, min_size: int = 64,
+                         resolution: int = 512, bucket: bool = True, bucket_min_side: int = 256,
+                         bucket_max_side: int = 1024, bucket_step: int = 64,
+                         bucket_no_upscale: bool = False, crop: str = "center",
+                         small_bucket: str = "repeat", seed: int = 0,
+                         size_cache: bool | str | os.PathLike = True,
+                         verify_images: bool = True) -> tuple[FolderDataset, ScanResult]:
+    """Scan `root` and build the dataset; the keywords are the recipe's `data` fields.
+
+    `small_bucket` is the batch sampler's policy (BucketBatchSampler); it is checked here and
+    otherwise unused, so the whole `data` section can be passed through. With `bucket=False` every
+    image is resized and cropped to resolution x resolution (and `bucket_no_upscale` is unused).
+    """
+    if small_bucket not in SMALL_BUCKET_POLICIES:
+        raise ValueError(f"small_bucket must be one of {sorted(SMALL_BUCKET_POLICIES)}, "
+                         f"got {small_bucket!r}")
+    scan = scan_folder(root, recursive=recursive, caption_extension=caption_extension,
+                       missing_caption=missing_caption, min_size=min_size,
+                       size_cache=size_cache, verify_images=verify_images)
+    grid = (make_buckets(resolution, bucket_min_side, bucket_max_side, bucket_step)
+            if bucket else [(resolution, resolution)])
+    captions = CaptionProcessor(shuffle_tags=shuffle_tags, keep_tokens=keep_tokens,
+                                tag_separator=tag_separator, caption_dropout=caption_dropout,
+                                caption_prefix=caption_prefix)
+    dataset = FolderDataset(scan.records, buckets=grid, no_upscale=bucket and bucket_no_upscale,
+                            bucket_step=bucket_step, caption_processor=captions, crop=crop,
+                            seed=seed)
+    return dataset, scan
+
+
+BAR_WIDTH = 40
+
+
+def format_data_report(scan: ScanResult, histogram: Sequence[tuple[Bucket, int]], *,
+                       batch_size: int | None = None, root: str | None = None) -> str:
+    """The text `cli.py data-report` prints: summary, bucket histogram, skipped files."""
+    lines = [f"data: {root}"] if root else []
+    lines.append(scan.summary())
+    most = max((n for _, n in histogram), default=0)
+    lines.append(f"buckets ({len(histogram)} in use; width x height, aspect, images):")
+    for (w, h), n in histogram:
+        bar = "#" * max(1, round(BAR_WIDTH * n / most))
+        small = "  < batch" if batch_size and n < batch_size else ""
+        lines.append(f"  {w:>5}x{h:<5} {w / h:5.2f} {n:>7}  {bar}{small}")
+    if batch_size:
+        few = sum(1 for _, n in histogram if n < batch_size)
+        lines.append(f"  {few} bucket(s) hold fewer images than one batch of {batch_size}")
+    if scan.skipped:
+        lines.append("skipped files:")
+        order = list(SKIP_REASONS)
+        for s in sorted(scan.skipped, key=lambda s: (order.index(s.reason), s.path)):
+            lines.append(f"  {s.reason:<12} {s.path}" + (f"  ({s.detail})" if s.detail else ""))
+    return "\n".join(lines)
+
+
+def data_report(root: str | os.PathLike, *, batch_size: int | None = None, **data_fields: Any) -> str:
+    """Scan and bucket `root` with the recipe's `data` fields; return the report text."""
+    dataset, scan = build_folder_dataset(root, **data_fields)
+    return format_data_report(scan, dataset.histogram(), batch_size=batch_size, root=str(root))

@@ -1,0 +1,245 @@
+"""The training data of a run: folder (or toy world) -> buckets -> batches, with latent caching.
+
+`build_train_data(recipe, teacher, rank, world_size)` returns a `TrainData` whose
+`epoch_batches(epoch, start)` yields collated batches of one bucket each, continuing from batch
+`start` of `epoch` (resume). With caching on, every batch it yields holds `latent_mean` /
+`latent_std` instead of pixels: entries missing from the cache are encoded here, by this process,
+with the teacher's frozen VAE and written back, so no process waits for another to fill a cache
+(nothing to time out in a multi-process run).
+
+Caption dropout is left to the trainer (it replaces a dropped caption by the teacher's
+unconditional input, which for SDXL is not the encoding of "" but zeros), so the dataset's
+caption processor runs with dropout 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from data.buckets import BucketBatchSampler, validate_step
+from data.cache import LatentCache, cache_policy, module_fingerprint
+from data.folder import build_folder_dataset, collate
+from distill.paths import cache_dir
+from distill.recipe import as_dict
+
+# Recipe `data` keys that are not keywords of `build_folder_dataset`.
+_NOT_FOLDER_KEYS = ("root", "toy", "num_workers", "cache_latents", "cache_dir")
+
+
+def toy_data_folder(data_cfg: DictConfig) -> Path:
+    """The toy world as a tagutl folder, drawn once per (n, seed, held-out combos) and cached."""
+    from data.toy import ToyWorld
+
+    toy = data_cfg.toy
+    excluded = tuple(tuple(c.split()) for c in toy.exclude_combos)
+    for combo in excluded:
+        if len(combo) != 2:
+            raise ValueError(f"data.toy.exclude_combos: {' '.join(combo)!r} is not '<colour> <shape>'")
+    key = hashlib.sha256(json.dumps([toy.num_images, toy.seed, sorted(excluded)]).encode()).hexdigest()[:16]
+    out = cache_dir("toy-data", f"toy-{key}")
+    if (out / "COMPLETE").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    try:
+        ToyWorld(exclude_combos=excluded).write_folder(tmp, toy.num_images, toy.seed)
+        (tmp / "COMPLETE").write_text("")
+        if out.exists():  # a half folder from a killed build
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def data_root(data_cfg: DictConfig) -> Path:
+    return Path(data_cfg.root) if data_cfg.root is not None else toy_data_folder(data_cfg)
+
+
+def needs_images(recipe: DictConfig) -> bool:
+    """False only in data-free mode: every active term comes from teacher trajectories."""
+    lo = recipe.losses
+    batch_parts = any(lo.perturbations[p].enabled for p in
+                      ("input_noise", "caption_mix", "prompt_file", "embedding_noise", "timestep_jitter"))
+    return bool(lo.eps or lo.teacher or lo.feature or (lo.perturb and batch_parts))
+
+
+@dataclass
+class TrainData:
+    dataset: Any
+    sampler: BucketBatchSampler | None
+    batch_size: int
+    needs_images: bool
+    example_pixel_hw: tuple[int, int]  # (height, width) of the most common bucket
+    vae_factor: int
+    teacher: Any = None
+    cache: LatentCache | None = None
+    num_workers: int = 0
+    seed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def example_latent_hw(self) -> tuple[int, int]:
+        h, w = self.example_pixel_hw
+        return h // self.vae_factor, w // self.vae_factor
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.sampler) if self.sampler is not None else 1
+
+    def sampler_state(self, epoch: int, position: int) -> dict | None:
+        if self.sampler is None:
+            return None
+        return {**self.sampler.state_dict(position), "epoch": epoch}
+
+    def load_sampler_state(self, state: dict | None) -> None:
+        if self.sampler is not None and state is not None:
+            self.sampler.load_state_dict(state)
+
+    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[dict]:
+        """Batches of `epoch` from batch `start` on; data-free runs get an endless empty stream."""
+        if not self.needs_images:
+            while True:
+                yield {}
+        self.sampler.load_state_dict({**self.sampler.state_dict(start), "epoch": epoch})
+        self.dataset.set_epoch(epoch)
+        # Each item is fetched as (index, epoch) so its randomness is right in any worker.
+        batches = ([(i, epoch) for i in b] for b in self.sampler)
+        if self.num_workers > 0:
+            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=list(batches), collate_fn=list,
+                                                 num_workers=self.num_workers)
+            groups = iter(loader)
+        else:
+            groups = ([self.dataset[key] for key in b] for b in batches)
+        for items in groups:
+            yield self._with_latents(items, epoch) if self.cache is not None else collate(items)
+
+    # ------------------------------------------------------------------ caching
+    def _with_latents(self, items: list[dict], epoch: int) -> dict:
+        """Collate items whose pixels were replaced by cached posteriors (encoding the misses)."""
+        missing = [it for it in items if "latent_mean" not in it]
+        if missing:
+            pixels = torch.stack([it["pixel_values"] for it in missing])
+            mean, std = self.teacher_posterior(pixels)
+            for it, m, s in zip(missing, mean, std):
+                entry = {"latent_mean": m, "latent_std": s,
+                         "original_size": torch.tensor(it["original_size"]),
+                         "crop_top_left": torch.tensor(it["crop_top_left"])}
+                self.cache.put(it["cache_key"], entry)
+                it.update(latent_mean=m, latent_std=s)
+        batch = {"latent_mean": torch.stack([it["latent_mean"] for it in items]),
+                 "latent_std": torch.stack([it["latent_std"] for it in items])}
+        for key in ("original_size", "crop_top_left", "target_size"):
+            batch[key] = torch.tensor([tuple(int(v) for v in it[key]) for it in items], dtype=torch.long)
+        for key in ("caption", "path", "index", "meta"):
+            batch[key] = [it.get(key) for it in items]
+        batch["load_errors"] = [e for it in items for e in it.get("load_errors", [])]
+        return batch
+
+    @torch.no_grad()
+    def teacher_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled posterior (mean, std) of the teacher's frozen VAE: mean/std of the latents that
+        `teacher.encode_images` would sample."""
+        te = self.teacher
+        dist = te.vae.encode(pixels.to(device=te.vae.device, dtype=te.vae.dtype)).latent_dist
+        shift = getattr(te.vae.config, "shift_factor", None) or 0.0
+        scale = te.vae.config.scaling_factor
+        return ((dist.mean - shift) * scale).float().cpu(), (dist.std * scale).float().cpu()
+
+
+class CachedItems(torch.utils.data.Dataset):
+    """A FolderDataset whose items come from the latent cache when present (no image decode)."""
+
+    def __init__(self, dataset, cache: LatentCache):
+        self.dataset, self.cache = dataset, cache
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.dataset.set_epoch(epoch)
+
+    def _caption(self, index: int, epoch: int) -> str:
+        # Its own stream, so a hit and a miss give the same caption (resume stays exact).
+        rng = np.random.default_rng([self.dataset.seed, epoch, index, 1])
+        return self.dataset.caption_processor(self.dataset.records[index].caption, rng)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
+        record = self.dataset.records[index]
+        bucket = self.dataset.buckets[self.dataset.bucket_of_item[index]]
+        cache_key = self.cache.key(record.path, bucket)
+        entry = self.cache.get(cache_key)
+        if entry is None:
+            item = self.dataset[(index, epoch)]
+            if item["path"] != record.path:  # a broken file was replaced by another image
+                cache_key = self.cache.key(item["path"], bucket)
+            item.update(cache_key=cache_key, caption=self._caption(index, epoch))
+            return item
+        return {"latent_mean": entry["latent_mean"], "latent_std": entry["latent_std"],
+                "original_size": tuple(entry["original_size"].tolist()),
+                "crop_top_left": tuple(entry["crop_top_left"].tolist()),
+                "target_size": (bucket[1], bucket[0]), "caption": self._caption(index, epoch),
+                "path": record.path, "index": index, "meta": record.meta, "load_errors": []}
+
+
+def build_train_data(recipe: DictConfig, teacher, *, rank: int = 0, world_size: int = 1) -> TrainData:
+    d, t = recipe.data, recipe.training
+    vae_factor = teacher.vae_scale_factor
+    patch = _student_patch(recipe)
+    if d.bucket:
+        validate_step(d.bucket_step, vae_factor, patch)
+    elif d.resolution % (vae_factor * patch):
+        raise ValueError(f"data.resolution {d.resolution} must be a multiple of VAE factor {vae_factor} "
+                         f"x patch {patch} = {vae_factor * patch}")
+    if not needs_images(recipe):
+        side = d.resolution
+        return TrainData(None, None, t.batch_size, False, (side, side), vae_factor, teacher=teacher, seed=t.seed)
+
+    fields = {k: v for k, v in as_dict(recipe, "data").items() if k not in _NOT_FOLDER_KEYS}
+    fields["caption_dropout"] = 0.0  # applied by the trainer, see the module docstring
+    fields["seed"] = t.seed
+    root = data_root(d)
+    dataset, scan = build_folder_dataset(root, **fields)
+    notes = [scan.summary()]
+    if len(dataset) == 0:
+        raise ValueError(f"no usable images in {root}: {scan.summary()}")
+    sampler = BucketBatchSampler(dataset.bucket_of_item, t.batch_size, seed=t.seed, rank=rank,
+                                 world_size=world_size, small_bucket=d.small_bucket)
+    if len(sampler) == 0:
+        raise ValueError(f"no full batch of {t.batch_size} in any bucket of {root} "
+                         f"(data.small_bucket={d.small_bucket}); lower training.batch_size")
+    (w, h), _ = max(dataset.histogram(), key=lambda bn: bn[1])
+    cache = None
+    enabled, reason = cache_policy(d)
+    notes.append(reason)
+    if enabled:
+        root_dir = Path(d.cache_dir) if d.cache_dir else cache_dir("latents")
+        fp = module_fingerprint(teacher.vae, {"dtype": str(teacher.vae.dtype), "format": "posterior"})
+        cache = LatentCache(root_dir, fp, crop=d.crop)
+        dataset = CachedItems(dataset, cache)
+    return TrainData(dataset, sampler, t.batch_size, True, (h, w), vae_factor, teacher=teacher, cache=cache,
+                     num_workers=d.num_workers, seed=t.seed, notes=notes)
+
+
+def _student_patch(recipe: DictConfig) -> int:
+    from students import PRESETS
+
+    preset = recipe.student.preset
+    if preset not in PRESETS:
+        raise ValueError(f"student.preset {preset!r} is not a preset; choose one of {list(PRESETS)}")
+    return int(PRESETS[preset]["patch_size"])

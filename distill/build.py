@@ -1,0 +1,82 @@
+"""Build the parts of a run from a resolved recipe: teacher, student, optimizer, LR schedule.
+
+Each function takes one recipe section (or two) and returns a ready object, so the trainer reads
+as "what happens" and this file as "what it is made of".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from omegaconf import DictConfig
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TOY_PREFIX = "toy:"
+
+
+def resolve_teacher_source(source: str) -> str:
+    """`toy:sd15` / `toy:sdxl` -> the cached toy teacher folder (built on first use)."""
+    if source.startswith(TOY_PREFIX):
+        from teachers.toy import ensure_toy_teacher
+
+        return str(ensure_toy_teacher(source[len(TOY_PREFIX):]))
+    return source
+
+
+def load_teacher_from_recipe(cfg: DictConfig, device: torch.device | str = "cpu"):
+    """The frozen teacher of the recipe's `teacher` section."""
+    from teachers import load_teacher
+
+    options: dict[str, Any] = {"dtype": DTYPES[cfg.dtype], "device": device, "vae_fp32": cfg.vae_fp32}
+    for key in ("config", "vae", "revision", "variant"):
+        if cfg[key] is not None:
+            options[key] = cfg[key]
+    return load_teacher(resolve_teacher_source(cfg.source), family=cfg.family, **options)
+
+
+def build_student_from_recipe(cfg: DictConfig, teacher) -> torch.nn.Module:
+    """The student of the recipe's `student` section, shaped by the teacher's conditioning."""
+    from students import SiT, build_student
+
+    overrides = {k: cfg[k] for k in ("hidden_size", "depth", "num_heads", "mlp_ratio") if cfg[k] is not None}
+    overrides.update(in_channels=teacher.latent_channels, prediction_type=cfg.prediction_type, qk_norm=cfg.qk_norm)
+    if cfg.init and str(cfg.init).endswith((".pt", ".pth", ".ckpt")):
+        dims = build_student(cfg.preset, cond_dims=teacher.cond_dims, **overrides).config
+        keep = ("text_dim", "pooled_dim", "time_ids_dim", "in_channels", "prediction_type", "qk_norm")
+        student = SiT.from_official_checkpoint(cfg.init, num_classes=0, learn_sigma=False,
+                                               **{k: dims[k] for k in keep})
+    elif cfg.init:
+        student = SiT.from_pretrained(cfg.init)
+    else:
+        student = build_student(cfg.preset, cond_dims=teacher.cond_dims, **overrides)
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    return student
+
+
+def build_optimizer(groups: Iterable[dict], cfg: DictConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; the fused kernel where the device has one (CUDA), unless the recipe says otherwise."""
+    fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
+    return torch.optim.AdamW(list(groups), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, fused=fused)
+
+
+def lr_multiplier(step: int, *, kind: str, warmup_steps: int, total_steps: int | None, min_ratio: float) -> float:
+    """Linear warmup, then constant / cosine / linear decay to `min_ratio` of the peak."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant" or not total_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, total_steps: int | None):
+    def fn(step: int) -> float:
+        return lr_multiplier(step, kind=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
+                             total_steps=total_steps, min_ratio=cfg.min_lr_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -1,0 +1,502 @@
+"""The distillation trainer: a frozen teacher, a SiT student, one readable step.
+
+    L = w_eps * L_eps + w_teacher * L_teacher + w_perturb * sum_p w_p * L_perturb,p (+ w_feat * L_feat)
+
+`Distiller.step` reads top to bottom: batch -> conditioning -> x_t -> teacher (no grad) ->
+student -> loss terms -> backward -> clip -> optimizer step -> EMA. `Distiller.fit` wraps it with
+logging, checkpoints, sample grids and the run summary. Everything random in a step draws from one
+explicit `torch.Generator` per process (saved in checkpoints), so a resumed run continues exactly.
+
+Student and teacher see the same x_t and the same integer timestep t of the teacher's DDPM
+schedule (`distill.schedule`); the student predicts epsilon, like the teacher adapter returns.
+
+Perturbations (SDiT): every sample of a batch is assigned to one enabled part of the family, so
+one extra teacher+student forward serves all parts and each part's loss is logged on its own.
+Off-data trajectory states (data-free) come as a separate batch from `TrajectoryPool`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from distill import checkpoint as ckpt
+from distill.build import build_lr_scheduler, build_optimizer, build_student_from_recipe, load_teacher_from_recipe
+from distill.ema import EMA
+from distill.features import FeatureProjector, capture, tokens_from_map
+from distill.losses import combine, eps_loss, feature_loss, sample_guidance_scale, teacher_loss
+from distill.perturb import draw_prompts, jitter_timesteps, load_prompt_file, perturb_embeddings, perturb_input, recombine_captions
+from distill.recipe import save_recipe, to_yaml
+
+# Perturbation parts that act on a data batch (a, b, d), in a fixed order so that the per-sample
+# assignment is reproducible. The trajectory part (c) has its own batch.
+BATCH_PARTS = ("input_noise", "caption_mix", "prompt_file", "embedding_noise", "timestep_jitter")
+CAPTION_PARTS = ("caption_mix", "prompt_file")
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when the run cannot go on (too many non-finite steps in a row)."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` consumed on this rank (data position)
+    bad_steps: int = 0  # non-finite steps skipped in total
+    bad_in_row: int = 0
+
+
+def _cond_rows(cond: dict, rows: torch.Tensor) -> dict:
+    return {k: v[rows] for k, v in cond.items()}
+
+
+def _where_rows(mask: torch.Tensor, a: dict, b: dict) -> dict:
+    """Per-sample choice between two conditioning dicts: a where mask, else b."""
+    return {k: torch.where(mask.view(-1, *([1] * (a[k].ndim - 1))), a[k], b[k]) for k in a}
+
+
+class Distiller:
+    """Everything a run holds; `fit()` trains, `step()` is one micro-batch."""
+
+    def __init__(self, recipe: DictConfig, accelerator=None):
+        from accelerate import Accelerator
+
+        from data.pipeline import build_train_data
+
+        self.recipe = r = recipe
+        t = r.training
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
+            cpu=not torch.cuda.is_available(),
+        )
+        acc = self.accelerator
+        self.device = acc.device
+        self.run_dir = Path(r.output.dir)
+        self.log = acc.print
+
+        # Frozen teacher; the student is built to take its conditioning sizes.
+        torch.manual_seed(t.seed)  # the student's init is the same on every rank
+        self.teacher = load_teacher_from_recipe(r.teacher, self.device)
+        self.schedule = self.teacher.schedule
+        self.data = build_train_data(r, self.teacher, rank=acc.process_index, world_size=acc.num_processes)
+        student = build_student_from_recipe(r.student, self.teacher)
+        self.check_conflicts(student)
+
+        self.projector = None
+        params = [{"params": [p for p in student.parameters() if p.requires_grad]}]
+        if r.losses.feature:
+            f = r.losses.features
+            if len(f.student_blocks) != len(f.teacher_modules) or not f.student_blocks:
+                raise ValueError("losses.features: student_blocks and teacher_modules need the same non-zero length")
+            dims = self.teacher_feature_dims(list(f.teacher_modules))
+            self.projector = torch.nn.ModuleList(
+                FeatureProjector(student.config.hidden_size, d, f.projector_hidden) for d in dims)
+            params.append({"params": list(self.projector.parameters())})
+
+        self.total_steps = self.planned_steps()
+        self.optimizer = build_optimizer(params, r.optimizer, self.device)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, r.optimizer, self.total_steps)
+        self.ema = EMA(student, decay=t.ema_decay, device="cpu" if t.ema_on_cpu else None) if t.use_ema else None
+        if self.projector is not None:
+            student, self.projector, self.optimizer = acc.prepare(student, self.projector, self.optimizer)
+        else:
+            student, self.optimizer = acc.prepare(student, self.optimizer)
+        self.student = student
+        # One generator per process for every random draw of the step (noise, t, dropout, parts).
+        self.gen = torch.Generator(self.device).manual_seed(t.seed * 1_000_003 + acc.process_index)
+        self.state = TrainState()
+        self.prompt_pool = load_prompt_file(r.losses.perturbations.prompt_file.path) \
+            if r.losses.perturbations.prompt_file.enabled and r.losses.perturbations.prompt_file.path else None
+        self.trajectory = None
+        if r.losses.perturb and r.losses.perturbations.trajectory.enabled:
+            from distill.trajectory import TrajectoryPool
+
+            self.trajectory = TrajectoryPool(self, r.losses.perturbations.trajectory)
+        self._uncond_cache: dict = {}
+
+    # ------------------------------------------------------------------ set-up helpers
+    def planned_steps(self) -> int | None:
+        t = self.recipe.training
+        if t.max_steps is not None:
+            return int(t.max_steps)
+        if t.num_epochs is None:
+            raise ValueError("training: set max_steps or num_epochs")
+        return t.num_epochs * math.ceil(self.data.batches_per_epoch / t.gradient_accumulation_steps)
+
+    def check_conflicts(self, student) -> None:
+        r = self.recipe
+        if r.training.train_vae or r.training.train_text_encoder:
+            raise NotImplementedError("the end-to-end stage (training.train_vae / train_text_encoder) "
+                                      "is not part of this version yet")
+        if r.losses.perturbations.prompt_file.enabled and not r.losses.perturbations.prompt_file.path:
+            raise ValueError("losses.perturbations.prompt_file.enabled needs losses.perturbations.prompt_file.path")
+        if student.config.prediction_type != "epsilon":
+            raise NotImplementedError("this version trains epsilon-prediction students (the teacher's convention)")
+
+    @torch.no_grad()
+    def teacher_feature_dims(self, paths: list[str]) -> list[int]:
+        """Channels of the chosen teacher UNet outputs, from one tiny forward."""
+        te = self.teacher
+        h, w = self.data.example_latent_hw
+        x = torch.zeros(1, te.latent_channels, h, w, device=self.device)
+        cond = te.encode_prompt([""], height=h * te.vae_scale_factor, width=w * te.vae_scale_factor)
+        with capture(te.unet, paths) as feats:
+            te.predict_eps(x, torch.tensor([500], device=self.device), cond)
+        return [int(feats[p].shape[1]) for p in paths]
+
+    # ------------------------------------------------------------------ conditioning
+    def encode(self, captions: list[str], batch: dict | None = None) -> tuple[dict, dict]:
+        """(cond, uncond) from the teacher's frozen text encoders, as its pipeline builds them.
+        `uncond` is the pipeline's encoding of an empty negative prompt (zeros for SDXL when the
+        pipeline forces them), which is also what a dropped caption becomes."""
+        kw = {}
+        if batch is not None and self.teacher.family == "sdxl":
+            kw = {"original_size": batch["original_size"], "crops_coords_top_left": batch["crop_top_left"],
+                  "target_size": batch["target_size"]}
+        cond, uncond = self.teacher.encode_prompt(list(captions), do_cfg=True, **kw)
+        return cond, uncond
+
+    def latents(self, batch: dict) -> torch.Tensor:
+        """Clean latents x0: a fresh posterior sample, from the cache or through the frozen VAE."""
+        if "latent_mean" in batch:
+            mean = batch["latent_mean"].to(self.device)
+            std = batch["latent_std"].to(self.device)
+            return mean + std * torch.randn(mean.shape, generator=self.gen, device=self.device)
+        return self.teacher.encode_images(batch["pixel_values"].to(self.device), generator=self.gen)
+
+    def teacher_eps(self, x_t, t, cond, uncond) -> torch.Tensor:
+        """The teacher's target: plain, or guided with a scale drawn per sample (LCM-style)."""
+        lo = self.recipe.losses
+        if lo.guided_teacher:
+            scale = sample_guidance_scale(x_t.shape[0], *lo.guidance_range, generator=self.gen, device=self.device)
+            return self.teacher.predict_eps_cfg(x_t, t, cond, uncond, scale)
+        return self.teacher.predict_eps(x_t, t, cond)
+
+    def student_eps(self, x_t, t, cond, blocks=None):
+        with self.accelerator.autocast():
+            if blocks:
+                return self.student(x_t, t, **cond, return_features=list(blocks))
+            return self.student(x_t, t, **cond)
+
+    # ------------------------------------------------------------------ the step
+    def step(self, batch: dict) -> dict[str, float]:
+        """One micro-batch: forward, loss, backward; the optimizer steps at accumulation ends."""
+        r, lo, g, dev = self.recipe, self.recipe.losses, self.gen, self.device
+        sched = self.schedule
+        terms: dict[str, torch.Tensor] = {}
+        weights: dict[str, float] = {}
+        x_t = t = cond = None
+
+        if self.data.needs_images:
+            # 1. Conditioning: the teacher's encoders; dropped captions get the unconditional input.
+            captions = list(batch["caption"])
+            cond, uncond = self.encode(captions, batch)
+            n = len(captions)
+            drop = torch.rand(n, generator=g, device=dev) < r.data.caption_dropout  # (N,)
+            cond = _where_rows(drop, uncond, cond)
+
+            # 2. The noisy state, in the teacher's convention.
+            x0 = self.latents(batch)  # (N, C, h, w)
+            noise = torch.randn(x0.shape, generator=g, device=dev)
+            t = sched.sample_timesteps(n, generator=g, device=dev, mode=lo.timestep_sampling)  # (N,)
+            x_t = sched.add_noise(x0, noise, t)
+
+            # 3. The teacher (frozen, no grad), with its features when they are aligned.
+            t_eps, t_feats = None, None
+            if lo.teacher or lo.feature:
+                paths = list(lo.features.teacher_modules) if lo.feature else []
+                with capture(self.teacher.unet, paths) as t_feats:
+                    t_eps = self.teacher_eps(x_t, t, cond, uncond)
+
+            # 4. The student.
+            blocks = list(lo.features.student_blocks) if lo.feature else None
+            out = self.student_eps(x_t, t, cond, blocks)
+            s_eps, s_feats, grid = out if blocks else (out, None, None)
+
+            # 5. The loss terms, one value per sample.
+            if lo.eps:
+                w = sched.min_snr_weight(t, lo.min_snr_gamma) if lo.min_snr_gamma else None
+                terms["eps"], weights["eps"] = eps_loss(s_eps, noise, w), lo.eps
+            if lo.teacher:
+                terms["teacher"], weights["teacher"] = teacher_loss(s_eps, t_eps), lo.teacher
+            if lo.feature:
+                projected = [proj(f) for proj, f in zip(self.projector, s_feats)]
+                targets = [tokens_from_map(t_feats[p], grid) for p in lo.features.teacher_modules]
+                terms["feature"] = feature_loss(projected, targets, kind=lo.features.kind)
+                weights["feature"] = lo.feature
+            if lo.perturb:
+                self.perturbation_terms(captions, x_t, t, cond, batch, terms, weights)
+        if self.trajectory is not None:
+            xs, ts, cs = self.trajectory.next()
+            with torch.no_grad():
+                target = self.teacher.predict_eps(xs, ts, cs)
+            terms["perturb/trajectory"] = teacher_loss(self.student_eps(xs, ts, cs), target)
+            weights["perturb/trajectory"] = lo.perturb * lo.perturbations.trajectory.weight
+
+        loss, logs = combine(terms, weights)
+
+        # 6. Backward, NaN/inf guard, clip, step, EMA.
+        acc = self.accelerator
+        finite = torch.isfinite(loss.detach()).float()
+        if acc.num_processes > 1:  # every rank must agree, or one would wait in backward forever
+            finite = acc.reduce(finite, reduction="sum") / acc.num_processes
+        if finite.item() < 1.0:
+            self.optimizer.zero_grad(set_to_none=True)
+            return self.bad_step(logs)
+        acc.backward(loss)
+        if acc.sync_gradients:
+            params = [p for grp in self.optimizer.param_groups for p in grp["params"]]
+            grad_norm = acc.clip_grad_norm_(params, r.training.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                return self.bad_step(logs)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(acc.unwrap_model(self.student), self.state.step)
+            self.state.step += 1
+            self.state.bad_in_row = 0
+            logs["grad_norm"] = grad_norm.detach()
+        logs["lr"] = self.lr_scheduler.get_last_lr()[0]
+        return {k: float(v) for k, v in logs.items()}
+
+    def bad_step(self, logs: dict) -> dict[str, float]:
+        self.state.bad_steps += 1
+        self.state.bad_in_row += 1
+        self.log(f"non-finite loss or gradient at step {self.state.step}: skipped "
+                 f"({self.state.bad_in_row} in a row, {self.state.bad_steps} in total)")
+        if self.state.bad_in_row >= self.recipe.training.max_bad_steps:
+            raise TrainingStopped(f"{self.state.bad_in_row} non-finite steps in a row "
+                                  f"(training.max_bad_steps={self.recipe.training.max_bad_steps}); "
+                                  "the last checkpoint is intact")
+        return {"bad_step": 1.0}
+
+    def perturbation_terms(self, captions, x_t, t, cond, batch, terms, weights) -> None:
+        """(a, b, d) of the perturbation family on one extra forward: each sample gets one part."""
+        lo, g, dev = self.recipe.losses, self.gen, self.device
+        parts = [p for p in BATCH_PARTS if lo.perturbations[p].enabled]
+        if not parts:
+            return
+        n = x_t.shape[0]
+        part_of = torch.randperm(n, generator=g, device=dev) % len(parts)  # (N,) balanced assignment
+        x_p, t_p, cond_p = x_t.clone(), t.clone(), dict(cond)
+        new_captions = list(captions)
+        for i, part in enumerate(parts):
+            rows = part_of == i
+            cfg = lo.perturbations[part]
+            if part == "input_noise":
+                x_p[rows] = perturb_input(x_t[rows], cfg.gamma, generator=g)
+            elif part == "timestep_jitter":
+                t_p[rows] = jitter_timesteps(t[rows], cfg.max_delta, self.schedule.num_train_timesteps, generator=g)
+            elif part == "caption_mix":
+                mixed = recombine_captions(captions, generator=g)
+                new_captions = [m if rows[j] else c for j, (m, c) in enumerate(zip(mixed, new_captions))]
+            elif part == "prompt_file":
+                drawn = iter(draw_prompts(self.prompt_pool, int(rows.sum()), generator=g))
+                new_captions = [next(drawn) if rows[j] else c for j, c in enumerate(new_captions)]
+        if any(p in parts for p in CAPTION_PARTS):
+            changed = torch.tensor([a != b for a, b in zip(new_captions, captions)], device=dev)
+            cond_new, _ = self.encode(new_captions, batch)
+            cond_p = _where_rows(changed, cond_new, cond_p)
+        if "embedding_noise" in parts:
+            rows = part_of == parts.index("embedding_noise")
+            noisy = perturb_embeddings(cond_p, lo.perturbations.embedding_noise.sigma, generator=g)
+            cond_p = _where_rows(rows, noisy, cond_p)
+        with torch.no_grad():
+            target = self.teacher.predict_eps(x_p, t_p, cond_p)
+        per_sample = teacher_loss(self.student_eps(x_p, t_p, cond_p), target)  # (N,)
+        for i, part in enumerate(parts):
+            rows = part_of == i
+            if rows.any():
+                terms[f"perturb/{part}"] = per_sample[rows]
+                weights[f"perturb/{part}"] = lo.perturb * lo.perturbations[part].weight
+
+    # ------------------------------------------------------------------ the run
+    def fit(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        acc, r = self.accelerator, self.recipe
+        resumed = self.maybe_resume()
+        if acc.is_main_process:
+            save_recipe(r, self.run_dir / "recipe.yaml")
+        writer = self.tensorboard()
+        probe = self.probe_batch()
+        before = self.agreement(probe) if not resumed else None
+        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not acc.is_main_process,
+                   desc="distil", dynamic_ncols=True)
+        samples, t0, window = 0, time.perf_counter(), []
+        try:
+            while self.state.step < self.total_steps:
+                for batch in self.data.epoch_batches(self.state.epoch, self.state.batch_in_epoch):
+                    self.state.batch_in_epoch += 1
+                    with acc.accumulate(self.student):
+                        logs = self.step(batch)
+                    samples += self.data.batch_size * acc.num_processes
+                    if not acc.sync_gradients or "bad_step" in logs:
+                        continue
+                    window.append(logs)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{logs['loss/total']:.4f}")
+                    step = self.state.step
+                    if writer is not None and step % r.training.log_every == 0:
+                        elapsed = time.perf_counter() - t0
+                        self.write_scalars(writer, window, step, samples / max(elapsed, 1e-9))
+                        window, samples, t0 = [], 0, time.perf_counter()
+                    if r.training.sample_every and step % r.training.sample_every == 0:
+                        self.sample_grid(step, writer)
+                    if step % r.training.checkpoint_every == 0 or step >= self.total_steps:
+                        self.save()
+                    if step >= self.total_steps:
+                        break
+                else:
+                    self.state.epoch += 1
+                    self.state.batch_in_epoch = 0
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        after = self.agreement(probe)
+        summary = self.summarize(before, after)
+        return summary
+
+    # ------------------------------------------------------------------ run helpers
+    def tensorboard(self):
+        if not (self.accelerator.is_main_process and self.recipe.output.tensorboard):
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.run_dir / "logs"))
+
+    def write_scalars(self, writer, window: list[dict], step: int, samples_per_s: float) -> None:
+        keys = sorted({k for logs in window for k in logs})
+        for k in keys:
+            values = [logs[k] for logs in window if k in logs]
+            writer.add_scalar(k, sum(values) / len(values), step)
+        writer.add_scalar("samples_per_s", samples_per_s, step)
+        writer.add_scalar("bad_steps", self.state.bad_steps, step)
+
+    def save(self) -> Path | None:
+        acc = self.accelerator
+        student = acc.unwrap_model(self.student)
+        if not all(torch.isfinite(p).all() for p in student.parameters()):
+            raise TrainingStopped("non-finite student weights: not saved; the last checkpoint is intact")
+        models = {"student": student}
+        if self.ema is not None:
+            models["ema"] = self.ema.model
+        if self.projector is not None:
+            for i, proj in enumerate(acc.unwrap_model(self.projector)):
+                models[f"projector_{i}"] = proj
+        rng = ckpt.capture_rng_state({"train": self.gen})
+        rng_states = acc.gather_for_metrics([rng], use_gather_object=True) if acc.num_processes > 1 else [rng]
+        state = asdict(self.state)
+        state["sampler"] = self.data.sampler_state(self.state.epoch, self.state.batch_in_epoch)
+        path = ckpt.save_checkpoint(
+            self.run_dir, self.state.step, models=models, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+            train_state=state, recipe_yaml=to_yaml(self.recipe), rng_states=rng_states,
+            keep_last=self.recipe.training.keep_checkpoints, is_main_process=acc.is_main_process,
+        )
+        acc.wait_for_everyone()
+        return path
+
+    def maybe_resume(self) -> bool:
+        path = ckpt.resolve_resume(self.run_dir, self.recipe.training.resume)
+        if path is None:
+            return False
+        acc = self.accelerator
+        models = {"student": acc.unwrap_model(self.student)}
+        if self.ema is not None:
+            models["ema"] = self.ema.model
+        if self.projector is not None:
+            for i, proj in enumerate(acc.unwrap_model(self.projector)):
+                models[f"projector_{i}"] = proj
+        state = ckpt.load_checkpoint(path, models=models, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+                                     generators={"train": self.gen}, rank=acc.process_index)
+        sampler = state.pop("sampler", None)
+        self.state = TrainState(**{k: state[k] for k in asdict(TrainState()) if k in state})
+        if sampler is not None:
+            self.data.load_sampler_state(sampler)
+        self.log(f"resumed from {path} at step {self.state.step}")
+        return True
+
+    # ------------------------------------------------------------------ agreement probe, samples, summary
+    @torch.no_grad()
+    def probe_batch(self) -> dict | None:
+        """A fixed set of (x_t, t, cond) with the teacher's eps, from the first data batch and a
+        generator of its own: the same every time, so 'closer to the teacher' is measured on
+        identical inputs before and after."""
+        if not self.data.needs_images:
+            return None
+        batch = next(iter(self.data.epoch_batches(0, 0)))
+        g = torch.Generator(self.device).manual_seed(12345)
+        cond, _ = self.encode(list(batch["caption"]), batch)
+        if "latent_mean" in batch:
+            x0 = batch["latent_mean"].to(self.device)
+        else:
+            x0 = self.teacher.encode_images(batch["pixel_values"].to(self.device), sample=False)
+        noise = torch.randn(x0.shape, generator=g, device=self.device)
+        n = x0.shape[0]
+        t = torch.linspace(50, self.schedule.num_train_timesteps - 50, n, device=self.device).long()
+        x_t = self.schedule.add_noise(x0, noise, t)
+        return {"x_t": x_t, "t": t, "cond": cond, "eps": self.teacher.predict_eps(x_t, t, cond)}
+
+    @torch.no_grad()
+    def agreement(self, probe: dict | None) -> dict[str, float] | None:
+        """MSE between student and teacher eps on the probe (raw weights, and EMA)."""
+        if probe is None:
+            return None
+        student = self.accelerator.unwrap_model(self.student)
+        was_training = student.training
+        student.eval()
+        out = {"teacher_mse": float(teacher_loss(student(probe["x_t"], probe["t"], **probe["cond"]).float(),
+                                                 probe["eps"]).mean())}
+        if self.ema is not None:
+            ema = self.ema.model
+            xs = {k: v.to(next(ema.parameters()).device) for k, v in probe.items() if torch.is_tensor(v)}
+            cond = {k: v.to(xs["x_t"].device) for k, v in probe["cond"].items()}
+            out["teacher_mse_ema"] = float(teacher_loss(ema(xs["x_t"], xs["t"], **cond).float(), xs["eps"]).mean())
+        student.train(was_training)
+        return out
+
+    def sample_grid(self, step: int, writer) -> None:
+        from distill.samples import teacher_student_grid
+
+        if not self.accelerator.is_main_process:
+            return
+        model = self.ema.model if self.ema is not None else self.accelerator.unwrap_model(self.student)
+        grid = teacher_student_grid(self.teacher, model, self.recipe, self.data.example_pixel_hw)
+        out = self.run_dir / "samples" / f"step-{step:07d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(out)
+        if writer is not None:
+            import numpy as np
+
+            writer.add_image("samples/teacher_student", np.asarray(grid), step, dataformats="HWC")
+
+    def summarize(self, before: dict | None, after: dict | None) -> dict[str, Any]:
+        summary = {"steps": self.state.step, "bad_steps": self.state.bad_steps, "run_dir": str(self.run_dir),
+                   "agreement_before": before, "agreement_after": after}
+        if before and after:
+            ratio = before["teacher_mse"] / max(after["teacher_mse"], 1e-12)
+            summary["closer_to_teacher_x"] = ratio
+            line = (f"student vs teacher eps MSE on a fixed probe: {before['teacher_mse']:.4f} -> "
+                    f"{after['teacher_mse']:.4f} ({ratio:.1f}x closer)")
+            if "teacher_mse_ema" in after:
+                line += f"; EMA {after['teacher_mse_ema']:.4f}"
+            self.log(line)
+        if self.accelerator.is_main_process:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def train(recipe: DictConfig) -> dict[str, Any]:
+    """Run a recipe to the end; returns the run summary (also written to summary.json)."""
+    return Distiller(recipe).fit()

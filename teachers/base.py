@@ -1,0 +1,160 @@
+"""What every teacher offers: encode prompts, encode/decode images, predict epsilon.
+
+A teacher is a frozen adapter around a foreign diffusion model (the pattern of k-diffusion's
+``external.py``): whatever the source predicts (epsilon or v), ``predict_eps`` returns epsilon in
+the project's one noise convention (``distill.schedule.NoiseSchedule``, built from the teacher's
+own scheduler config). Conditioning is a plain dict of the keyword arguments the diffusers UNet
+takes (see ``encode_prompt``).
+
+Frozen means frozen: every module is in eval mode with ``requires_grad_(False)``, every call runs
+under ``torch.no_grad()``, and a teacher is never part of a student's state dict.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from distill.schedule import NoiseSchedule
+
+Tensor = torch.Tensor
+Cond = dict[str, Tensor]
+
+# Keys of the conditioning dict that the diffusers UNet takes inside ``added_cond_kwargs``.
+ADDED_COND_KEYS = ("text_embeds", "time_ids")
+
+
+def freeze(module: nn.Module | None) -> None:
+    """eval() + requires_grad_(False): a teacher part never trains and never drops out."""
+    if module is not None:
+        module.eval().requires_grad_(False)
+
+
+def cat_cond(*conds: Cond) -> Cond:
+    """Concatenate conditioning dicts along the batch dim (the CFG batch ``[uncond, cond]``)."""
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+class Teacher:
+    """Base of all teacher families; subclasses implement ``encode_prompt`` and ``cond_dims``.
+
+    Attributes: ``family``, ``unet``, ``vae``, ``schedule`` (NoiseSchedule with the source's
+    ``prediction_type``), ``scheduler_config`` (a dict; ``distill.sampling.make_scheduler`` builds
+    any diffusers sampler from it), ``vae_scale_factor`` (spatial), ``latent_channels``,
+    ``dtype`` (of the UNet), ``device``.
+    """
+
+    family: str = "base"
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, scheduler_config: dict[str, Any], *,
+                 vae_dtype: torch.dtype | None = None):
+        self.unet = unet
+        self.vae = vae
+        self.scheduler_config = dict(scheduler_config)
+        self.schedule = NoiseSchedule.from_config(self.scheduler_config)
+        self.prediction_type = self.schedule.prediction_type
+        if vae_dtype is not None:
+            self.vae.to(dtype=vae_dtype)
+        # Spatial downsampling of the VAE: one factor 2 per block but the last (diffusers' rule).
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_channels = int(unet.config.in_channels)
+        for module in self.modules().values():
+            freeze(module)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def modules(self) -> dict[str, nn.Module]:
+        """The teacher's networks by name (subclasses add their text encoders)."""
+        return {"unet": self.unet, "vae": self.vae}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def to(self, device: torch.device | str) -> "Teacher":
+        """Move every network (dtypes kept, so an fp32 VAE stays fp32)."""
+        for module in self.modules().values():
+            module.to(device)
+        self.schedule.to(device)
+        return self
+
+    @property
+    def cond_dims(self) -> dict[str, int]:
+        """Feature sizes of each conditioning key, e.g. ``{"encoder_hidden_states": 768}``."""
+        raise NotImplementedError
+
+    def default_size(self) -> tuple[int, int]:
+        """The pixel (height, width) the pipeline defaults to: UNet sample_size * vae_scale_factor."""
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+    def encode_prompt(self, prompts: str | list[str], negative_prompts: str | list[str] | None = None,
+                      height: int | None = None, width: int | None = None, *, do_cfg: bool = False,
+                      **kw: Any) -> Cond | tuple[Cond, Cond]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the model
+    @torch.no_grad()
+    def _unet_output(self, x_t: Tensor, t: Tensor | int | float, cond: Cond) -> Tensor:
+        """Raw UNet output (the source's prediction type), in x_t's dtype."""
+        added = {k: cond[k].to(self.dtype) for k in ADDED_COND_KEYS if k in cond}
+        out = self.unet(
+            x_t.to(self.dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(self.dtype),
+            added_cond_kwargs=added or None, return_dict=False,
+        )[0]
+        return out.to(x_t.dtype)
+
+    @torch.no_grad()
+    def predict_eps(self, x_t: Tensor, t: Tensor | int | float, cond: Cond) -> Tensor:
+        """Epsilon at (x_t, t): (N, C, h, w). ``t``: integer training timesteps (N,) or a scalar;
+        float timesteps (Euler-type samplers) are accepted too."""
+        out = self._unet_output(x_t, t, cond)
+        return self.schedule.eps_from_prediction(x_t, out, t)
+
+    @torch.no_grad()
+    def predict_eps_cfg(self, x_t: Tensor, t: Tensor | int | float, cond: Cond, uncond: Cond,
+                        guidance_scale: float | Tensor) -> Tensor:
+        """Classifier-free-guided epsilon, ONE batched forward over ``[uncond, cond]`` like the
+        diffusers pipelines. ``guidance_scale``: a float or a per-sample tensor (N,)."""
+        n = x_t.shape[0]
+        t2 = torch.as_tensor(t, device=x_t.device)
+        t2 = t2 if t2.ndim == 0 else torch.cat([t2, t2])
+        out = self._unet_output(torch.cat([x_t, x_t]), t2, cat_cond(uncond, cond))
+        out_uncond, out_cond = out.chunk(2)
+        g = torch.as_tensor(guidance_scale, dtype=x_t.dtype, device=x_t.device)
+        if g.ndim == 1:
+            g = g.view(n, *([1] * (x_t.ndim - 1)))
+        # Guidance on the raw output, then one conversion: the pipelines' order (the conversion is
+        # affine in the output at fixed x_t, so guiding eps instead would be the same up to rounding).
+        guided = out_uncond + g * (out_cond - out_uncond)
+        return self.schedule.eps_from_prediction(x_t, guided, t)
+
+    # ------------------------------------------------------------------ images <-> latents
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor, generator: torch.Generator | None = None,
+                      sample: bool = True) -> Tensor:
+        """Pixels in [-1, 1] (N, 3, H, W) -> scaled latents (N, C, H/f, W/f).
+
+        ``sample=True`` draws from the VAE posterior with ``generator`` (what SD training does);
+        ``sample=False`` takes its mode. Scaling from ``vae.config`` (and ``shift_factor`` if set).
+        """
+        dist = self.vae.encode(pixels.to(device=self.vae.device, dtype=self.vae.dtype)).latent_dist
+        z = dist.sample(generator=generator) if sample else dist.mode()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((z - shift) * self.vae.config.scaling_factor).to(pixels.dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Scaled latents (N, C, h, w) -> pixels in [-1, 1] (clamped), (N, 3, h*f, w*f), float32."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        z = latents.to(device=self.vae.device, dtype=self.vae.dtype) / self.vae.config.scaling_factor + shift
+        return self.vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(family={self.family!r}, prediction_type={self.prediction_type!r}, "
+                f"cond_dims={self.cond_dims}, vae_scale_factor={self.vae_scale_factor}, dtype={self.dtype})")

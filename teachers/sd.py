@@ -1,0 +1,263 @@
+"""SD1.5- and SDXL-family teachers via diffusers (a pipeline folder, a hub id, or a single file).
+
+``encode_prompt`` reproduces what ``StableDiffusionPipeline.encode_prompt`` /
+``StableDiffusionXLPipeline.encode_prompt`` (+ ``_get_add_time_ids``) hand to the UNet, step for
+step (diffusers 0.42): max-length padding with truncation, the negative batch padded to the prompt
+length, SDXL's penultimate hidden states of both encoders concatenated, the pooled projection of
+encoder 2, zeroed negatives under ``force_zeros_for_empty_prompt``. The tests compare the two
+tensor for tensor.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .base import Cond, Teacher
+
+Tensor = torch.Tensor
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+# SDXL micro-conditioning: original (h, w) + crop (top, left) + target (h, w).
+NUM_TIME_IDS = 6
+
+
+def _as_list(prompts: str | Sequence[str]) -> list[str]:
+    return [prompts] if isinstance(prompts, str) else list(prompts)
+
+
+def _negatives(negative_prompts: str | Sequence[str] | None, n: int) -> list[str]:
+    """The pipelines' rule: None -> "" for every prompt; a string is repeated; a list must match."""
+    negatives = [negative_prompts or ""] * n if negative_prompts is None or isinstance(negative_prompts, str) \
+        else list(negative_prompts)
+    if len(negatives) != n:
+        raise ValueError(f"{len(negatives)} negative prompts for {n} prompts")
+    return negatives
+
+
+def _tokenize(tokenizer, prompts: list[str], max_length: int) -> Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def _per_sample_sizes(value: Any, n: int, default: tuple[int, int]) -> Tensor:
+    """(h, w) / (top, left) for the whole batch or one per sample -> float tensor (N, 2)."""
+    sizes = torch.as_tensor(default if value is None else value, dtype=torch.float32)
+    if sizes.ndim == 1:
+        sizes = sizes.expand(n, 2)
+    if sizes.shape != (n, 2):
+        raise ValueError(f"expected a pair or {n} pairs, got shape {tuple(sizes.shape)}")
+    return sizes
+
+
+class SD15Teacher(Teacher):
+    """UNet2DConditionModel + one CLIP text encoder (SD1.x; SD2.x-style v-prediction too)."""
+
+    family = "sd15"
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config, *, vae_dtype=None):
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        super().__init__(unet, vae, scheduler_config, vae_dtype=vae_dtype)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {**super().modules(), "text_encoder": self.text_encoder}
+
+    @property
+    def cond_dims(self) -> dict[str, int]:
+        return {"encoder_hidden_states": int(self.unet.config.cross_attention_dim)}
+
+    @torch.no_grad()
+    def _embed(self, prompts: list[str], max_length: int) -> Tensor:
+        ids = _tokenize(self.tokenizer, prompts, max_length)
+        inputs = {"input_ids": ids.to(self.text_encoder.device)}
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                                  return_tensors="pt").attention_mask
+            inputs["attention_mask"] = mask.to(self.text_encoder.device)
+        # [0] = last_hidden_state after the final layer norm: what SD1.x cross-attends to.
+        return self.text_encoder(**inputs)[0].to(self.dtype)  # (N, L, D)
+
+    def encode_prompt(self, prompts, negative_prompts=None, height=None, width=None, *, do_cfg=False, **kw):
+        """Prompts -> ``{"encoder_hidden_states": (N, L, D)}``.
+
+        Returns ``cond`` alone, or ``(cond, uncond)`` when ``do_cfg`` is set or negatives are given
+        (``uncond`` from ``negative_prompts``, "" by default). ``height``/``width`` are accepted for a
+        uniform signature across families and unused here.
+        """
+        prompts = _as_list(prompts)
+        embeds = self._embed(prompts, self.tokenizer.model_max_length)
+        cond = {"encoder_hidden_states": embeds}
+        if not do_cfg and negative_prompts is None:
+            return cond
+        # The pipeline pads the negatives to the prompt length (embeds.shape[1]).
+        uncond = {"encoder_hidden_states": self._embed(_negatives(negative_prompts, len(prompts)), embeds.shape[1])}
+        return cond, uncond
+
+
+class SDXLTeacher(Teacher):
+    """Two CLIP text encoders, pooled ``text_embeds`` of encoder 2, ``time_ids`` micro-conditioning."""
+
+    family = "sdxl"
+
+    def __init__(self, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler_config, *,
+                 force_zeros_for_empty_prompt: bool = True, vae_dtype=None):
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
+        super().__init__(unet, vae, scheduler_config, vae_dtype=vae_dtype)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {**super().modules(), "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+
+    @property
+    def cond_dims(self) -> dict[str, int]:
+        return {"encoder_hidden_states": int(self.unet.config.cross_attention_dim),
+                "text_embeds": int(self.text_encoder_2.config.projection_dim), "time_ids": NUM_TIME_IDS}
+
+    @torch.no_grad()
+    def _embed(self, prompts: list[str], max_length: int | None = None) -> tuple[Tensor, Tensor]:
+        """-> (penultimate hidden states of both encoders concatenated (N, L, D1+D2), pooled (N, P))."""
+        hidden, pooled = [], None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            ids = _tokenize(tokenizer, prompts, max_length or tokenizer.model_max_length)
+            out = encoder(ids.to(encoder.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # penultimate layer, no final layer norm (SDXL)
+            if out[0].ndim == 2:  # CLIPTextModelWithProjection: [0] is the projected pooled embedding
+                pooled = out[0]
+        return torch.cat(hidden, dim=-1).to(self.dtype), pooled.to(self.dtype)
+
+    def time_ids(self, n: int, height: int | None = None, width: int | None = None, original_size=None,
+                 crops_coords_top_left=None, target_size=None) -> Tensor:
+        """(N, 6) float: original_size (h, w) + crops_coords_top_left (top, left) + target_size (h, w).
+
+        Each may be one pair for the batch or one pair per sample (bucketed training); defaults are
+        the pipeline's: (height, width), (0, 0), (height, width).
+        """
+        dh, dw = self.default_size()
+        size = (height or dh, width or dw)
+        original = _per_sample_sizes(original_size, n, size)
+        crop = _per_sample_sizes(crops_coords_top_left, n, (0, 0))
+        target = _per_sample_sizes(target_size, n, size)
+        return torch.cat([original, crop, target], dim=1).to(device=self.device, dtype=self.dtype)  # (N, 6)
+
+    def encode_prompt(self, prompts, negative_prompts=None, height=None, width=None, *, do_cfg=False,
+                      original_size=None, crops_coords_top_left=None, target_size=None, **kw):
+        """Prompts -> ``{"encoder_hidden_states": (N, L, D1+D2), "text_embeds": (N, P), "time_ids": (N, 6)}``.
+
+        Returns ``cond`` alone, or ``(cond, uncond)`` when ``do_cfg`` is set or negatives are given.
+        Without negatives, ``uncond`` is exactly zero if the pipeline's ``force_zeros_for_empty_prompt``
+        says so, else the embedding of "". ``uncond`` shares ``cond``'s ``time_ids`` (the pipeline's
+        default for ``negative_original_size`` etc.).
+        """
+        prompts = _as_list(prompts)
+        embeds, pooled = self._embed(prompts)
+        time_ids = self.time_ids(len(prompts), height, width, original_size, crops_coords_top_left, target_size)
+        cond = {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids}
+        if not do_cfg and negative_prompts is None:
+            return cond
+        if negative_prompts is None and self.force_zeros_for_empty_prompt:
+            neg_embeds, neg_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+        else:
+            neg_embeds, neg_pooled = self._embed(_negatives(negative_prompts, len(prompts)), embeds.shape[1])
+        return cond, {"encoder_hidden_states": neg_embeds, "text_embeds": neg_pooled, "time_ids": time_ids.clone()}
+
+
+# ---------------------------------------------------------------------- loading
+def detect_family(unet_config: dict[str, Any]) -> str:
+    """SDXL's UNet takes pooled text + time ids (``addition_embed_type="text_time"``); else SD1.x/2.x."""
+    return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd15"
+
+
+def _is_single_file(source: str | Path) -> bool:
+    return Path(str(source)).suffix.lower() in SINGLE_FILE_SUFFIXES
+
+
+def _read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """A single-file checkpoint's tensors: safetensors, or a pickle with ``weights_only=True``."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    return state.get("state_dict", state)
+
+
+def _has_prefix(state: dict[str, Tensor], prefixes: Sequence[str]) -> bool:
+    return any(k.startswith(p) for k in state for p in prefixes)
+
+
+# Original (ldm / sgm) key prefixes of the non-UNet parts of a full single-file checkpoint.
+_LDM_VAE_PREFIXES = ("first_stage_model.",)
+
+
+def _pipeline_class(family: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}[family]
+
+
+def _load_pipeline(source, family: str | None, config, dtype: torch.dtype, vae, load_kwargs: dict):
+    """The diffusers pipeline of ``source`` (components only: no safety checker), and its family."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    config_source = config if _is_single_file(source) else source
+    if config_source is None:
+        raise ValueError(f"single-file teacher {source!s} needs config= (a diffusers folder or hub id)")
+    family = family or detect_family(dict(UNet2DConditionModel.load_config(config_source, subfolder="unet",
+                                                                         **load_kwargs)))
+    if family not in TEACHER_FAMILIES:
+        raise ValueError(f"unknown teacher family {family!r}; choose from {sorted(TEACHER_FAMILIES)}")
+    pipe_cls = _pipeline_class(family)
+    extra: dict[str, Any] = {"torch_dtype": dtype}
+    if isinstance(vae, (str, Path)):
+        vae = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype, **load_kwargs)
+    if vae is not None:
+        extra["vae"] = vae
+    if family == "sd15":
+        extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if not _is_single_file(source):
+        return pipe_cls.from_pretrained(source, **extra, **load_kwargs), family
+    state = _read_state_dict(source)
+    if _has_prefix(state, _LDM_VAE_PREFIXES):
+        # A full original-layout checkpoint: diffusers converts every part (weights_only for .ckpt).
+        return pipe_cls.from_single_file(str(source), config=str(config), **extra, **load_kwargs), family
+    # A UNet-only checkpoint: the UNet from the file, everything else from the config pipeline.
+    unet = UNet2DConditionModel.from_single_file(state, config=str(config), subfolder="unet", torch_dtype=dtype,
+                                                 **load_kwargs)
+    return pipe_cls.from_pretrained(config, unet=unet, **extra, **load_kwargs), family
+
+
+def load_teacher(source: str | Path, family: str | None = None, *, config: str | Path | None = None,
+                 vae: str | Path | nn.Module | None = None, dtype: torch.dtype | str = torch.float32,
+                 device: torch.device | str = "cpu", vae_fp32: bool | None = None,
+                 **load_kwargs: Any) -> Teacher:
+    """Load a frozen teacher.
+
+    Args:
+        source: a diffusers pipeline folder, a hub id (the same ``from_pretrained`` call), or a single
+            ``.safetensors`` / ``.ckpt`` file in the original layout (full pipeline or UNet only).
+        family: one of ``TEACHER_FAMILIES``; detected from the UNet config when None.
+        config: for a single file, the diffusers folder or hub id holding the configs (and, for a
+            UNet-only file, the other components).
+        vae: a VAE override (folder / hub id / module), e.g. the fp16-fix SDXL VAE.
+        dtype: dtype of UNet and text encoders ("float16", "bfloat16" or a torch dtype).
+        vae_fp32: keep the VAE in float32. None: like diffusers, only when dtype is float16 and the
+            VAE config says ``force_upcast``.
+        load_kwargs: passed to ``from_pretrained`` (``variant``, ``revision``, ``local_files_only``...).
+    """
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    pipe, family = _load_pipeline(source, family, config, dtype, vae, load_kwargs)
+    if vae_fp32 is None:
+        vae_fp32 = dtype == torch.float16 and bool(getattr(pipe.vae.config, "force_upcast", False))
+    common = dict(scheduler_config=dict(pipe.scheduler.config), vae_dtype=torch.float32 if vae_fp32 else None)
+    if family == "sd15":
+        teacher = SD15Teacher(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, **common)
+    else:
+        teacher = SDXLTeacher(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer,
+                              pipe.tokenizer_2, force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt,
+                              **common)
+    return teacher.to(device)
+
+
+TEACHER_FAMILIES: dict[str, type[Teacher]] = {"sd15": SD15Teacher, "sdxl": SDXLTeacher}
