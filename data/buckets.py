@@ -9,12 +9,15 @@ top-left, target size, all (h, w) / (top, left)).
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from typing import Hashable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 Bucket = tuple[int, int]  # (width, height) in pixels
 
@@ -160,11 +163,15 @@ class BucketBatchSampler:
     its own count; without it the sampler's count of batches handed out is used.)
     `set_epoch(e)` starts epoch e from its first batch, unless e is the epoch already in progress;
     iterating to the end of an epoch moves on to the next epoch by itself.
+
+    `with_epoch=True` yields (index, epoch) pairs instead of indices: FolderDataset accepts them,
+    which keeps per-epoch randomness right in persistent DataLoader workers (they hold a copy of
+    the dataset made before later `set_epoch` calls).
     """
 
     def __init__(self, bucket_of_item: Sequence[Hashable], batch_size: int, *, seed: int,
                  rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 small_bucket: str = "repeat") -> None:
+                 small_bucket: str = "repeat", with_epoch: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -179,6 +186,7 @@ class BucketBatchSampler:
         self.world_size = world_size
         self.shuffle = shuffle
         self.small_bucket = small_bucket
+        self.with_epoch = with_epoch
         self.epoch = 0
         self.position = 0  # batches of this epoch already handed out on this rank
 
@@ -225,7 +233,7 @@ class BucketBatchSampler:
         while self.position < len(batches):
             batch = batches[self.position]
             self.position += 1
-            yield batch
+            yield [(i, self.epoch) for i in batch] if self.with_epoch else batch
         # Finishing an epoch moves on to the next one, so a loop that never calls set_epoch still
         # gets fresh shuffles, and set_epoch(next epoch) afterwards changes nothing.
         self.epoch, self.position = self.epoch + 1, 0
@@ -236,12 +244,18 @@ class BucketBatchSampler:
 
     def state_dict(self, consumed: int | None = None) -> dict:
         return {"epoch": self.epoch, "position": self.position if consumed is None else consumed,
-                "seed": self.seed, "world_size": self.world_size}
+                "seed": self.seed, "world_size": self.world_size, "batch_size": self.batch_size,
+                "num_items": len(self.bucket_of_item)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed or state["world_size"] != self.world_size:
-            # The batch order is a function of (seed, world_size); resuming under other values
-            # would silently repeat or skip data.
-            raise ValueError(f"sampler state was saved with seed {state['seed']} and world_size "
-                             f"{state['world_size']}, this run has {self.seed} and {self.world_size}")
+        # The batch order is a function of these; resuming under other values would silently
+        # repeat or skip data.
+        for key in ("seed", "world_size", "batch_size"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"sampler state was saved with {key} {state[key]}, this run has "
+                                 f"{getattr(self, key)}: the remaining batches cannot be recovered")
+        if state["num_items"] != len(self.bucket_of_item):
+            log.warning("the dataset had %d items when the sampler state was saved and has %d now; "
+                        "the rest of this epoch follows the new order", state["num_items"],
+                        len(self.bucket_of_item))
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -123,20 +123,24 @@ def _check_data(im: Image.Image) -> None:
 
 
 def read_image_size(path: str | os.PathLike, verify: bool = False) -> tuple[int, int]:
-    """(width, height) after EXIF orientation, from the header; raises _Skip."""
+    """(width, height) after EXIF orientation, from the header; with `verify`, also check the
+    image data (see _check_data). Raises _Skip("unreadable" | "truncated")."""
     try:
-        with Image.open(path) as im:
+        im = Image.open(path)
+    except Exception as e:  # UnidentifiedImageError, DecompressionBombError, OSError, ...
+        raise _Skip("unreadable", f"{type(e).__name__}: {e}") from None
+    with im:
+        try:
             w, h = im.size
             if _header_orientation(im) in ORIENTATIONS_SWAPPING_SIDES:
                 w, h = h, w
-    except Exception as e:  # UnidentifiedImageError, DecompressionBombError, OSError, ...
-        raise _Skip("unreadable", f"{type(e).__name__}: {e}") from None
-    if verify:
-        try:
-            with Image.open(path) as im:
+        except Exception as e:  # a corrupt EXIF block
+            raise _Skip("unreadable", f"{type(e).__name__}: {e}") from None
+        if verify:
+            try:
                 _check_data(im)
-        except Exception as e:
-            raise _Skip("truncated", f"{type(e).__name__}: {e}") from None
+            except Exception as e:
+                raise _Skip("truncated", f"{type(e).__name__}: {e}") from None
     return w, h
 
 
@@ -340,17 +344,18 @@ def _open_rgb(path: str | os.PathLike, cover: Bucket | None = None
     """(RGB image, original (h, w)). With `cover`, a JPEG is DCT-decoded at the smallest scale that
     still covers that bucket, which makes decoding large photos several times faster."""
     with Image.open(path) as im:
-        w, h = im.size
-        orientation = _header_orientation(im)
         if cover is not None and im.format == "JPEG":
-            swap = orientation in ORIENTATIONS_SWAPPING_SIDES
-            ow, oh = (h, w) if swap else (w, h)  # size as displayed
-            scale = max(cover[0] / ow, cover[1] / oh)
-            need = (int(np.ceil(ow * scale)), int(np.ceil(oh * scale)))
-            im.draft(im.mode, need[::-1] if swap else need)
+            # A JPEG's EXIF comes before its image data, so the header orientation is the one
+            # exif_transpose will apply; draft sizes are in stored (unrotated) pixels.
+            swap = _header_orientation(im) in ORIENTATIONS_SWAPPING_SIDES
+            w, h = im.size[::-1] if swap else im.size  # as displayed
+            scale = max(cover[0] / w, cover[1] / h)
+            need = (int(np.ceil(w * scale)), int(np.ceil(h * scale)))
+            if im.draft(im.mode, need[::-1] if swap else need) is not None:
+                img = ImageOps.exif_transpose(im)
+                return to_rgb(img), (h, w)  # the file's size, not the reduced decode's
         img = ImageOps.exif_transpose(im)
-    original = (w, h) if orientation in ORIENTATIONS_SWAPPING_SIDES else (h, w)
-    return to_rgb(img), original
+    return to_rgb(img), (img.height, img.width)
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:

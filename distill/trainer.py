@@ -229,7 +229,8 @@ class Distiller:
                 terms["teacher"], weights["teacher"] = teacher_loss(s_eps, t_eps), lo.teacher
             if lo.feature:
                 projected = [proj(f) for proj, f in zip(self.projector, s_feats)]
-                targets = [tokens_from_map(t_feats[p], grid) for p in lo.features.teacher_modules]
+                # A guided teacher ran one batch [uncond, cond]: align to the conditional half.
+                targets = [tokens_from_map(t_feats[p][-n:], grid) for p in lo.features.teacher_modules]
                 terms["feature"] = feature_loss(projected, targets, kind=lo.features.kind)
                 weights["feature"] = lo.feature
             if lo.perturb:

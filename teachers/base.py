@@ -47,15 +47,12 @@ class Teacher:
 
     family: str = "base"
 
-    def __init__(self, unet: nn.Module, vae: nn.Module, scheduler_config: dict[str, Any], *,
-                 vae_dtype: torch.dtype | None = None):
+    def __init__(self, unet: nn.Module, vae: nn.Module, scheduler_config: dict[str, Any]):
         self.unet = unet
         self.vae = vae
         self.scheduler_config = dict(scheduler_config)
         self.schedule = NoiseSchedule.from_config(self.scheduler_config)
         self.prediction_type = self.schedule.prediction_type
-        if vae_dtype is not None:
-            self.vae.to(dtype=vae_dtype)
         # Spatial downsampling of the VAE: one factor 2 per block but the last (diffusers' rule).
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_channels = int(unet.config.in_channels)

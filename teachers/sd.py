@@ -56,9 +56,9 @@ class SD15Teacher(Teacher):
 
     family = "sd15"
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config, *, vae_dtype=None):
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config):
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        super().__init__(unet, vae, scheduler_config, vae_dtype=vae_dtype)
+        super().__init__(unet, vae, scheduler_config)
 
     def modules(self) -> dict[str, nn.Module]:
         return {**super().modules(), "text_encoder": self.text_encoder}
@@ -101,11 +101,11 @@ class SDXLTeacher(Teacher):
     family = "sdxl"
 
     def __init__(self, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler_config, *,
-                 force_zeros_for_empty_prompt: bool = True, vae_dtype=None):
+                 force_zeros_for_empty_prompt: bool = True):
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
-        super().__init__(unet, vae, scheduler_config, vae_dtype=vae_dtype)
+        super().__init__(unet, vae, scheduler_config)
 
     def modules(self) -> dict[str, nn.Module]:
         return {**super().modules(), "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
@@ -189,6 +189,7 @@ def _has_prefix(state: dict[str, Tensor], prefixes: Sequence[str]) -> bool:
 
 # Original (ldm / sgm) key prefixes of the non-UNet parts of a full single-file checkpoint.
 _LDM_VAE_PREFIXES = ("first_stage_model.",)
+_LDM_TEXT_PREFIXES = ("cond_stage_model.", "conditioner.embedders.")
 
 
 def _pipeline_class(family: str):
@@ -197,35 +198,39 @@ def _pipeline_class(family: str):
     return {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}[family]
 
 
-def _load_pipeline(source, family: str | None, config, dtype: torch.dtype, vae, load_kwargs: dict):
-    """The diffusers pipeline of ``source`` (components only: no safety checker), and its family."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def _dtype_kw(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """diffusers renamed ``torch_dtype`` to ``dtype`` (the old name warns since ~0.36); older
+    releases only know ``torch_dtype``. The deprecation helper's presence tells which one is current."""
+    from diffusers.utils import deprecation_utils
 
-    config_source = config if _is_single_file(source) else source
-    if config_source is None:
-        raise ValueError(f"single-file teacher {source!s} needs config= (a diffusers folder or hub id)")
-    family = family or detect_family(dict(UNet2DConditionModel.load_config(config_source, subfolder="unet",
-                                                                         **load_kwargs)))
-    if family not in TEACHER_FAMILIES:
-        raise ValueError(f"unknown teacher family {family!r}; choose from {sorted(TEACHER_FAMILIES)}")
-    pipe_cls = _pipeline_class(family)
-    extra: dict[str, Any] = {"torch_dtype": dtype}
-    if isinstance(vae, (str, Path)):
-        vae = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype, **load_kwargs)
+    new_name = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
+    return {"dtype" if new_name else "torch_dtype": dtype}
+
+
+def _load_vae(source, config, vae, vae_dtype: torch.dtype, state: dict | None, load_kwargs: dict):
+    """The VAE in ``vae_dtype``, loaded at that precision (never rounded through a lower one)."""
+    from diffusers import AutoencoderKL
+
+    if isinstance(vae, nn.Module):
+        return vae.to(dtype=vae_dtype)
     if vae is not None:
-        extra["vae"] = vae
-    if family == "sd15":
-        extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    if not _is_single_file(source):
-        return pipe_cls.from_pretrained(source, **extra, **load_kwargs), family
-    state = _read_state_dict(source)
-    if _has_prefix(state, _LDM_VAE_PREFIXES):
-        # A full original-layout checkpoint: diffusers converts every part (weights_only for .ckpt).
-        return pipe_cls.from_single_file(str(source), config=str(config), **extra, **load_kwargs), family
-    # A UNet-only checkpoint: the UNet from the file, everything else from the config pipeline.
-    unet = UNet2DConditionModel.from_single_file(state, config=str(config), subfolder="unet", torch_dtype=dtype,
-                                                 **load_kwargs)
-    return pipe_cls.from_pretrained(config, unet=unet, **extra, **load_kwargs), family
+        return AutoencoderKL.from_pretrained(vae, **_dtype_kw(vae_dtype), **load_kwargs)
+    if state is not None and _has_prefix(state, _LDM_VAE_PREFIXES):
+        return AutoencoderKL.from_single_file(state, config=str(config), subfolder="vae", **_dtype_kw(vae_dtype),
+                                              **load_kwargs)
+    return AutoencoderKL.from_pretrained(config if state is not None else source, subfolder="vae",
+                                         **_dtype_kw(vae_dtype), **load_kwargs)
+
+
+def _vae_config(source, config, vae, load_kwargs: dict) -> dict[str, Any]:
+    from diffusers import AutoencoderKL
+
+    if isinstance(vae, nn.Module):
+        return dict(vae.config)
+    if vae is not None:
+        return dict(AutoencoderKL.load_config(vae, **load_kwargs))
+    return dict(AutoencoderKL.load_config(config if _is_single_file(source) else source, subfolder="vae",
+                                          **load_kwargs))
 
 
 def load_teacher(source: str | Path, family: str | None = None, *, config: str | Path | None = None,
@@ -236,7 +241,8 @@ def load_teacher(source: str | Path, family: str | None = None, *, config: str |
 
     Args:
         source: a diffusers pipeline folder, a hub id (the same ``from_pretrained`` call), or a single
-            ``.safetensors`` / ``.ckpt`` file in the original layout (full pipeline or UNet only).
+            ``.safetensors`` / ``.ckpt`` file in the original layout (full SD1.x pipeline, or a UNet
+            alone of any family).
         family: one of ``TEACHER_FAMILIES``; detected from the UNet config when None.
         config: for a single file, the diffusers folder or hub id holding the configs (and, for a
             UNet-only file, the other components).
@@ -246,11 +252,38 @@ def load_teacher(source: str | Path, family: str | None = None, *, config: str |
             VAE config says ``force_upcast``.
         load_kwargs: passed to ``from_pretrained`` (``variant``, ``revision``, ``local_files_only``...).
     """
+    from diffusers import UNet2DConditionModel
+
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    pipe, family = _load_pipeline(source, family, config, dtype, vae, load_kwargs)
+    single = _is_single_file(source)
+    if single and config is None:
+        raise ValueError(f"single-file teacher {source!s} needs config= (a diffusers folder or hub id)")
+    config_source = config if single else source
+    family = family or detect_family(dict(UNet2DConditionModel.load_config(config_source, subfolder="unet",
+                                                                         **load_kwargs)))
+    if family not in TEACHER_FAMILIES:
+        raise ValueError(f"unknown teacher family {family!r}; choose from {sorted(TEACHER_FAMILIES)}")
     if vae_fp32 is None:
-        vae_fp32 = dtype == torch.float16 and bool(getattr(pipe.vae.config, "force_upcast", False))
-    common = dict(scheduler_config=dict(pipe.scheduler.config), vae_dtype=torch.float32 if vae_fp32 else None)
+        force_upcast = bool(_vae_config(source, config, vae, load_kwargs).get("force_upcast", False))
+        vae_fp32 = dtype == torch.float16 and force_upcast
+    state = _read_state_dict(source) if single else None
+    extra: dict[str, Any] = {**_dtype_kw(dtype), **load_kwargs}
+    extra["vae"] = _load_vae(source, config, vae, torch.float32 if vae_fp32 else dtype, state, load_kwargs)
+    if family == "sd15":
+        extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe_cls = _pipeline_class(family)
+    if not single:
+        pipe = pipe_cls.from_pretrained(source, **extra)
+    elif _has_prefix(state, _LDM_TEXT_PREFIXES):
+        # A full original-layout checkpoint: diffusers converts every part (weights_only for .ckpt).
+        pipe = pipe_cls.from_single_file(str(source), config=str(config), **extra)
+    else:
+        # UNet weights only (or UNet + VAE): the rest comes from the config pipeline.
+        unet = UNet2DConditionModel.from_single_file(state, config=str(config), subfolder="unet", **_dtype_kw(dtype),
+                                                     **load_kwargs)
+        pipe = pipe_cls.from_pretrained(config, unet=unet, **extra)
+
+    common = dict(scheduler_config=dict(pipe.scheduler.config))
     if family == "sd15":
         teacher = SD15Teacher(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, **common)
     else:

@@ -154,6 +154,9 @@ def test_sampler_deterministic_and_epochs_differ():
     first = _epoch(make(0))
     assert second != first
     assert _epoch(make(1)) != first
+    tagged = BucketBatchSampler(BUCKETS_OF_ITEMS, 2, seed=0, with_epoch=True)
+    tagged.set_epoch(1)
+    assert _epoch(tagged) == [[(i, 1) for i in batch] for batch in second]
     unshuffled = BucketBatchSampler(BUCKETS_OF_ITEMS, 3, seed=0, shuffle=False, small_bucket="partial")
     assert _epoch(unshuffled)[:2] == [[0, 1, 2], [3, 4, 5]]
 
@@ -194,6 +197,8 @@ def test_sampler_resume_mid_epoch():
     assert sampler.state_dict(consumed=1)["position"] == 1
     with pytest.raises(ValueError, match="world_size"):
         BucketBatchSampler(BUCKETS_OF_ITEMS, 2, seed=7, world_size=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="batch_size"):
+        BucketBatchSampler(BUCKETS_OF_ITEMS, 3, seed=7, rank=1, world_size=2).load_state_dict(state)
 
 
 def test_bucket_histogram():

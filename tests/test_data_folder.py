@@ -123,10 +123,10 @@ def test_rescan_with_cache_opens_no_image(folder, tmp_path, monkeypatch):
     second = scan_folder(folder, min_size=MIN_SIZE, size_cache=cache)
     assert opened == []
     assert second.records == first.records and second.skipped == first.skipped
-    # A changed file is read again (header + data check), and only that one.
+    # A changed file is read again, and only that one.
     _noise(64, 80, seed=3).save(folder / "d.jpeg")
     third = scan_folder(folder, min_size=MIN_SIZE, size_cache=cache)
-    assert _names(opened) == ["d.jpeg", "d.jpeg"]
+    assert _names(opened) == ["d.jpeg"]
     assert next(r for r in third.records if r.path.endswith("d.jpeg")).width == 64
 
 
@@ -258,3 +258,11 @@ def test_data_report(folder, tmp_path):
     no_bucket = data_report(root=folder, min_size=MIN_SIZE, resolution=64, bucket=False,
                             size_cache=tmp_path / "c.json")
     assert "buckets (1 in use" in no_bucket and " 64x64 " in no_bucket
+
+
+def test_default_header_cache_lives_in_project_cache(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("SITDISTILL_CACHE", str(tmp_path / "cache"))
+    scan_folder(folder, min_size=MIN_SIZE)
+    files = list((tmp_path / "cache").rglob("*.json"))
+    assert len(files) == 1 and str(folder.resolve()) not in files[0].name
+    assert len(json.loads(files[0].read_text())["entries"]) == 5 + 4  # images with good side files

@@ -1,0 +1,207 @@
+"""Teachers against the diffusers pipelines they wrap: same conditioning, same eps, frozen."""
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from teachers import TEACHER_FAMILIES, SD15Teacher, SDXLTeacher, detect_family, load_teacher
+from tiny_models import make_tiny_sd15, make_tiny_sdxl, write_ldm_checkpoint
+
+PROMPTS = ["a red circle at the top left", "the blue square"]
+LONG = "a " + "very " * 40 + "long prompt that the tokenizer truncates"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    return {
+        "sd15": make_tiny_sd15(root / "sd15"),
+        "sd15_v": make_tiny_sd15(root / "sd15_v", prediction_type="v_prediction"),
+        "sdxl": make_tiny_sdxl(root / "sdxl"),
+        "sdxl_nozero": make_tiny_sdxl(root / "sdxl_nozero", force_zeros_for_empty_prompt=False),
+    }
+
+
+def _pipe(folder):
+    cls = StableDiffusionXLPipeline if "sdxl" in folder.name else StableDiffusionPipeline
+    pipe = cls.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _unet_inputs(pipe, **call):
+    """What the pipeline hands its UNet at the first denoising step (a forward pre-hook)."""
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen.setdefault("kwargs", kwargs)
+
+    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        pipe(num_inference_steps=1, output_type="latent", generator=torch.Generator().manual_seed(0), **call)
+    finally:
+        handle.remove()
+    kw = seen["kwargs"]
+    out = {"encoder_hidden_states": kw["encoder_hidden_states"]}
+    out.update(kw.get("added_cond_kwargs") or {})
+    return out
+
+
+def _assert_cond_equal(ours, ref):
+    assert set(ours) == set(ref)
+    for k in ref:
+        assert ours[k].shape == ref[k].shape, k
+        assert torch.equal(ours[k], ref[k]), k
+
+
+def test_family_detection_and_loading(folders):
+    assert set(TEACHER_FAMILIES) == {"sd15", "sdxl"}
+    sd15, sdxl = load_teacher(folders["sd15"]), load_teacher(folders["sdxl"])
+    assert isinstance(sd15, SD15Teacher) and sd15.family == "sd15"
+    assert isinstance(sdxl, SDXLTeacher) and sdxl.family == "sdxl"
+    assert detect_family(dict(sdxl.unet.config)) == "sdxl"
+    assert sd15.cond_dims == {"encoder_hidden_states": 32}
+    assert sdxl.cond_dims == {"encoder_hidden_states": 16 + 32, "text_embeds": 24, "time_ids": 6}
+    assert sd15.vae_scale_factor == 2 and sd15.latent_channels == 4
+    assert load_teacher(folders["sd15_v"]).schedule.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="family"):
+        load_teacher(folders["sd15"], family="sd3")
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_frozen(folders, name):
+    teacher = load_teacher(folders[name])
+    params = [p for m in teacher.modules().values() for p in m.parameters()]
+    assert params and not any(p.requires_grad for p in params)
+    assert not any(m.training for mod in teacher.modules().values() for m in mod.modules())
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    cond = teacher.encode_prompt(["x"])
+    eps = teacher.predict_eps(x, torch.tensor([500]), cond)
+    assert not eps.requires_grad and eps.grad_fn is None
+
+
+def test_sd15_encode_prompt_equals_pipeline(folders):
+    teacher, pipe = load_teacher(folders["sd15"]), _pipe(folders["sd15"])
+    pos, neg = pipe.encode_prompt(PROMPTS + [LONG], "cpu", 1, True, ["blurry", "", "ugly"])
+    cond, uncond = teacher.encode_prompt(PROMPTS + [LONG], ["blurry", "", "ugly"])
+    assert torch.equal(cond["encoder_hidden_states"], pos) and torch.equal(uncond["encoder_hidden_states"], neg)
+    # No negatives and no CFG: cond alone; with do_cfg: "" negatives, like the pipeline.
+    assert torch.equal(teacher.encode_prompt(PROMPTS)["encoder_hidden_states"], pos[:2])
+    _, empty = teacher.encode_prompt(PROMPTS, do_cfg=True)
+    _, ref_empty = pipe.encode_prompt(PROMPTS, "cpu", 1, True)
+    assert torch.equal(empty["encoder_hidden_states"], ref_empty)
+    # What the UNet sees in the CFG batch [uncond, cond].
+    seen = _unet_inputs(pipe, prompt=PROMPTS, negative_prompt=["blurry", "dark"], guidance_scale=3.0)
+    cond, uncond = teacher.encode_prompt(PROMPTS, ["blurry", "dark"])
+    assert torch.equal(seen["encoder_hidden_states"], torch.cat([uncond["encoder_hidden_states"],
+                                                                 cond["encoder_hidden_states"]]))
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sdxl_nozero"])
+def test_sdxl_encode_prompt_equals_pipeline(folders, name):
+    teacher, pipe = load_teacher(folders[name]), _pipe(folders[name])
+    pos, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=True)
+    cond, uncond = teacher.encode_prompt(PROMPTS, do_cfg=True)
+    assert torch.equal(cond["encoder_hidden_states"], pos) and torch.equal(cond["text_embeds"], pooled)
+    assert torch.equal(uncond["encoder_hidden_states"], neg) and torch.equal(uncond["text_embeds"], neg_pooled)
+    assert bool((uncond["encoder_hidden_states"] == 0).all()) == (name == "sdxl")  # force_zeros_for_empty_prompt
+    # Explicit negatives are encoded (never zeroed), non-square size, micro-conditioning arguments.
+    call = dict(prompt=PROMPTS, negative_prompt=["blurry", "dark"], guidance_scale=3.0, height=16, width=24,
+                original_size=(40, 64), crops_coords_top_left=(4, 2), target_size=(16, 24))
+    seen = _unet_inputs(pipe, **call)
+    cond, uncond = teacher.encode_prompt(PROMPTS, ["blurry", "dark"], 16, 24, original_size=(40, 64),
+                                         crops_coords_top_left=(4, 2), target_size=(16, 24))
+    _assert_cond_equal({k: torch.cat([uncond[k], cond[k]]) for k in cond}, seen)
+    assert cond["time_ids"][0].tolist() == [40, 64, 4, 2, 16, 24]
+    # Defaults: original = target = (height, width), crop (0, 0); no CFG batch at guidance 1.
+    seen = _unet_inputs(pipe, prompt=PROMPTS, guidance_scale=1.0, height=16, width=24)
+    _assert_cond_equal(teacher.encode_prompt(PROMPTS, height=16, width=24), seen)
+
+
+def test_sdxl_per_sample_time_ids(folders):
+    teacher = load_teacher(folders["sdxl"])
+    cond = teacher.encode_prompt(PROMPTS, original_size=[(32, 48), (48, 32)], crops_coords_top_left=[(0, 0), (8, 4)],
+                                 target_size=torch.tensor([[16, 24], [24, 16]]))
+    assert cond["time_ids"].tolist() == [[32, 48, 0, 0, 16, 24], [48, 32, 8, 4, 24, 16]]
+    with pytest.raises(ValueError):
+        teacher.encode_prompt(PROMPTS, original_size=[(32, 48)] * 3)
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd15_v", "sdxl"])
+def test_predict_eps_and_cfg(folders, name):
+    teacher = load_teacher(folders[name])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 12, generator=g)
+    t = torch.tensor([30, 700])
+    cond, uncond = teacher.encode_prompt(PROMPTS, do_cfg=True, height=16, width=24)
+    with torch.no_grad():
+        raw = teacher.unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"],
+                           added_cond_kwargs={k: cond[k] for k in ("text_embeds", "time_ids") if k in cond} or None).sample
+    expected = raw if name != "sd15_v" else teacher.schedule.eps_from_v(x, raw, t)
+    torch.testing.assert_close(teacher.predict_eps(x, t, cond), expected, atol=1e-5, rtol=1e-5)
+    # CFG with a per-sample guidance scale equals the per-sample scalar results.
+    scales = torch.tensor([1.5, 7.0])
+    guided = teacher.predict_eps_cfg(x, t, cond, uncond, scales)
+    for i in range(2):
+        one = teacher.predict_eps_cfg(x, t, cond, uncond, float(scales[i]))
+        torch.testing.assert_close(guided[i], one[i], atol=1e-5, rtol=1e-5)
+    e_c, e_u = teacher.predict_eps(x, t, cond), teacher.predict_eps(x, t, uncond)
+    torch.testing.assert_close(guided, e_u + scales.view(2, 1, 1, 1) * (e_c - e_u), atol=1e-4, rtol=1e-4)
+
+
+def test_encode_decode_images_scaled(folders):
+    teacher = load_teacher(folders["sd15"])
+    vae = teacher.vae
+    pixels = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    latents = teacher.encode_images(pixels, sample=False)
+    assert latents.shape == (2, 4, 8, 12)
+    with torch.no_grad():
+        ref = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+        ref_pixels = vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
+    torch.testing.assert_close(latents, ref)
+    a = teacher.encode_images(pixels, generator=torch.Generator().manual_seed(1))
+    b = teacher.encode_images(pixels, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, latents)  # sampled from the posterior, seeded
+    torch.testing.assert_close(teacher.decode_latents(latents), ref_pixels)
+
+
+def test_options_vae_override_dtype(folders, tmp_path):
+    other = make_tiny_sd15(tmp_path / "other", seed=7)
+    teacher = load_teacher(folders["sd15"], vae=other / "vae", dtype="bfloat16", vae_fp32=True)
+    assert teacher.dtype == torch.bfloat16 and teacher.text_encoder.dtype == torch.bfloat16
+    assert teacher.vae.dtype == torch.float32
+    ref = load_teacher(other).vae.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in teacher.vae.state_dict().items())
+    x = torch.randn(1, 4, 8, 8)
+    eps = teacher.predict_eps(x, torch.tensor([10]), teacher.encode_prompt(["a"]))
+    assert eps.dtype == torch.float32 and torch.isfinite(eps).all()
+
+
+@pytest.mark.parametrize("kind", ["unet.safetensors", "full.ckpt", "full.safetensors"])
+def test_single_file_original_layout(folders, tmp_path, kind):
+    """An ldm-layout file written from *different* weights than the config folder must win."""
+    weights = make_tiny_sd15(tmp_path / "weights", prediction_type="v_prediction", seed=3)
+    path = write_ldm_checkpoint(weights, tmp_path / kind, unet_only=kind.startswith("unet"))
+    teacher = load_teacher(path, config=folders["sd15_v"])
+    expected, config_only = load_teacher(weights), load_teacher(folders["sd15_v"])
+    parts = ["unet"] if kind.startswith("unet") else ["unet", "vae", "text_encoder"]
+    for part in ["unet", "vae", "text_encoder"]:
+        ours = getattr(teacher, part).state_dict()
+        want = (expected if part in parts else config_only)
+        assert all(torch.equal(v, getattr(want, part).state_dict()[k]) for k, v in ours.items()), part
+    assert teacher.schedule.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="config"):
+        load_teacher(path)
+
+
+def test_single_file_sdxl_unet(folders, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from tiny_models import unet_state_dict_to_ldm
+
+    weights = make_tiny_sdxl(tmp_path / "weights", seed=5)
+    save_file(unet_state_dict_to_ldm(UNet2DConditionModel.from_pretrained(weights / "unet")), str(tmp_path / "u.safetensors"))
+    teacher = load_teacher(tmp_path / "u.safetensors", config=folders["sdxl"])
+    assert teacher.family == "sdxl"
+    ref = load_teacher(weights).unet.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in teacher.unet.state_dict().items())

@@ -1,0 +1,124 @@
+"""The distillation trainer on tiny parts: smoke run, frozen teacher, exact resume, NaN guard."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill import checkpoint as ckpt
+from distill.recipe import load_recipe
+from distill.trainer import Distiller, TrainingStopped
+from tiny_models import make_tiny_sd15, make_tiny_sdxl
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_teachers(tmp_path_factory):
+    base = tmp_path_factory.mktemp("teachers")
+    # Three VAE blocks: factor 4, so the toy world's 16-px bucket step is VAE x patch 2 x 2.
+    return {"sd15": make_tiny_sd15(base / "sd15", vae_blocks=3), "sdxl": make_tiny_sdxl(base / "sdxl", vae_blocks=3)}
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SITDISTILL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def tiny_recipe(teacher: Path, out: Path, *overrides: str):
+    return load_recipe(ROOT / "recipes" / "toy.yaml", [
+        f"teacher.source={teacher}", f"output.dir={out}",
+        "student.hidden_size=32", "student.depth=2", "student.num_heads=2",
+        "data.toy.num_images=24", "training.batch_size=4", "training.max_steps=2",
+        "training.checkpoint_every=1000", "training.sample_every=0", "training.log_every=1",
+        "optimizer.warmup_steps=0", *overrides,
+    ])
+
+
+def weights(folder: Path) -> dict:
+    return load_file(next(folder.glob("*.safetensors")))
+
+
+def test_two_steps_train_save_and_leave_the_teacher_untouched(tiny_teachers, tmp_path):
+    r = tiny_recipe(tiny_teachers["sd15"], tmp_path / "run", "losses.perturb=0.5",
+                    "losses.perturbations.input_noise.enabled=true", "losses.perturbations.caption_mix.enabled=true",
+                    "losses.perturbations.embedding_noise.enabled=true",
+                    "losses.perturbations.timestep_jitter.enabled=true")
+    d = Distiller(r)
+    teacher_before = {k: v.clone() for k, v in d.teacher.unet.state_dict().items()}
+    student_before = {k: v.clone() for k, v in d.student.state_dict().items()}
+    logs = d.step(next(iter(d.data.epoch_batches(0))))
+    for name in ("loss/eps", "loss/teacher", "loss/total", "grad_norm", "lr"):
+        assert name in logs
+    assert any(k.startswith("loss/perturb/") for k in logs)
+    # Frozen means frozen: no teacher parameter has a gradient or changed.
+    for module in d.teacher.modules().values():
+        assert all(p.grad is None and not p.requires_grad for p in module.parameters())
+    assert all(torch.equal(v, d.teacher.unet.state_dict()[k]) for k, v in teacher_before.items())
+    assert any(not torch.equal(v, d.student.state_dict()[k]) for k, v in student_before.items())
+
+    summary = d.fit()
+    run = tmp_path / "run"
+    latest = ckpt.find_latest(run)
+    assert latest.name == "checkpoint-2" and summary["steps"] == 2
+    assert (run / "recipe.yaml").is_file() and (latest / "recipe.yaml").is_file()
+    assert (run / "summary.json").is_file() and list((run / "logs").iterdir())
+    # The teacher is never saved with the student.
+    assert sorted(p.name for p in latest.iterdir() if p.is_dir()) == ["ema", "student"]
+    from students import SiT
+
+    assert SiT.from_pretrained(latest / "student").config.text_dim == 32
+
+
+def test_resume_continues_exactly(tiny_teachers, tmp_path):
+    """2N steps straight == N steps, resume, N steps (weights, EMA, optimizer)."""
+    common = ("training.max_steps=4", "optimizer.lr_scheduler=cosine", "optimizer.warmup_steps=1",
+              "data.caption_dropout=0.3", "training.checkpoint_every=2")
+    Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "straight", *common)).fit()
+    # The same run killed after its first checkpoint: run to step 2 only, then resume.
+    first = Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "resumed", *common))
+    first.total_steps = 2
+    first.fit()
+    Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "resumed", *common, "training.resume=latest")).fit()
+
+    a, b = tmp_path / "straight" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4"
+    for part in ("student", "ema"):
+        wa, wb = weights(a / part), weights(b / part)
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), part
+    oa = torch.load(a / "optimizer.pt", weights_only=True)["state"]
+    ob = torch.load(b / "optimizer.pt", weights_only=True)["state"]
+    assert all(torch.equal(oa[i]["exp_avg"], ob[i]["exp_avg"]) for i in oa)
+
+
+def test_sdxl_teacher_swap_is_a_recipe_edit(tiny_teachers, tmp_path):
+    d = Distiller(tiny_recipe(tiny_teachers["sdxl"], tmp_path / "run"))
+    assert d.teacher.family == "sdxl"
+    cfg = d.student.config
+    assert (cfg.text_dim, cfg.pooled_dim, cfg.time_ids_dim) == (48, 24, 6)
+    logs = d.step(next(iter(d.data.epoch_batches(0))))
+    assert torch.isfinite(torch.tensor(logs["loss/total"]))
+
+
+def test_non_finite_steps_are_skipped_then_stop(tiny_teachers, tmp_path):
+    d = Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "run", "training.max_bad_steps=2"))
+    batch = next(iter(d.data.epoch_batches(0)))
+    before = {k: v.clone() for k, v in d.student.state_dict().items()}
+    poisoned = dict(batch, latent_mean=torch.full_like(batch["latent_mean"], float("nan")))
+    assert d.step(poisoned) == {"bad_step": 1.0}
+    assert all(torch.equal(v, d.student.state_dict()[k]) for k, v in before.items())
+    assert d.state.step == 0 and d.state.bad_steps == 1
+    with pytest.raises(TrainingStopped, match="2 non-finite steps in a row"):
+        d.step(poisoned)
+
+
+def test_guided_teacher_and_feature_alignment_terms(tiny_teachers, tmp_path):
+    d = Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "run", "losses.guided_teacher=true",
+                              "losses.guidance_range=[1.0,3.0]", "losses.feature=0.5",
+                              "losses.features.student_blocks=[1]", "losses.features.teacher_modules=[mid_block]",
+                              "losses.features.projector_hidden=16"))
+    logs = d.step(next(iter(d.data.epoch_batches(0))))
+    assert logs["loss/feature"] > 0
+    d.fit()
+    assert (ckpt.find_latest(tmp_path / "run") / "projector_0").is_dir()
