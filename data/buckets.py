@@ -41,15 +41,16 @@ SMALL_BUCKET_POLICIES = {
 }
 
 
-def validate_step(step: int, vae_factor: int, patch_size: int) -> None:
+def validate_step(step: int, vae_factor: int, patch_size: int, name: str = "bucket_step") -> None:
     """Raise ValueError unless `step` is a multiple of vae_factor * patch_size.
 
     Then every bucket side divided by the VAE factor is a whole number of student patches.
+    Without bucketing, check the square side instead: validate_step(resolution, ..., "resolution").
     """
     unit = vae_factor * patch_size
     if step <= 0 or step % unit != 0:
         raise ValueError(
-            f"bucket_step {step} must be a multiple of VAE factor x patch size = "
+            f"{name} {step} must be a multiple of VAE factor x patch size = "
             f"{vae_factor} x {patch_size} = {unit}, so that every bucket's latent patchifies"
         )
 
@@ -251,10 +252,10 @@ class BucketBatchSampler:
         # The batch order is a function of these; resuming under other values would silently
         # repeat or skip data.
         for key in ("seed", "world_size", "batch_size"):
-            if state[key] != getattr(self, key):
+            if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"sampler state was saved with {key} {state[key]}, this run has "
                                  f"{getattr(self, key)}: the remaining batches cannot be recovered")
-        if state["num_items"] != len(self.bucket_of_item):
+        if state.get("num_items", len(self.bucket_of_item)) != len(self.bucket_of_item):
             log.warning("the dataset had %d items when the sampler state was saved and has %d now; "
                         "the rest of this epoch follows the new order", state["num_items"],
                         len(self.bucket_of_item))

@@ -498,8 +498,12 @@ BAR_WIDTH = 40
 
 
 def format_data_report(scan: ScanResult, histogram: Sequence[tuple[Bucket, int]], *,
-                       batch_size: int | None = None, root: str | None = None) -> str:
-    """The text `cli.py data-report` prints: summary, bucket histogram, skipped files."""
+                       batch_size: int | None = None, small_bucket: str | None = None,
+                       root: str | None = None) -> str:
+    """The text `cli.py data-report` prints: summary, bucket histogram, skipped files.
+
+    With `batch_size`, buckets smaller than a batch are marked, and under small_bucket="drop"
+    the number of images left out of each epoch is given."""
     lines = [f"data: {root}"] if root else []
     lines.append(scan.summary())
     most = max((n for _, n in histogram), default=0)
@@ -511,6 +515,10 @@ def format_data_report(scan: ScanResult, histogram: Sequence[tuple[Bucket, int]]
     if batch_size:
         few = sum(1 for _, n in histogram if n < batch_size)
         lines.append(f"  {few} bucket(s) hold fewer images than one batch of {batch_size}")
+        if small_bucket == "drop":
+            idle = sum(n % batch_size for _, n in histogram)
+            lines.append(f"  small_bucket=drop: {idle} image(s) (each bucket's leftovers) sit out "
+                         f"every epoch")
     if scan.skipped:
         lines.append("skipped files:")
         order = list(SKIP_REASONS)
@@ -522,4 +530,5 @@ def format_data_report(scan: ScanResult, histogram: Sequence[tuple[Bucket, int]]
 def data_report(root: str | os.PathLike, *, batch_size: int | None = None, **data_fields: Any) -> str:
     """Scan and bucket `root` with the recipe's `data` fields; return the report text."""
     dataset, scan = build_folder_dataset(root, **data_fields)
-    return format_data_report(scan, dataset.histogram(), batch_size=batch_size, root=str(root))
+    return format_data_report(scan, dataset.histogram(), batch_size=batch_size,
+                              small_bucket=data_fields.get("small_bucket"), root=str(root))

@@ -88,6 +88,7 @@ class TrainData:
     cache: LatentCache | None = None
     num_workers: int = 0
     seed: int = 0
+    captions: list[str] = field(default_factory=list)  # every caption of the data set (trajectory prompts)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -206,10 +207,6 @@ def build_train_data(recipe: DictConfig, teacher, *, rank: int = 0, world_size: 
     elif d.resolution % (vae_factor * patch):
         raise ValueError(f"data.resolution {d.resolution} must be a multiple of VAE factor {vae_factor} "
                          f"x patch {patch} = {vae_factor * patch}")
-    if not needs_images(recipe):
-        side = d.resolution
-        return TrainData(None, None, t.batch_size, False, (side, side), vae_factor, teacher=teacher, seed=t.seed)
-
     fields = {k: v for k, v in as_dict(recipe, "data").items() if k not in _NOT_FOLDER_KEYS}
     fields["caption_dropout"] = 0.0  # applied by the trainer, see the module docstring
     fields["seed"] = t.seed
@@ -218,6 +215,11 @@ def build_train_data(recipe: DictConfig, teacher, *, rank: int = 0, world_size: 
     notes = [scan.summary()]
     if len(dataset) == 0:
         raise ValueError(f"no usable images in {root}: {scan.summary()}")
+    captions = [rec.caption for rec in dataset.records]
+    if not needs_images(recipe):  # data-free: the captions are used as text only
+        side = d.resolution
+        return TrainData(None, None, t.batch_size, False, (side, side), vae_factor, teacher=teacher, seed=t.seed,
+                         captions=captions, notes=notes + ["data-free: no image is loaded"])
     sampler = BucketBatchSampler(dataset.bucket_of_item, t.batch_size, seed=t.seed, rank=rank,
                                  world_size=world_size, small_bucket=d.small_bucket)
     if len(sampler) == 0:
@@ -233,7 +235,7 @@ def build_train_data(recipe: DictConfig, teacher, *, rank: int = 0, world_size: 
         cache = LatentCache(root_dir, fp, crop=d.crop)
         dataset = CachedItems(dataset, cache)
     return TrainData(dataset, sampler, t.batch_size, True, (h, w), vae_factor, teacher=teacher, cache=cache,
-                     num_workers=d.num_workers, seed=t.seed, notes=notes)
+                     num_workers=d.num_workers, seed=t.seed, captions=captions, notes=notes)
 
 
 def _student_patch(recipe: DictConfig) -> int:

@@ -157,7 +157,7 @@ def teacher_trajectory_states(
     num_steps: int,
     guidance_scale: Union[float, Tensor] = 1.0,
     generator: torch.Generator | None = None,
-    stop_at: Union[int, Tensor, None] = None,
+    stop_at: Union[int, Tensor, str, None] = None,
 ) -> tuple[Tensor, Tensor]:
     """States (x_t, t) on the teacher's own sampling trajectory from pure noise (data-free).
 
@@ -171,6 +171,9 @@ def teacher_trajectory_states(
     noisy latent at a training timestep t and can be fed to teacher and student like any x_t.
     Euler-type schedulers (sigma-scaled inputs, float timesteps) are refused. The scheduler is
     copied, so a shared sampling scheduler is not disturbed.
+
+    `stop_at="all"` returns every state of the trajectory instead: states (S, N, C, H, W) and
+    timesteps (S,) for the S = `num_steps` steps (one sampling run yields S batches of states).
 
     `teacher_eps_fn(x, t, cond) -> eps` with t a (N,) long tensor; with `uncond` and a guidance
     scale (float or (N,)) the unconditional and conditional halves go through one batched call.
@@ -188,7 +191,13 @@ def teacher_trajectory_states(
         raise ValueError(f"{type(scheduler).__name__} has float timesteps; trajectory states need integer ones")
 
     x = torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)  # (N, C, H, W)
-    if stop_at is None:
+    every_state = isinstance(stop_at, str)
+    if every_state and stop_at != "all":
+        raise ValueError(f"stop_at must be a step index, a tensor of them, None or 'all', got {stop_at!r}")
+    trail = []
+    if every_state:
+        stop_at = len(timesteps) - 1
+    elif stop_at is None:
         stop_at = torch.randint(len(timesteps), (n,), generator=generator, device=gen_device)
     stop_at = torch.as_tensor(stop_at, device=device).long().expand(n)  # (N,)
     if stop_at.min() < 0 or stop_at.max() >= len(timesteps):
@@ -202,6 +211,8 @@ def teacher_trajectory_states(
     for step, t in enumerate(timesteps[: int(stop_at.max()) + 1]):
         take = stop_at == step  # (N,)
         states[take] = x[take]
+        if every_state:
+            trail.append(x)
         if step == int(stop_at.max()):
             break  # every sample has its state; no more teacher calls needed
         model_in = scheduler.scale_model_input(x, t)  # identity on the DDPM grid
@@ -212,6 +223,8 @@ def teacher_trajectory_states(
         else:
             eps = teacher_eps_fn(model_in, t_batch, both)
         x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+    if every_state:
+        return torch.stack(trail), timesteps.long()  # (S, N, C, H, W), (S,)
     return states, timesteps[stop_at].long()
 
 

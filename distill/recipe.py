@@ -145,13 +145,15 @@ class EmbeddingNoiseConfig:
 
 @dataclass
 class TrajectoryConfig:
-    """(c) off-data states from the teacher's own sampling trajectory (needs no image)."""
+    """(c) off-data states from the teacher's own sampling trajectory (needs no image). One DDIM run
+    of `num_steps` steps for a batch of prompts yields `num_steps` batches of states."""
 
     enabled: bool = False
     weight: float = 1.0
     num_steps: int = 20
     guidance_scale: float = 5.0
-    every: int = 1  # draw a fresh trajectory every N steps
+    # Where the prompts come from: the data set's captions (text only), the prompt file of
+    # `prompt_file.path`, or fresh toy-world prompts.
     prompts: str = _choice("captions", ("captions", "prompt_file", "toy"))
 
 

@@ -249,9 +249,11 @@ def test_decode_failure_at_load_is_replaced_not_raised(folder, tmp_path):
 
 def test_data_report(folder, tmp_path):
     text = data_report(root=folder, min_size=MIN_SIZE, resolution=64, bucket_min_side=32,
-                       bucket_max_side=128, bucket_step=16, batch_size=2,
+                       bucket_max_side=128, bucket_step=16, batch_size=2, small_bucket="drop",
                        size_cache=tmp_path / "c.json")
     assert "used 5 / skipped 9" in text
+    assert "1 bucket(s) hold fewer images than one batch of 2" in text  # 48x80 holds 1 image
+    assert "small_bucket=drop: 1 image(s)" in text
     assert " 64x64 " in text  # the square bucket of the 70x70 and 80x80 images
     for name, reason in EXPECTED_SKIPS.items():
         assert any(name in line and line.strip().startswith(reason) for line in text.splitlines())

@@ -122,3 +122,25 @@ def test_guided_teacher_and_feature_alignment_terms(tiny_teachers, tmp_path):
     assert logs["loss/feature"] > 0
     d.fit()
     assert (ckpt.find_latest(tmp_path / "run") / "projector_0").is_dir()
+
+
+def test_data_free_run_learns_from_teacher_trajectories_only(tiny_teachers, tmp_path):
+    d = Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "run", "losses.eps=0", "losses.teacher=0",
+                              "losses.perturb=1", "losses.perturbations.trajectory.enabled=true",
+                              "losses.perturbations.trajectory.num_steps=3",
+                              "losses.perturbations.trajectory.guidance_scale=2.0", "training.max_steps=4"))
+    assert not d.data.needs_images
+    summary = d.fit()
+    assert summary["steps"] == 4
+    # One 3-step trajectory of 4 prompts serves 3 batches; the 4th step needed a second one.
+    assert len(d.trajectory.queue) == 2
+
+
+def test_trajectory_part_beside_data_terms(tiny_teachers, tmp_path):
+    d = Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "run", "losses.perturb=0.5",
+                              "losses.perturbations.trajectory.enabled=true",
+                              "losses.perturbations.trajectory.num_steps=2", "losses.perturbations.trajectory.prompts=toy"))
+    logs = d.step(next(iter(d.data.epoch_batches(0))))
+    assert {"loss/eps", "loss/teacher", "loss/perturb/trajectory"} <= logs.keys()
+    x, t, cond = d.trajectory.next()
+    assert x.shape[0] == 4 and t.dtype == torch.long and cond["encoder_hidden_states"].shape[0] == 4
