@@ -97,8 +97,9 @@ def assign_bucket(width: int, height: int, buckets: Sequence[Bucket],
 
     Nearest by |log aspect ratio| (symmetric for portrait and landscape); ties go to the first
     bucket in `buckets`. With `no_upscale` (kohya's `bucket_no_upscale`), an image that would have
-    to be enlarged to cover its bucket gets its own smaller bucket instead: its sides rounded down
-    to `step` (never below one step), so it is only cropped, never upscaled. Such buckets are not
+    to be enlarged to cover its bucket gets its own bucket instead: the image shrunk (never
+    enlarged) until it fits the grid's largest area and longest side, then its sides rounded down
+    to `step` (never below one step), so it is only scaled down and cropped. Such buckets are not
     in the grid; the dataset adds them to its bucket list.
     """
     target = _log_aspect(width, height)
@@ -106,7 +107,11 @@ def assign_bucket(width: int, height: int, buckets: Sequence[Bucket],
     if no_upscale and max(best[0] / width, best[1] / height) > 1.0:
         if step is None:
             raise ValueError("assign_bucket(no_upscale=True) needs the bucket step")
-        return (max(step, width // step * step), max(step, height // step * step))
+        max_area = max(w * h for w, h in buckets)
+        longest = max(max(b) for b in buckets)
+        scale = min(1.0, math.sqrt(max_area / (width * height)), longest / max(width, height))
+        return (max(step, int(width * scale) // step * step),
+                max(step, int(height * scale) // step * step))
     return best
 
 

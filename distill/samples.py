@@ -1,11 +1,27 @@
-"""Teacher | student sample grids for fixed prompts and seeds (training logs, quick looks)."""
+"""Sample latents and images from any epsilon model with a teacher's conditioning, plus grids.
+
+One code path for teacher and student: ``sample_latents(model_fn, parts, ...)`` encodes prompts
+with the teacher family's encoder (``parts.encode_prompt``, exactly what its diffusers pipeline
+hands the UNet) and runs ``distill.sampling.sample``. ``parts`` is a teacher, or the text
+encoders + VAE of an exported pipeline (``students.pipeline.TeacherParts``): both offer
+``encode_prompt``, ``vae_scale_factor``, ``latent_channels``, ``scheduler_config``, ``device``.
+
+Seeds: image ``i`` of a call with base seed ``s`` starts from the noise of
+``torch.Generator().manual_seed(s + i)`` (one generator per image, diffusers' list-of-generators
+convention), so any single image is reproduced from the seed written into its PNG.
+"""
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import torch
 from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
 
 from distill.sampling import make_scheduler, sample
+
+LABEL_HEIGHT = 12  # pixels of the column-label strip of a grid
 
 
 def student_fn(student):
@@ -29,7 +45,7 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
 def grid(rows: list[list[Image.Image]], labels: list[str] | None = None, pad: int = 2) -> Image.Image:
     """Images in rows (all the same size) on a white sheet, with an optional column label row."""
     w, h = rows[0][0].size
-    label_h = 12 if labels else 0
+    label_h = LABEL_HEIGHT if labels else 0
     cols = max(len(r) for r in rows)
     sheet = Image.new("RGB", (cols * (w + pad) + pad, label_h + len(rows) * (h + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
@@ -41,18 +57,50 @@ def grid(rows: list[list[Image.Image]], labels: list[str] | None = None, pad: in
     return sheet
 
 
+def generators(seed: int, n: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per image: image i gets seed + i (see the module docstring)."""
+    return [torch.Generator(device).manual_seed(seed + i) for i in range(n)]
+
+
+def png_info(**fields: Any) -> PngInfo:
+    """PNG text chunks (prompt, negative_prompt, seed, sampler, steps, guidance_scale, checkpoint...)."""
+    info = PngInfo()
+    for key, value in fields.items():
+        if value is not None:
+            info.add_text(key, str(value))
+    return info
+
+
 @torch.no_grad()
-def sample_latents(model_fn, teacher, prompts: list[str], *, height: int, width: int, scheduler: str,
-                   steps: int, guidance_scale: float, seed: int, negative_prompt: str = "") -> torch.Tensor:
-    """Latents for `prompts` from any eps model with the teacher's conditioning and schedule."""
-    negatives = [negative_prompt] * len(prompts) if negative_prompt else None
-    cond, uncond = teacher.encode_prompt(prompts, negatives, height, width, do_cfg=True)
+def sample_latents(model_fn, teacher, prompts: Sequence[str], *, height: int, width: int, scheduler: Any,
+                   steps: int, guidance_scale: float, seed: int | None = None,
+                   generator: torch.Generator | list[torch.Generator] | None = None,
+                   negative_prompt: str | Sequence[str] | None = "") -> torch.Tensor:
+    """Latents (N, C, height/f, width/f) for `prompts` from any eps model, with the teacher's
+    conditioning and schedule.
+
+    scheduler: a name of ``distill.sampling.SCHEDULERS`` (built from ``teacher.scheduler_config``)
+        or a ready diffusers scheduler predicting epsilon.
+    seed / generator: ``seed`` gives image i the generator ``seed + i``; or pass generators.
+    negative_prompt: one for all prompts or one per prompt; "" / None = the pipeline's default
+        unconditional input (zeros for SDXL under ``force_zeros_for_empty_prompt``).
+    """
+    prompts = list(prompts)
     f = teacher.vae_scale_factor
+    if height % f or width % f:
+        raise ValueError(f"height and width must be multiples of the VAE factor {f}, got {height}x{width}")
+    if isinstance(negative_prompt, str):
+        negatives = [negative_prompt] * len(prompts) if negative_prompt else None
+    else:
+        negatives = list(negative_prompt) if negative_prompt is not None and any(negative_prompt) else None
+    cond, uncond = teacher.encode_prompt(prompts, negatives, height, width, do_cfg=True)
     shape = (len(prompts), teacher.latent_channels, height // f, width // f)
-    gen = torch.Generator("cpu").manual_seed(seed)
-    return sample(model_fn, make_scheduler(scheduler, teacher.scheduler_config), cond=cond, uncond=uncond,
-                  shape=shape, guidance_scale=guidance_scale, num_inference_steps=steps, generator=gen,
-                  device=teacher.device)
+    if generator is None:
+        generator = generators(0 if seed is None else seed, len(prompts))
+    if isinstance(scheduler, str):
+        scheduler = make_scheduler(scheduler, teacher.scheduler_config)
+    return sample(model_fn, scheduler, cond=cond, uncond=uncond, shape=shape, guidance_scale=guidance_scale,
+                  num_inference_steps=steps, generator=generator, device=teacher.device)
 
 
 def teacher_student_grid(teacher, student, recipe, pixel_hw: tuple[int, int]) -> Image.Image:
@@ -70,4 +118,3 @@ def teacher_student_grid(teacher, student, recipe, pixel_hw: tuple[int, int]) ->
     finally:
         student.train(was_training)
     return grid([list(pair) for pair in zip(*images)], labels=["teacher", "student"])
-

@@ -77,6 +77,9 @@ def test_assign_bucket_orientation_and_no_upscale():
     # Small image: its own bucket, on the step grid, inside the image.
     assert assign_bucket(300, 200, buckets, no_upscale=True, step=64) == (256, 192)
     assert assign_bucket(300, 200, buckets) == (640, 384)
+    # Large area but too thin for its grid bucket: shrunk to fit the grid's limits, never enlarged.
+    bw, bh = assign_bucket(3000, 250, buckets, no_upscale=True, step=64)
+    assert (bw, bh) == (1024, 64) and bw * bh <= 512 ** 2
 
 
 def _gradient(w, h):
