@@ -60,7 +60,7 @@ def make_buckets(resolution: int, min_side: int, max_side: int, step: int,
     """The bucket grid for a target area of resolution**2 pixels, sorted by width.
 
     kohya's `make_bucket_resolutions`: for every width w in [min_side, max_side] on the step grid,
-    the tallest h on the grid with w*h <= area; both orientations; plus the square bucket.
+    the tallest h on the grid with w*h <= area; both orientations.
     Guarantees (tested): every side is a multiple of `step` and in [min_side, max_side];
     area <= resolution**2; and 1 - area / resolution**2 < step / min(w, h), since h was rounded
     down by less than one step. `max_aspect` drops buckets longer than that ratio.
@@ -71,10 +71,8 @@ def make_buckets(resolution: int, min_side: int, max_side: int, step: int,
     if not 0 < min_side <= max_side:
         raise ValueError(f"need 0 < bucket_min_side <= bucket_max_side, got {min_side}, {max_side}")
     area = resolution * resolution
-    square = resolution // step * step
     found: set[Bucket] = set()
-    if min_side <= square <= max_side:
-        found.add((square, square))
+    # When resolution is on the grid, w = resolution gives the square bucket exactly.
     for w in range(min_side, max_side + 1, step):
         h = area // w // step * step
         if min_side <= h <= max_side:

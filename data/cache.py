@@ -53,8 +53,9 @@ def module_fingerprint(module: torch.nn.Module, extra: dict | None = None) -> st
     """A digest of a network's config and weights (and anything else that shapes its output)."""
     h = hashlib.sha256()
     config = getattr(module, "config", None)
-    if config is not None:
-        h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+    if config is not None:  # diffusers FrozenDict or transformers PretrainedConfig
+        as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        h.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(str(tensor.dtype).encode())
@@ -63,26 +64,12 @@ def module_fingerprint(module: torch.nn.Module, extra: dict | None = None) -> st
     return h.hexdigest()[:32]
 
 
-class LatentCache:
-    """`get`/`put` posterior entries by key under `root/<model fingerprint>/`."""
+class TensorCache:
+    """`get`/`put` safetensors entries by key under `root/<kind>-v<format>-<fingerprint>/`."""
 
-    def __init__(self, root: str | os.PathLike, fingerprint: str, crop: str = "center"):
-        self.dir = Path(root) / f"latents-v{CACHE_FORMAT}-{fingerprint}"
+    def __init__(self, root: str | os.PathLike, kind: str, fingerprint: str):
+        self.dir = Path(root) / f"{kind}-v{CACHE_FORMAT}-{fingerprint}"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.crop = crop
-        self._digests: dict[tuple[str, float, int], str] = {}
-
-    def digest(self, path: str) -> str:
-        """Content digest of an image file, memoised by (path, mtime, size) for this process."""
-        st = os.stat(path)
-        key = (path, st.st_mtime, st.st_size)
-        if key not in self._digests:
-            self._digests[key] = file_digest(path)
-        return self._digests[key]
-
-    def key(self, path: str, bucket: tuple[int, int]) -> str:
-        text = f"{self.digest(path)}|{bucket[0]}x{bucket[1]}|{self.crop}"
-        return hashlib.sha256(text.encode()).hexdigest()[:40]
 
     def _file(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.safetensors"
@@ -105,3 +92,83 @@ class LatentCache:
 
     def __len__(self) -> int:
         return sum(1 for _ in self.dir.glob("*/*.safetensors"))
+
+
+class LatentCache(TensorCache):
+    """VAE posteriors keyed by image content + bucket + crop policy (the VAE is in the folder name)."""
+
+    def __init__(self, root: str | os.PathLike, fingerprint: str, crop: str = "center"):
+        super().__init__(root, "latents", fingerprint)
+        self.crop = crop
+        self._digests: dict[tuple[str, float, int], str] = {}
+
+    def digest(self, path: str) -> str:
+        """Content digest of an image file, memoised by (path, mtime, size) for this process."""
+        st = os.stat(path)
+        key = (path, st.st_mtime, st.st_size)
+        if key not in self._digests:
+            self._digests[key] = file_digest(path)
+        return self._digests[key]
+
+    def key(self, path: str, bucket: tuple[int, int]) -> str:
+        text = f"{self.digest(path)}|{bucket[0]}x{bucket[1]}|{self.crop}"
+        return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+# Conditioning keys that depend on the caption alone (SDXL's time_ids depend on sizes: computed).
+TEXT_KEYS = ("encoder_hidden_states", "text_embeds")
+
+
+def text_cache_policy(data_cfg: Any) -> tuple[bool, str]:
+    if not data_cfg.cache_latents:
+        return False, "text-embedding caching is off (data.cache_latents=false)"
+    if data_cfg.shuffle_tags:
+        return False, "text-embedding caching turned off: data.shuffle_tags makes a new caption every epoch"
+    return True, "text embeddings cached (text encoders frozen)"
+
+
+class TextCache:
+    """The teacher's prompt encodings per caption, on disk, so frozen encoders run once per caption.
+
+    `encode(captions, **sizes)` returns `(cond, uncond)` exactly as `teacher.encode_prompt(...,
+    do_cfg=True)` would: cached rows for the caption-only keys, SDXL `time_ids` computed from the
+    sizes, and the unconditional input (an empty negative prompt) encoded once.
+    """
+
+    def __init__(self, teacher, root: str | os.PathLike):
+        self.teacher = teacher
+        encoders = [m for name, m in teacher.modules().items() if name.startswith("text_encoder")]
+        tokenizers = [getattr(teacher, n).name_or_path for n in ("tokenizer", "tokenizer_2") if hasattr(teacher, n)]
+        fp = hashlib.sha256("".join(module_fingerprint(e) for e in encoders).encode()
+                            + json.dumps([teacher.family, str(teacher.dtype), tokenizers]).encode()).hexdigest()[:32]
+        self.store = TensorCache(root, "text", fp)
+        self._uncond: dict[str, torch.Tensor] | None = None
+
+    def _rows(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        keys = [hashlib.sha256(c.encode()).hexdigest()[:40] for c in captions]
+        entries = {k: self.store.get(k) for k in set(keys)}
+        misses = [c for c, k in zip(captions, keys) if entries[k] is None]
+        if misses:
+            unique = list(dict.fromkeys(misses))
+            cond = self.teacher.encode_prompt(unique)
+            for i, c in enumerate(unique):
+                entry = {k: cond[k][i] for k in TEXT_KEYS if k in cond}
+                key = hashlib.sha256(c.encode()).hexdigest()[:40]
+                self.store.put(key, entry)
+                entries[key] = entry
+        device = self.teacher.device
+        return {name: torch.stack([entries[k][name] for k in keys]).to(device)
+                for name in entries[keys[0]]}
+
+    def encode(self, captions: list[str], **sizes: Any) -> tuple[dict, dict]:
+        te = self.teacher
+        n = len(captions)
+        cond = self._rows(list(captions))
+        if self._uncond is None:
+            _, uncond = te.encode_prompt([""], do_cfg=True)
+            self._uncond = {k: v for k, v in uncond.items() if k in TEXT_KEYS}
+        uncond = {k: v.expand(n, *v.shape[1:]) for k, v in self._uncond.items()}
+        if te.family == "sdxl":
+            time_ids = te.time_ids(n, **sizes)
+            cond["time_ids"], uncond["time_ids"] = time_ids, time_ids.clone()
+        return cond, uncond

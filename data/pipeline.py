@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig
 
 from data.buckets import BucketBatchSampler, validate_step
-from data.cache import LatentCache, cache_policy, module_fingerprint
+from data.cache import LatentCache, TextCache, cache_policy, module_fingerprint, text_cache_policy
 from data.folder import build_folder_dataset, collate
 from distill.paths import cache_dir
 from distill.recipe import as_dict
@@ -86,6 +86,7 @@ class TrainData:
     vae_factor: int
     teacher: Any = None
     cache: LatentCache | None = None
+    text_cache: TextCache | None = None  # the teacher's prompt encodings per caption
     num_workers: int = 0
     seed: int = 0
     captions: list[str] = field(default_factory=list)  # every caption of the data set (trajectory prompts)
@@ -216,10 +217,13 @@ def build_train_data(recipe: DictConfig, teacher, *, rank: int = 0, world_size: 
     if len(dataset) == 0:
         raise ValueError(f"no usable images in {root}: {scan.summary()}")
     captions = [rec.caption for rec in dataset.records]
+    text_on, reason = text_cache_policy(d)
+    notes.append(reason)
+    text_cache = TextCache(teacher, Path(d.cache_dir) if d.cache_dir else cache_dir("text")) if text_on else None
     if not needs_images(recipe):  # data-free: the captions are used as text only
         side = d.resolution
         return TrainData(None, None, t.batch_size, False, (side, side), vae_factor, teacher=teacher, seed=t.seed,
-                         captions=captions, notes=notes + ["data-free: no image is loaded"])
+                         captions=captions, text_cache=text_cache, notes=notes + ["data-free: no image is loaded"])
     sampler = BucketBatchSampler(dataset.bucket_of_item, t.batch_size, seed=t.seed, rank=rank,
                                  world_size=world_size, small_bucket=d.small_bucket)
     if len(sampler) == 0:
@@ -235,7 +239,7 @@ def build_train_data(recipe: DictConfig, teacher, *, rank: int = 0, world_size: 
         cache = LatentCache(root_dir, fp, crop=d.crop)
         dataset = CachedItems(dataset, cache)
     return TrainData(dataset, sampler, t.batch_size, True, (h, w), vae_factor, teacher=teacher, cache=cache,
-                     num_workers=d.num_workers, seed=t.seed, captions=captions, notes=notes)
+                     num_workers=d.num_workers, seed=t.seed, captions=captions, text_cache=text_cache, notes=notes)
 
 
 def _student_patch(recipe: DictConfig) -> int:
@@ -245,3 +249,4 @@ def _student_patch(recipe: DictConfig) -> int:
     if preset not in PRESETS:
         raise ValueError(f"student.preset {preset!r} is not a preset; choose one of {list(PRESETS)}")
     return int(PRESETS[preset]["patch_size"])
+

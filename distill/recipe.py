@@ -102,7 +102,7 @@ class DataConfig:
     bucket_step: int = 64  # a multiple of VAE factor x student patch size
     bucket_no_upscale: bool = False
     crop: str = _choice("center", ("center", "random"))
-    small_bucket: str = _choice("drop", ("drop", "repeat"))
+    small_bucket: str = _choice("repeat", ("repeat", "drop", "partial"))  # leftover items of a bucket
     num_workers: int = 0
     cache_latents: bool = True  # cache latents/text embeddings while the VAE/encoders are frozen
     cache_dir: Optional[str] = None  # default: <output.dir>/../.cache or $SITDISTILL_CACHE

@@ -87,6 +87,9 @@ class Distiller:
         self.teacher = load_teacher_from_recipe(r.teacher, self.device)
         self.schedule = self.teacher.schedule
         self.data = build_train_data(r, self.teacher, rank=acc.process_index, world_size=acc.num_processes)
+        self.text_cache = self.data.text_cache
+        for note in self.data.notes:
+            self.log(note)
         student = build_student_from_recipe(r.student, self.teacher)
         self.check_conflicts(student)
 
@@ -153,14 +156,17 @@ class Distiller:
         return [int(feats[p].shape[1]) for p in paths]
 
     # ------------------------------------------------------------------ conditioning
-    def encode(self, captions: list[str], batch: dict | None = None) -> tuple[dict, dict]:
+    def encode(self, captions: list[str], batch: dict | None = None, cached: bool = True) -> tuple[dict, dict]:
         """(cond, uncond) from the teacher's frozen text encoders, as its pipeline builds them.
         `uncond` is the pipeline's encoding of an empty negative prompt (zeros for SDXL when the
-        pipeline forces them), which is also what a dropped caption becomes."""
+        pipeline forces them), which is also what a dropped caption becomes. Data captions come
+        from the text cache when it is on; one-off prompts (perturbations) are not cached."""
         kw = {}
         if batch is not None and self.teacher.family == "sdxl":
             kw = {"original_size": batch["original_size"], "crops_coords_top_left": batch["crop_top_left"],
                   "target_size": batch["target_size"]}
+        if cached and self.text_cache is not None:
+            return self.text_cache.encode(list(captions), **kw)
         cond, uncond = self.teacher.encode_prompt(list(captions), do_cfg=True, **kw)
         return cond, uncond
 
@@ -306,7 +312,7 @@ class Distiller:
                 new_captions = [next(drawn) if rows[j] else c for j, c in enumerate(new_captions)]
         if any(p in parts for p in CAPTION_PARTS):
             changed = torch.tensor([a != b for a, b in zip(new_captions, captions)], device=dev)
-            cond_new, _ = self.encode(new_captions, batch)
+            cond_new, _ = self.encode(new_captions, batch, cached=False)
             cond_p = _where_rows(changed, cond_new, cond_p)
         if "embedding_noise" in parts:
             rows = part_of == parts.index("embedding_noise")

@@ -193,6 +193,17 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.addcmul(shift, x.float(), 1 + scale).to(x.dtype)
 
 
+def adaln_params(modulation: nn.Sequential, c: torch.Tensor) -> torch.Tensor:
+    """SiLU -> Linear on the (N, D) conditioning vector, outside autocast, returned in fp32.
+
+    The product is tiny (N rows), and every shift/scale/gate of the block comes from it: under
+    bf16 autocast it would be rounded to ~3 digits (and the fp32 weight copied to bf16 each step).
+    """
+    linear = modulation[-1]
+    with torch.autocast(c.device.type, enabled=False):
+        return F.linear(F.silu(c.to(linear.weight.dtype)), linear.weight, linear.bias).float()
+
+
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     n, length, d = x.shape
     return x.view(n, length, num_heads, d // num_heads).transpose(1, 2)   # (N, H, L, Dh)
@@ -273,7 +284,7 @@ class SiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, ctx: torch.Tensor | None = None,
                 ctx_mask: torch.Tensor | None = None) -> torch.Tensor:
-        mod = self.adaLN_modulation(c).float().unsqueeze(1)              # (N, 1, 6D) fp32
+        mod = adaln_params(self.adaLN_modulation, c).unsqueeze(1)        # (N, 1, 6D) fp32
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
         x = x + (gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))).to(x.dtype)  # (N, T, D)
         if self.cross_attn is not None:
@@ -292,7 +303,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).float().unsqueeze(1).chunk(2, dim=-1)   # (N, 1, D) each
+        shift, scale = adaln_params(self.adaLN_modulation, c).unsqueeze(1).chunk(2, dim=-1)   # (N, 1, D) each
         return self.linear(modulate(self.norm_final(x), shift, scale))                   # (N, T, p*p*C_out)
 
 
@@ -316,7 +327,11 @@ class LoadReport:
 
 
 class SiT(ModelMixin, ConfigMixin):
-    """Text-conditioned SiT for any latent (h, w) divisible by the patch size. See the module doc."""
+    """Text-conditioned SiT for any latent (h, w) divisible by the patch size. See the module doc.
+
+    diffusers ``ModelMixin``: ``save_pretrained`` / ``from_pretrained`` (config.json + safetensors),
+    ``enable_gradient_checkpointing()`` (each block recomputed in backward).
+    """
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["SiTBlock"]          # FSDP / device_map wrap unit
@@ -387,17 +402,14 @@ class SiT(ModelMixin, ConfigMixin):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def enable_gradient_checkpointing(self, gradient_checkpointing_func=None) -> None:
-        """Recompute each block in backward (diffusers' API; non-reentrant torch checkpoint)."""
-        super().enable_gradient_checkpointing(gradient_checkpointing_func)
-
     # ---- helpers ---------------------------------------------------------------------------
 
     def pos_embed(self, h: int, w: int, device: torch.device) -> torch.Tensor:
         """Sin-cos positions of an h x w grid, (1, h*w, D) fp32, cached per (h, w, device)."""
         key = (h, w, str(device))
         if key not in self._pos_cache:
-            self._pos_cache[key] = sincos_pos_embed_2d(self.config.hidden_size, h, w, device=device).unsqueeze(0)
+            # built on the CPU in float64 (not every accelerator has it), then moved once
+            self._pos_cache[key] = sincos_pos_embed_2d(self.config.hidden_size, h, w).unsqueeze(0).to(device)
         return self._pos_cache[key]
 
     def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -466,12 +478,15 @@ class SiT(ModelMixin, ConfigMixin):
         x = self.x_embedder(x)                                              # (N, T, D), T = h * w
         x = x + self.pos_embed(h, w, x.device).to(x.dtype)                  # (N, T, D)
         t = torch.as_tensor(t, device=x.device).float().expand(n) * cfg.timestep_scale
-        c = self.t_embedder(t)                                              # (N, D)
-        if self.y_embedder is not None:
-            c = c + self.y_embedder(class_labels, self.training)            # (N, D)
-        if self.add_embedder is not None:
-            c = c + self.add_embedder(text_embeds, time_ids)                # (N, D)
-        ctx = self.text_embedder(encoder_hidden_states.to(c.dtype)) if self.text_embedder is not None else None  # (N, L, D)
+        with torch.autocast(x.device.type, enabled=False):  # (N, D) vectors that set every modulation: fp32
+            c = self.t_embedder(t)                                          # (N, D)
+            if self.y_embedder is not None:
+                c = c + self.y_embedder(class_labels, self.training)        # (N, D)
+            if self.add_embedder is not None:
+                c = c + self.add_embedder(text_embeds, time_ids)            # (N, D)
+        ctx = None
+        if self.text_embedder is not None:
+            ctx = self.text_embedder(encoder_hidden_states.to(self.text_embedder[0].weight.dtype))   # (N, L, D)
         ctx_mask = self._cross_attention_mask(encoder_attention_mask)
 
         if return_features is True:
@@ -519,6 +534,9 @@ class SiT(ModelMixin, ConfigMixin):
         """
         state = load_official_state_dict(path)
         config = {**official_config_from_state_dict(state), **overrides}
+        if "num_heads" not in config:
+            raise ValueError(f"width {config['hidden_size']} is not an official SiT/DiT preset "
+                             f"({sorted(OFFICIAL_HEADS_BY_WIDTH)}): pass num_heads=")
         model = cls(**config)
         report = model.load_official_state_dict(state)
         logger.info("official checkpoint %s:\n%s", path, report)

@@ -29,8 +29,10 @@ def _as_list(prompts: str | Sequence[str]) -> list[str]:
 
 def _negatives(negative_prompts: str | Sequence[str] | None, n: int) -> list[str]:
     """The pipelines' rule: None -> "" for every prompt; a string is repeated; a list must match."""
-    negatives = [negative_prompts or ""] * n if negative_prompts is None or isinstance(negative_prompts, str) \
-        else list(negative_prompts)
+    if negative_prompts is None or isinstance(negative_prompts, str):
+        negatives = [negative_prompts or ""] * n
+    else:
+        negatives = list(negative_prompts)
     if len(negatives) != n:
         raise ValueError(f"{len(negatives)} negative prompts for {n} prompts")
     return negatives
@@ -78,7 +80,8 @@ class SD15Teacher(Teacher):
         # [0] = last_hidden_state after the final layer norm: what SD1.x cross-attends to.
         return self.text_encoder(**inputs)[0].to(self.dtype)  # (N, L, D)
 
-    def encode_prompt(self, prompts, negative_prompts=None, height=None, width=None, *, do_cfg=False, **kw):
+    def encode_prompt(self, prompts, negative_prompts=None, height=None, width=None, *, do_cfg=False,
+                      **kw) -> Cond | tuple[Cond, Cond]:
         """Prompts -> ``{"encoder_hidden_states": (N, L, D)}``.
 
         Returns ``cond`` alone, or ``(cond, uncond)`` when ``do_cfg`` is set or negatives are given
@@ -142,7 +145,8 @@ class SDXLTeacher(Teacher):
         return torch.cat([original, crop, target], dim=1).to(device=self.device, dtype=self.dtype)  # (N, 6)
 
     def encode_prompt(self, prompts, negative_prompts=None, height=None, width=None, *, do_cfg=False,
-                      original_size=None, crops_coords_top_left=None, target_size=None, **kw):
+                      original_size=None, crops_coords_top_left=None, target_size=None,
+                      **kw) -> Cond | tuple[Cond, Cond]:
         """Prompts -> ``{"encoder_hidden_states": (N, L, D1+D2), "text_embeds": (N, P), "time_ids": (N, 6)}``.
 
         Returns ``cond`` alone, or ``(cond, uncond)`` when ``do_cfg`` is set or negatives are given.
@@ -173,18 +177,23 @@ def _is_single_file(source: str | Path) -> bool:
     return Path(str(source)).suffix.lower() in SINGLE_FILE_SUFFIXES
 
 
-def _read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """A single-file checkpoint's tensors: safetensors, or a pickle with ``weights_only=True``."""
+def _checkpoint_keys(path: str | Path) -> list[str]:
+    """Tensor names of a single-file checkpoint, without reading the tensors where the format
+    allows it. Pickles are opened with ``weights_only=True`` only (and memory-mapped)."""
     if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    return state.get("state_dict", state)
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    return list(state.get("state_dict", state))
 
 
-def _has_prefix(state: dict[str, Tensor], prefixes: Sequence[str]) -> bool:
-    return any(k.startswith(p) for k in state for p in prefixes)
+def _has_prefix(keys: Sequence[str], prefixes: Sequence[str]) -> bool:
+    return any(k.startswith(p) for k in keys for p in prefixes)
 
 
 # Original (ldm / sgm) key prefixes of the non-UNet parts of a full single-file checkpoint.
@@ -199,7 +208,7 @@ def _pipeline_class(family: str):
 
 
 def _dtype_kw(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """diffusers renamed ``torch_dtype`` to ``dtype`` (the old name warns since ~0.36); older
+    """diffusers renamed ``torch_dtype`` to ``dtype`` (the old name warns in recent releases); older
     releases only know ``torch_dtype``. The deprecation helper's presence tells which one is current."""
     from diffusers.utils import deprecation_utils
 
@@ -207,7 +216,7 @@ def _dtype_kw(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype" if new_name else "torch_dtype": dtype}
 
 
-def _load_vae(source, config, vae, vae_dtype: torch.dtype, state: dict | None, load_kwargs: dict):
+def _load_vae(source, config, vae, vae_dtype: torch.dtype, keys: list[str] | None, load_kwargs: dict):
     """The VAE in ``vae_dtype``, loaded at that precision (never rounded through a lower one)."""
     from diffusers import AutoencoderKL
 
@@ -215,10 +224,10 @@ def _load_vae(source, config, vae, vae_dtype: torch.dtype, state: dict | None, l
         return vae.to(dtype=vae_dtype)
     if vae is not None:
         return AutoencoderKL.from_pretrained(vae, **_dtype_kw(vae_dtype), **load_kwargs)
-    if state is not None and _has_prefix(state, _LDM_VAE_PREFIXES):
-        return AutoencoderKL.from_single_file(state, config=str(config), subfolder="vae", **_dtype_kw(vae_dtype),
-                                              **load_kwargs)
-    return AutoencoderKL.from_pretrained(config if state is not None else source, subfolder="vae",
+    if keys is not None and _has_prefix(keys, _LDM_VAE_PREFIXES):
+        return AutoencoderKL.from_single_file(str(source), config=str(config), subfolder="vae",
+                                              **_dtype_kw(vae_dtype), **load_kwargs)
+    return AutoencoderKL.from_pretrained(config if keys is not None else source, subfolder="vae",
                                          **_dtype_kw(vae_dtype), **load_kwargs)
 
 
@@ -241,8 +250,8 @@ def load_teacher(source: str | Path, family: str | None = None, *, config: str |
 
     Args:
         source: a diffusers pipeline folder, a hub id (the same ``from_pretrained`` call), or a single
-            ``.safetensors`` / ``.ckpt`` file in the original layout (full SD1.x pipeline, or a UNet
-            alone of any family).
+            ``.safetensors`` / ``.ckpt`` file in the original layout (a full ldm SD1.x or sgm SDXL
+            checkpoint, or a UNet alone).
         family: one of ``TEACHER_FAMILIES``; detected from the UNet config when None.
         config: for a single file, the diffusers folder or hub id holding the configs (and, for a
             UNet-only file, the other components).
@@ -266,20 +275,20 @@ def load_teacher(source: str | Path, family: str | None = None, *, config: str |
     if vae_fp32 is None:
         force_upcast = bool(_vae_config(source, config, vae, load_kwargs).get("force_upcast", False))
         vae_fp32 = dtype == torch.float16 and force_upcast
-    state = _read_state_dict(source) if single else None
+    keys = _checkpoint_keys(source) if single else None
     extra: dict[str, Any] = {**_dtype_kw(dtype), **load_kwargs}
-    extra["vae"] = _load_vae(source, config, vae, torch.float32 if vae_fp32 else dtype, state, load_kwargs)
+    extra["vae"] = _load_vae(source, config, vae, torch.float32 if vae_fp32 else dtype, keys, load_kwargs)
     if family == "sd15":
         extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe_cls = _pipeline_class(family)
     if not single:
         pipe = pipe_cls.from_pretrained(source, **extra)
-    elif _has_prefix(state, _LDM_TEXT_PREFIXES):
+    elif _has_prefix(keys, _LDM_TEXT_PREFIXES):
         # A full original-layout checkpoint: diffusers converts every part (weights_only for .ckpt).
         pipe = pipe_cls.from_single_file(str(source), config=str(config), **extra)
     else:
         # UNet weights only (or UNet + VAE): the rest comes from the config pipeline.
-        unet = UNet2DConditionModel.from_single_file(state, config=str(config), subfolder="unet", **_dtype_kw(dtype),
+        unet = UNet2DConditionModel.from_single_file(str(source), config=str(config), subfolder="unet", **_dtype_kw(dtype),
                                                      **load_kwargs)
         pipe = pipe_cls.from_pretrained(config, unet=unet, **extra)
 

@@ -9,7 +9,8 @@ from PIL import Image
 from data.buckets import (SMALL_BUCKET_POLICIES, BucketBatchSampler, assign_bucket,
                           bucket_histogram, make_buckets, resize_and_crop, validate_step)
 
-GRIDS = [(512, 256, 1024, 64), (1024, 512, 2048, 64), (256, 128, 512, 32), (64, 32, 128, 16)]
+GRIDS = [(512, 256, 1024, 64), (1024, 512, 2048, 64), (256, 128, 512, 32), (64, 32, 128, 16),
+         (500, 256, 1024, 64)]
 
 
 @pytest.mark.parametrize("resolution,min_side,max_side,step", GRIDS)
@@ -17,7 +18,7 @@ def test_grid_sides_area_and_orientations(resolution, min_side, max_side, step):
     buckets = make_buckets(resolution, min_side, max_side, step)
     area = resolution ** 2
     assert buckets == sorted(set(buckets))
-    assert (resolution, resolution) in buckets
+    assert ((resolution, resolution) in buckets) == (resolution % step == 0)
     for w, h in buckets:
         assert w % step == 0 and h % step == 0
         assert min_side <= w <= max_side and min_side <= h <= max_side

@@ -351,3 +351,8 @@ def test_official_checkpoint_with_text_overrides(tmp_path):
     _, report = SiT.from_official_checkpoint(tmp_path / "ckpt.pt", return_report=True, patch_size=4)
     assert "shape differs" in report.skipped["x_embedder.proj.weight"]
     assert "x_embedder.proj.weight" in report.new
+    # heads are not in the tensors: a non-official width needs them spelled out
+    write_fake_official(tmp_path / "odd.pt", hidden=64)
+    with pytest.raises(ValueError, match="num_heads"):
+        SiT.from_official_checkpoint(tmp_path / "odd.pt")
+    assert SiT.from_official_checkpoint(tmp_path / "odd.pt", num_heads=4).config.num_heads == 4

@@ -134,8 +134,8 @@ def test_predict_eps_and_cfg(folders, name):
     t = torch.tensor([30, 700])
     cond, uncond = teacher.encode_prompt(PROMPTS, do_cfg=True, height=16, width=24)
     with torch.no_grad():
-        raw = teacher.unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"],
-                           added_cond_kwargs={k: cond[k] for k in ("text_embeds", "time_ids") if k in cond} or None).sample
+        added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond} or None
+        raw = teacher.unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added).sample
     expected = raw if name != "sd15_v" else teacher.schedule.eps_from_v(x, raw, t)
     torch.testing.assert_close(teacher.predict_eps(x, t, cond), expected, atol=1e-5, rtol=1e-5)
     # CFG with a per-sample guidance scale equals the per-sample scalar results.
@@ -193,15 +193,19 @@ def test_single_file_original_layout(folders, tmp_path, kind):
         load_teacher(path)
 
 
-def test_single_file_sdxl_unet(folders, tmp_path):
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import save_file
-
-    from tiny_models import unet_state_dict_to_ldm
-
+@pytest.mark.parametrize("unet_only", [True, False])
+def test_single_file_sdxl(folders, tmp_path, unet_only):
+    """sgm layout: CLIP-L under conditioner.embedders.0, OpenCLIP (fused qkv) under .1."""
     weights = make_tiny_sdxl(tmp_path / "weights", seed=5)
-    save_file(unet_state_dict_to_ldm(UNet2DConditionModel.from_pretrained(weights / "unet")), str(tmp_path / "u.safetensors"))
-    teacher = load_teacher(tmp_path / "u.safetensors", config=folders["sdxl"])
+    path = write_ldm_checkpoint(weights, tmp_path / "xl.safetensors", unet_only=unet_only)
+    teacher = load_teacher(path, config=folders["sdxl"])
     assert teacher.family == "sdxl"
-    ref = load_teacher(weights).unet.state_dict()
-    assert all(torch.equal(v, ref[k]) for k, v in teacher.unet.state_dict().items())
+    expected, config_only = load_teacher(weights), load_teacher(folders["sdxl"])
+    for part in ["unet", "vae", "text_encoder", "text_encoder_2"]:
+        want = expected if part == "unet" or not unet_only else config_only
+        ref = getattr(want, part).state_dict()
+        assert all(torch.equal(v, ref[k]) for k, v in getattr(teacher, part).state_dict().items()), part
+    if not unet_only:
+        ours, ref = teacher.encode_prompt(PROMPTS), expected.encode_prompt(PROMPTS)
+        for k in ref:  # the transposed text projection may take another matmul path: rounding only
+            torch.testing.assert_close(ours[k], ref[k], atol=1e-6, rtol=1e-6)

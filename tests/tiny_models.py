@@ -142,7 +142,8 @@ def make_tiny_sdxl(path: str | Path, prediction_type: str = "epsilon", sample_si
     )
     pipe = StableDiffusionXLPipeline(
         vae=_tiny_vae(vae_blocks), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler.from_config(_sd_scheduler_config(prediction_type)),
+        tokenizer_2=tokenizer_2, unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(_sd_scheduler_config(prediction_type)),
         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False,
     )
     pipe.save_pretrained(path)
@@ -153,6 +154,8 @@ def make_tiny_sdxl(path: str | Path, prediction_type: str = "epsilon", sample_si
 _LDM_UNET_PREFIX = "model.diffusion_model."
 _LDM_VAE_PREFIX = "first_stage_model."
 _LDM_CLIP_PREFIX = "cond_stage_model.transformer."
+_SGM_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+_SGM_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 _UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
              "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
@@ -234,29 +237,58 @@ def vae_state_dict_to_ldm(vae) -> dict[str, torch.Tensor]:
     return out
 
 
-def clip_state_dict_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
-    """SD1.x's CLIP text encoder under ``cond_stage_model.transformer.text_model.*``."""
+def clip_state_dict_to_ldm(text_encoder, prefix: str = _LDM_CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """A HF CLIP text encoder under ``<prefix>text_model.*`` (SD1.x; SDXL's first encoder)."""
     out = {}
     for k, v in text_encoder.state_dict().items():
         k = k if k.startswith("text_model.") else "text_model." + k
-        out[_LDM_CLIP_PREFIX + k] = v.contiguous()
+        out[prefix + k] = v.contiguous()
     return out
 
 
+_OPEN_CLIP = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+              "self_attn.out_proj": "attn.out_proj"}
+
+
+def open_clip_state_dict_to_ldm(text_encoder, prefix: str = _SGM_OPEN_CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """SDXL's second encoder (CLIPTextModelWithProjection) in the OpenCLIP layout of the sgm
+    checkpoints: fused q/k/v ``in_proj``, ``positional_embedding``, ``text_projection`` transposed."""
+    sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    out = {"token_embedding.weight": sd["embeddings.token_embedding.weight"],
+           "positional_embedding": sd["embeddings.position_embedding.weight"],
+           "ln_final.weight": sd["final_layer_norm.weight"], "ln_final.bias": sd["final_layer_norm.bias"],
+           "text_projection": sd["text_projection.weight"].T}  # OpenCLIP: x @ P, P (hidden, proj)
+    for i in range(text_encoder.config.num_hidden_layers):
+        src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[dst + f"attn.in_proj_{kind}"] = torch.cat(
+                [sd[src + f"self_attn.{p}_proj.{kind}"] for p in ("q", "k", "v")])
+            for ours, theirs in _OPEN_CLIP.items():
+                out[dst + f"{theirs}.{kind}"] = sd[src + f"{ours}.{kind}"]
+    return {prefix + k: v.contiguous() for k, v in out.items()}
+
+
 def write_ldm_checkpoint(pipeline_dir: str | Path, path: str | Path, unet_only: bool = False) -> Path:
-    """Write an SD1.x pipeline folder (or only its UNet) as one original-layout checkpoint.
+    """Write an SD1.x or SDXL pipeline folder (or only its UNet) as one original-layout checkpoint
+    (ldm for SD1.x, sgm ``conditioner.embedders.{0,1}`` for SDXL).
 
     ``.safetensors`` is written with safetensors; any other suffix as a ``{"state_dict": ...}``
     torch pickle of plain tensors (loadable with ``weights_only=True``).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     pipeline_dir, path = Path(pipeline_dir), Path(path)
     state = unet_state_dict_to_ldm(UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet"))
     if not unet_only:
         state.update(vae_state_dict_to_ldm(AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae")))
-        state.update(clip_state_dict_to_ldm(CLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder")))
+        text_encoder = CLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder")
+        if (pipeline_dir / "text_encoder_2").is_dir():
+            state.update(clip_state_dict_to_ldm(text_encoder, _SGM_CLIP_PREFIX))
+            encoder_2 = CLIPTextModelWithProjection.from_pretrained(pipeline_dir, subfolder="text_encoder_2")
+            state.update(open_clip_state_dict_to_ldm(encoder_2))
+        else:
+            state.update(clip_state_dict_to_ldm(text_encoder))
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 

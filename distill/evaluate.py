@@ -1,0 +1,504 @@
+"""Student vs teacher: the evaluation report (`cli.py eval`).
+
+For one prompt set, the same seeds and the same sampler for every model (teacher, student, and a
+baseline checkpoint when given, e.g. a student trained without teacher):
+
+  * side-by-side grids (rows = prompts, columns = teacher | student | baseline), one per seed;
+  * paired distances of each model's samples to the teacher's: latent MSE, pixel PSNR, SSIM;
+  * noise-prediction MSE against the teacher by timestep range, on fixed x_t made from the
+    teacher's own samples (the same x_t for every model), as a table and a plot;
+  * toy-world prompt fidelity for every model when the prompts are toy-world captions;
+  * CLIP score and a Fréchet distance when local weights are given (nothing is downloaded).
+
+Written into one folder: ``report.md``, ``metrics.json``, the PNGs (grids, plot, every sample with
+its settings in the PNG text), and ``tb/`` for tensorboard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from distill.samples import grid, png_info, sample_latents, student_fn, to_pil
+
+Tensor = torch.Tensor
+
+# SSIM as Wang et al. 2004 ("Image quality assessment: from error visibility to structural
+# similarity"): an 11x11 Gaussian window with sigma 1.5, K1 = 0.01, K2 = 0.03, statistics over
+# the 'valid' part of the image (their reference MATLAB code filters with 'valid').
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+# PSNR of identical images is infinite; MSE is floored so JSON stays finite (100 dB at range 1).
+PSNR_MSE_FLOOR = 1e-10
+# The noise for the fixed x_t of the per-timestep error: its own generator, never the sampling one.
+NOISE_PROBE_SEED = 20240917
+# Held-out toy prompts are drawn with the training world's seed plus this offset.
+HELD_OUT_SEED_OFFSET = 1_000_003
+NOT_COMPUTED = "not computed (no local weights given)"
+MODEL_COLOURS = {"teacher": (40, 40, 40), "student": (31, 119, 180), "baseline": (214, 39, 40)}
+
+
+# --------------------------------------------------------------------------- paired metrics
+
+def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> Tensor:
+    """(size, size) Gaussian weights summing to 1."""
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return torch.outer(g, g)
+
+
+def ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
+    """Mean SSIM per image, (N,), of (N, C, H, W) images in [0, data_range]; channels averaged.
+
+    Images smaller than the window use a window as large as their shorter side."""
+    a, b = a.double(), b.double()
+    n, c, h, w = a.shape
+    size = min(SSIM_WINDOW, h, w)
+    win = gaussian_window(size).to(a.device).expand(c, 1, size, size)  # depthwise: one per channel
+
+    def filt(x: Tensor) -> Tensor:
+        return F.conv2d(x, win, groups=c)  # (N, C, H-size+1, W-size+1), 'valid'
+
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    mu_a, mu_b = filt(a), filt(b)
+    var_a = filt(a * a) - mu_a ** 2
+    var_b = filt(b * b) - mu_b ** 2
+    cov = filt(a * b) - mu_a * mu_b
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return ssim_map.mean(dim=(1, 2, 3)).float()
+
+
+def psnr(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
+    """PSNR in dB per image, (N,); see PSNR_MSE_FLOOR for identical images."""
+    mse = (a.double() - b.double()).pow(2).mean(dim=(1, 2, 3)).clamp_min(PSNR_MSE_FLOOR)
+    return (10 * torch.log10(data_range ** 2 / mse)).float()
+
+
+def latent_mse(a: Tensor, b: Tensor) -> Tensor:
+    """MSE per sample, (N,)."""
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
+def paired_distances(latents: Tensor, ref_latents: Tensor, pixels: Tensor, ref_pixels: Tensor) -> dict[str, Tensor]:
+    """Per-sample latent MSE, PSNR and SSIM of samples to the teacher's (pixels in [-1, 1])."""
+    unit, ref_unit = (pixels + 1) / 2, (ref_pixels + 1) / 2
+    return {"latent_mse": latent_mse(latents, ref_latents), "psnr": psnr(unit, ref_unit), "ssim": ssim(unit, ref_unit)}
+
+
+def summary(values: Tensor) -> dict[str, float]:
+    return {"mean": float(values.mean()), "std": float(values.std()) if values.numel() > 1 else 0.0,
+            "n": int(values.numel())}
+
+
+# --------------------------------------------------------------------------- noise-prediction error
+
+@torch.no_grad()
+def noise_prediction_mse(teacher, model_fns: dict[str, Callable], x0: Tensor, cond: dict[str, Tensor], *,
+                         bins: int, seed: int = NOISE_PROBE_SEED) -> dict[str, Any]:
+    """MSE of each model's epsilon to the teacher's, per timestep range.
+
+    The ranges split [0, T) into ``bins`` equal parts. In each, every sample gets one timestep drawn
+    uniformly from the range and x_t = add_noise(x0, noise, t) with a fixed generator, so every
+    model sees the same inputs. Also reports the teacher's own MSE to the true noise (a scale).
+    """
+    schedule = teacher.schedule
+    total = schedule.num_train_timesteps
+    edges = [round(i * total / bins) for i in range(bins + 1)]
+    g = torch.Generator("cpu").manual_seed(seed)
+    out: dict[str, list[float]] = {name: [] for name in model_fns}
+    out["teacher_vs_true_noise"] = []
+    n = x0.shape[0]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        t = torch.randint(lo, hi, (n,), generator=g).to(x0.device)  # (N,)
+        noise = torch.randn(x0.shape, generator=g).to(x0.device)
+        x_t = schedule.add_noise(x0, noise, t)
+        target = teacher.predict_eps(x_t, t, cond)  # (N, C, h, w)
+        out["teacher_vs_true_noise"].append(float((target - noise).pow(2).mean()))
+        for name, fn in model_fns.items():
+            out[name].append(float((fn(x_t, t, cond).float() - target.float()).pow(2).mean()))
+    return {"bin_edges": edges, **out}
+
+
+# --------------------------------------------------------------------------- a plot without matplotlib
+
+def line_plot(x: Sequence[float], series: dict[str, Sequence[float]], *, title: str, xlabel: str, ylabel: str,
+              size: tuple[int, int] = (520, 340)) -> Image.Image:
+    """A small line chart drawn with PIL (matplotlib is not a dependency): axes, ticks, legend."""
+    w, h = size
+    left, right, top, bottom = 64, 16, 28, 44
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    values = [v for ys in series.values() for v in ys if math.isfinite(v)]
+    y_max = max(values) * 1.1 if values and max(values) > 0 else 1.0
+    x_min, x_max = min(x), max(x)
+    span = (x_max - x_min) or 1.0
+
+    def px(xv: float, yv: float) -> tuple[float, float]:
+        return (left + (xv - x_min) / span * (w - left - right), h - bottom - yv / y_max * (h - top - bottom))
+
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    for i in range(5):  # y ticks
+        yv = y_max * i / 4
+        _, yp = px(x_min, yv)
+        d.line([left - 4, yp, left, yp], fill="black")
+        d.text((4, yp - 6), f"{yv:.3g}", fill="black")
+    for xv in x:  # x ticks at the bin centres
+        xp, _ = px(xv, 0)
+        d.line([xp, h - bottom, xp, h - bottom + 4], fill="black")
+    for xv in (x[0], x[len(x) // 2], x[-1]):
+        xp, _ = px(xv, 0)
+        d.text((xp - 10, h - bottom + 6), f"{xv:.0f}", fill="black")
+    d.text((w // 2 - 4 * len(xlabel) // 2, h - 18), xlabel, fill="black")
+    d.text((left, 8), f"{title}   ({ylabel})", fill="black")
+    for k, (name, ys) in enumerate(series.items()):
+        colour = MODEL_COLOURS.get(name, (120, 120, 120))
+        pts = [px(xv, yv) for xv, yv in zip(x, ys)]
+        d.line(pts, fill=colour, width=2)
+        for xp, yp in pts:
+            d.ellipse([xp - 3, yp - 3, xp + 3, yp + 3], fill=colour)
+        d.line([w - right - 110, top + 12 + 14 * k, w - right - 90, top + 12 + 14 * k], fill=colour, width=2)
+        d.text((w - right - 84, top + 6 + 14 * k), name, fill=colour)
+    return img
+
+
+# --------------------------------------------------------------------------- optional hooks
+
+def _load_local(path: str):
+    """A transformers model + processor from a local folder only (never a download)."""
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    return model, processor
+
+
+@torch.no_grad()
+def clip_score(images: list[Image.Image], prompts: list[str], weights: str) -> dict[str, float]:
+    """CLIP score (Hessel et al. 2021, torchmetrics' scaling): 100 * max(cos(image, text), 0), mean."""
+    model, processor = _load_local(weights)
+    inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True, truncation=True)
+    img = model.get_image_features(pixel_values=inputs["pixel_values"])
+    txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+    img = getattr(img, "pooler_output", img)
+    txt = getattr(txt, "pooler_output", txt)
+    cos = F.cosine_similarity(img.float(), txt.float(), dim=-1)
+    return summary(100 * cos.clamp_min(0))
+
+
+def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) (Heusel et al. 2017), in float64.
+
+    Tr((S_a S_b)^1/2) = sum of sqrt(eigenvalues) of S_a^1/2 S_b S_a^1/2 (symmetric PSD)."""
+    a, b = feats_a.double(), feats_b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    eva, vec = torch.linalg.eigh(cov_a)
+    root_a = vec @ torch.diag(eva.clamp_min(0).sqrt()) @ vec.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross)
+
+
+@torch.no_grad()
+def image_features(images: list[Image.Image], weights: str) -> Tensor:
+    """Pooled image features of a local vision model (CLIP's image tower, or any AutoModel)."""
+    model, processor = _load_local(weights)
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    if hasattr(model, "get_image_features"):
+        out = model.get_image_features(pixel_values=pixels)
+        return getattr(out, "pooler_output", out)
+    return model(pixel_values=pixels).pooler_output
+
+
+# --------------------------------------------------------------------------- prompts
+
+def toy_prompts(recipe, n: int) -> list[str]:
+    """Toy-world captions from a seed the training data did not use (all colour/shape pairs,
+    including any the training set excluded)."""
+    from data.toy import ToyWorld
+
+    return ToyWorld().prompts(n, seed=int(recipe.data.toy.seed) + HELD_OUT_SEED_OFFSET)
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with # are skipped."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def evaluation_prompts(recipe, prompts_file: str | None = None, source: str = "auto",
+                       num_prompts: int | None = None) -> tuple[list[str], str]:
+    """(prompts, where they came from). ``source``: "auto" (a file if given; else held-out toy
+    prompts when the recipe trains on the toy world; else the recipe's sampling prompts),
+    "file", "recipe" or "toy"."""
+    n = num_prompts or recipe.evaluation.num_prompts
+    prompts_file = prompts_file or recipe.evaluation.prompts_file
+    if source == "auto":
+        source = "file" if prompts_file else ("toy" if recipe.data.root is None else "recipe")
+    if source == "file":
+        if not prompts_file:
+            raise ValueError("prompt source 'file' needs --prompts-file or evaluation.prompts_file")
+        return read_prompts_file(prompts_file)[:n], f"file {prompts_file}"
+    if source == "toy":
+        return toy_prompts(recipe, n), f"toy world, held out (seed data.toy.seed + {HELD_OUT_SEED_OFFSET})"
+    if source == "recipe":
+        if not recipe.sampling.prompts:
+            raise ValueError("the recipe has no sampling.prompts; give --prompts-file")
+        return list(recipe.sampling.prompts)[:n], "recipe sampling.prompts"
+    raise ValueError(f"unknown prompt source {source!r}")
+
+
+def _toy_targets(prompts: list[str]) -> list[dict] | None:
+    """Parsed toy captions, or None when any prompt is not one."""
+    from data.toy import parse_caption
+
+    try:
+        return [parse_caption(p) for p in prompts]
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------- the report
+
+@dataclass
+class EvalSettings:
+    scheduler: str
+    num_inference_steps: int
+    guidance_scale: float
+    negative_prompt: str
+    height: int
+    width: int
+    seeds: list[int]
+    timestep_bins: int
+    batch_size: int = 8
+    weights: str = "ema"
+    fid_weights: str | None = None
+    clip_weights: str | None = None
+    prompt_source: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def settings_from_recipe(recipe, **overrides: Any) -> EvalSettings:
+    """The recipe's sampling/evaluation sections; keyword overrides win when not None."""
+    from distill.export import default_pixel_size
+
+    s, e = recipe.sampling, recipe.evaluation
+    h, w = default_pixel_size(recipe)
+    base = dict(scheduler=s.scheduler, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                negative_prompt=s.negative_prompt, height=h, width=w, seeds=list(e.seeds),
+                timestep_bins=e.timestep_bins, fid_weights=e.fid_weights, clip_weights=e.clip_weights)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return EvalSettings(**base)
+
+
+@torch.no_grad()
+def _samples(model_fn, teacher, prompts: list[str], st: EvalSettings) -> Tensor:
+    """Latents for every (seed, prompt), seed-major; image i of seed s uses seed s + i (as `cli.py sample`)."""
+    from distill.samples import generators
+
+    out = []
+    for seed in st.seeds:
+        for start in range(0, len(prompts), st.batch_size):
+            chunk = prompts[start:start + st.batch_size]
+            out.append(sample_latents(model_fn, teacher, chunk, height=st.height, width=st.width,
+                                      scheduler=st.scheduler, steps=st.num_inference_steps,
+                                      guidance_scale=st.guidance_scale, negative_prompt=st.negative_prompt,
+                                      generator=generators(seed + start, len(chunk))))
+    return torch.cat(out)
+
+
+def evaluate(teacher, students: dict[str, torch.nn.Module], prompts: list[str], st: EvalSettings,
+             out_dir: str | Path, *, labels: dict[str, str] | None = None,
+             held_out_combos: Sequence[str] = ()) -> dict[str, Any]:
+    """Write the report for ``students`` ({"student": ..., "baseline": ...}) against ``teacher``.
+
+    Returns the metrics (also in ``metrics.json``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for m in students.values():
+        m.eval()
+    fns: dict[str, Callable] = {"teacher": teacher.predict_eps, **{k: student_fn(m) for k, m in students.items()}}
+    names = list(fns)
+    all_prompts = [p for _ in st.seeds for p in prompts]  # seed-major, like _samples
+    all_seeds = [seed + i for seed in st.seeds for i in range(len(prompts))]
+    latents = {k: _samples(fn, teacher, prompts, st) for k, fn in fns.items()}
+    pixels = {k: torch.cat([teacher.decode_latents(z) for z in v.split(st.batch_size)]) for k, v in latents.items()}
+    images = {k: to_pil(v) for k, v in pixels.items()}
+
+    files: list[str] = []
+    for k in names:  # every sample, with its settings in the PNG text
+        folder = out / "images" / k
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, (img, prompt, seed) in enumerate(zip(images[k], all_prompts, all_seeds)):
+            img.save(folder / f"{i:04d}-seed{seed}.png", pnginfo=png_info(
+                prompt=prompt, negative_prompt=st.negative_prompt, seed=seed, sampler=st.scheduler,
+                steps=st.num_inference_steps, guidance_scale=st.guidance_scale, model=k,
+                checkpoint=(labels or {}).get(k)))
+    grids = []
+    for j, seed in enumerate(st.seeds):
+        rows = [[images[k][j * len(prompts) + i] for k in names] for i in range(len(prompts))]
+        path = out / f"grid_seed{seed}.png"
+        grid(rows, labels=names).save(path)
+        grids.append(path.name)
+    files += grids
+
+    metrics: dict[str, Any] = {"models": {k: (labels or {}).get(k, k) for k in names}, "prompts": prompts,
+                               "settings": asdict(st)}
+    metrics["paired"] = {k: {m: summary(v) for m, v in paired_distances(latents[k], latents["teacher"], pixels[k],
+                                                                          pixels["teacher"]).items()}
+                         for k in students}
+
+    # Fixed x_t from the teacher's own samples, the conditional embeddings of their prompts.
+    cond = teacher.encode_prompt(all_prompts, height=st.height, width=st.width)
+    noise = noise_prediction_mse(teacher, {k: fns[k] for k in students}, latents["teacher"], cond,
+                                 bins=st.timestep_bins)
+    metrics["noise_mse"] = noise
+    metrics["noise_mse_mean"] = {k: float(np.mean(noise[k])) for k in students}
+    edges = noise["bin_edges"]
+    centres = [(a + b - 1) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    plot = line_plot(centres, {k: noise[k] for k in students}, title="eps MSE to the teacher",
+                     xlabel="timestep t", ylabel="MSE")
+    plot.save(out / "noise_mse.png")
+    files.append("noise_mse.png")
+
+    targets = _toy_targets(all_prompts)
+    metrics["fidelity"] = None
+    if targets is not None:
+        from data.toy import fidelity
+
+        metrics["fidelity"] = {k: fidelity(images[k], targets) for k in names}
+        held = {tuple(c.split()) for c in held_out_combos}
+        idx = [i for i, t in enumerate(targets) if (t["colour"], t["shape"]) in held]
+        if idx:
+            metrics["fidelity_held_out_combos"] = {k: fidelity([images[k][i] for i in idx], [targets[i] for i in idx])
+                                                   for k in names}
+    metrics["clip_score"] = ({k: clip_score(images[k], all_prompts, st.clip_weights) for k in names}
+                             if st.clip_weights else NOT_COMPUTED)
+    if st.fid_weights:
+        ref = image_features(images["teacher"], st.fid_weights)
+        metrics["frechet_distance_to_teacher"] = {k: frechet_distance(image_features(images[k], st.fid_weights), ref)
+                                                  for k in students}
+    else:
+        metrics["frechet_distance_to_teacher"] = NOT_COMPUTED
+    metrics["seconds"] = round(time.perf_counter() - t0, 2)
+    metrics["files"] = files + ["report.md", "metrics.json", "images/", "tb/"]
+
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    (out / "report.md").write_text(render_report(metrics, grids), encoding="utf-8")
+    write_tensorboard(out / "tb", metrics, [out / g for g in grids] + [out / "noise_mse.png"])
+    return metrics
+
+
+# --------------------------------------------------------------------------- writing
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "—" if x is None else f"{x:.{digits}g}"
+
+
+def results_table(metrics: dict[str, Any]) -> str:
+    """The report's main table (markdown), one row per model."""
+    fid = metrics.get("fidelity") or {}
+    head = ("| model | latent MSE ↓ | PSNR dB ↑ | SSIM ↑ | eps MSE to teacher ↓ | toy fidelity all ↑ "
+            "| colour | shape | position |")
+    lines = [head, "|" + "---|" * 9]
+    for k in metrics["models"]:
+        p = metrics["paired"].get(k)
+        row = [k]
+        if p:
+            row += [f"{_fmt(p['latent_mse']['mean'])} ± {_fmt(p['latent_mse']['std'], 2)}",
+                    f"{p['psnr']['mean']:.2f}", f"{p['ssim']['mean']:.4f}", _fmt(metrics["noise_mse_mean"][k])]
+        else:
+            row += ["(reference)"] * 3 + ["—"]
+        f = fid.get(k)
+        row += [f"{f[c]:.2f}" for c in ("all", "colour", "shape", "position")] if f else ["—"] * 4
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def render_report(metrics: dict[str, Any], grids: list[str]) -> str:
+    st = metrics["settings"]
+    noise = metrics["noise_mse"]
+    students = [k for k in metrics["models"] if k != "teacher"]
+    edges = noise["bin_edges"]
+    lines = ["# Student vs teacher", ""]
+    lines += [f"- {k}: `{v}`" for k, v in metrics["models"].items()]
+    lines += [f"- prompts: {len(metrics['prompts'])} ({st['prompt_source']}), seeds {st['seeds']} "
+              f"(image i of seed s uses seed s + i)",
+              f"- sampler: {st['scheduler']}, {st['num_inference_steps']} steps, guidance {st['guidance_scale']}, "
+              f"{st['height']}x{st['width']}, negative prompt {st['negative_prompt']!r}, {st['weights']} weights", "",
+              "## Results", "",
+              "Distances are to the teacher's sample of the same prompt and seed (pixels in [0, 1]); "
+              "toy fidelity is the grader's rate of images showing the prompt's colour, shape and position.", "",
+              results_table(metrics), ""]
+    if metrics.get("fidelity_held_out_combos"):
+        held = metrics["fidelity_held_out_combos"]
+        lines += ["Toy fidelity on colour/shape pairs left out of the training data: "
+                  + ", ".join(f"{k} {v['all']:.2f} (n={v['n']})" for k, v in held.items()), ""]
+    lines += ["## Noise-prediction error by timestep", "",
+              "MSE of each model's epsilon to the teacher's on the same x_t (the teacher's samples noised at a "
+              "timestep drawn in each range); last column: the teacher's own MSE to the true noise, for scale.", "",
+              "| t range | " + " | ".join(students) + " | teacher vs true noise |",
+              "|" + "---|" * (len(students) + 2)]
+    for b, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        lines.append(f"| [{lo}, {hi}) | " + " | ".join(_fmt(noise[k][b]) for k in students)
+                     + f" | {_fmt(noise['teacher_vs_true_noise'][b])} |")
+    lines += ["", "![noise-prediction error by timestep](noise_mse.png)", "", "## Samples", "",
+              "Rows = prompts below, columns = " + " | ".join(metrics["models"]) + ".", ""]
+    lines += [f"![samples, {g[:-4]}]({g})" for g in grids]
+    lines += [""] + [f"{i + 1}. {p}" for i, p in enumerate(metrics["prompts"])]
+    clip, fd = metrics["clip_score"], metrics["frechet_distance_to_teacher"]
+    lines += ["", "## CLIP score and Fréchet distance", "",
+              "- CLIP score: " + (clip if isinstance(clip, str) else
+                                  ", ".join(f"{k} {v['mean']:.2f}" for k, v in clip.items())),
+              "- Fréchet distance to the teacher's samples (features of the given local model; few samples "
+              "make it noisy): " + (fd if isinstance(fd, str) else ", ".join(f"{k} {v:.4g}" for k, v in fd.items())),
+              "", f"_{metrics['seconds']} s; every sample is in `images/` with its prompt, seed and sampler in the "
+              "PNG text; `metrics.json` holds all numbers; `tb/` is a tensorboard log._", ""]
+    return "\n".join(lines)
+
+
+def _flat(prefix: str, value: Any) -> dict[str, float]:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return {}
+    if isinstance(value, (int, float)):
+        return {prefix: float(value)}
+    if isinstance(value, dict):
+        out: dict[str, float] = {}
+        for k, v in value.items():
+            out.update(_flat(f"{prefix}/{k}" if prefix else str(k), v))
+        return out
+    return {}
+
+
+def write_tensorboard(log_dir: Path, metrics: dict[str, Any], figures: list[Path]) -> None:
+    """The report's scalars, per-timestep curves, figures and table, as tensorboard events."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(log_dir))
+    try:
+        keys = ("paired", "noise_mse_mean", "fidelity", "clip_score", "frechet_distance_to_teacher")
+        for tag, value in _flat("", {k: metrics.get(k) for k in keys}).items():
+            writer.add_scalar(f"eval/{tag}", value, 0)
+        noise = metrics["noise_mse"]
+        for name in noise:
+            if name == "bin_edges":
+                continue
+            for b, value in enumerate(noise[name]):
+                writer.add_scalar(f"eval/noise_mse_by_t/{name}", value, noise["bin_edges"][b])
+        for path in figures:
+            writer.add_image(f"eval/{path.stem}", np.asarray(Image.open(path).convert("RGB")), 0, dataformats="HWC")
+        writer.add_text("eval/results", results_table(metrics), 0)
+    finally:
+        writer.close()

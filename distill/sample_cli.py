@@ -1,0 +1,188 @@
+"""`cli.py sample`, `cli.py eval`, `cli.py export`: arguments and the functions they run.
+
+`--checkpoint` (and the positional CHECKPOINT) may be a checkpoint folder, a run folder (its latest
+checkpoint) or a seed-format ``sit_model.pt``; see ``distill.export``. Sampling settings that are
+not given come from the recipe stored with the checkpoint (its ``sampling`` section), so a toy run
+samples the way its training-time grids did.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from distill.export import WEIGHTS
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+DEFAULT_BATCH = 8
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", help="recipe naming the teacher (default: the recipe.yaml stored with the checkpoint)")
+    p.add_argument("--model_size", help="student preset of a seed-format .pt without config.json")
+    p.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA (default) or raw student weights")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+
+
+def _sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--negative_prompt", default=None)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--num_inference_steps", type=int)
+    p.add_argument("--guidance_scale", type=float)
+    p.add_argument("--scheduler", help="ddim, ddpm, euler, euler_a, dpm, unipc, heun, lms, pndm")
+    p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH, help="prompts per forward batch")
+
+
+def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    """`cli.py sample`: the seed's inference flags + --prompts-file, --weights, --recipe."""
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, run folder, or the seed's sit_model.pt")
+    p.add_argument("--prompt", action="append", help="prompt (repeatable)")
+    p.add_argument("--prompts-file", dest="prompts_file", help="one prompt per line (# comments skipped)")
+    p.add_argument("--seed", type=int, default=0, help="image i gets seed + i (written into each PNG)")
+    p.add_argument("--output_dir", default="outputs")
+    _sampler_args(p)
+    _common(p)
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """`cli.py eval CHECKPOINT [--baseline CKPT] [--out DIR]` + prompt and sampler choices."""
+    p.add_argument("checkpoint", help="checkpoint folder, run folder, or sit_model.pt")
+    p.add_argument("--baseline", help="a checkpoint trained without teacher, shown beside (default: "
+                                      "evaluation.baseline of the recipe)")
+    p.add_argument("--out", help="report folder (default: eval-<checkpoint> beside the checkpoint)")
+    p.add_argument("--prompts-file", dest="prompts_file")
+    p.add_argument("--prompts", dest="prompt_source", choices=("auto", "file", "recipe", "toy"), default="auto",
+                   help="prompt set: a file, the recipe's sampling prompts, or held-out toy-world prompts "
+                        "(auto: file if given, else toy for toy-world recipes, else recipe)")
+    p.add_argument("--num_prompts", type=int)
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--timestep_bins", type=int)
+    p.add_argument("--clip_weights", help="local CLIP folder for the CLIP score (never downloaded)")
+    p.add_argument("--fid_weights", help="local vision-model folder for the Fréchet distance (never downloaded)")
+    _sampler_args(p)
+    _common(p)
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    """`cli.py export CHECKPOINT --out DIR [--format diffusers|seed]`."""
+    p.add_argument("checkpoint", help="checkpoint folder, run folder, or sit_model.pt")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=("diffusers", "seed"), default="diffusers")
+    p.add_argument("--scheduler", help="the exported pipeline's sampler (default: the recipe's sampling.scheduler)")
+    _common(p)
+
+
+def _device(args: argparse.Namespace) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _error(message: str) -> int:
+    import sys
+
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def sample_command(args: argparse.Namespace) -> int:
+    """Generate PNGs (prompt, seed, sampler, steps, guidance... in their text chunks)."""
+    from distill.evaluate import read_prompts_file
+    from distill.export import build_pipeline, resolve_checkpoint
+    from distill.samples import generators, png_info
+
+    try:
+        source = resolve_checkpoint(args.checkpoint, args.recipe)
+    except (FileNotFoundError, ValueError) as e:
+        return _error(str(e))
+    prompts = list(args.prompt or []) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    s = source.recipe.sampling
+    prompts = prompts or list(s.prompts)
+    if not prompts:
+        return _error("no prompt: give --prompt or --prompts-file (the recipe has no sampling.prompts)")
+    device = _device(args)
+    pipe = build_pipeline(source, weights=args.weights, scheduler=args.scheduler, model_size=args.model_size,
+                          device=device)
+    dh, dw = pipe.default_hw()
+    settings = dict(height=args.height or dh, width=args.width or dw,
+                    num_inference_steps=args.num_inference_steps or s.num_inference_steps,
+                    guidance_scale=s.guidance_scale if args.guidance_scale is None else args.guidance_scale)
+    negative = s.negative_prompt if args.negative_prompt is None else args.negative_prompt
+    sampler = args.scheduler or s.scheduler
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start:start + args.batch_size]
+        images = pipe(chunk, negative_prompt=negative, generator=generators(args.seed + start, len(chunk)),
+                      **settings).images
+        for i, (prompt, image) in enumerate(zip(chunk, images), start=start):
+            seed = args.seed + i
+            path = out / f"{i:04d}-seed{seed}.png"
+            image.save(path, pnginfo=png_info(
+                prompt=prompt, negative_prompt=negative, seed=seed, sampler=sampler,
+                steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
+                height=settings["height"], width=settings["width"], weights=args.weights,
+                checkpoint=source.label))
+            print(path)
+    return 0
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    """The student-vs-teacher report: report.md, metrics.json, PNGs and tb/ in one folder."""
+    from distill.evaluate import evaluate, evaluation_prompts, settings_from_recipe
+    from distill.export import load_student, load_teacher_for, resolve_checkpoint
+
+    try:
+        source = resolve_checkpoint(args.checkpoint, args.recipe)
+        recipe = source.recipe
+        baseline_path = args.baseline or recipe.evaluation.baseline
+        baseline = resolve_checkpoint(baseline_path) if baseline_path else None
+        prompts, origin = evaluation_prompts(recipe, args.prompts_file, args.prompt_source, args.num_prompts)
+    except (FileNotFoundError, ValueError) as e:
+        return _error(str(e))
+    device = _device(args)
+    teacher = load_teacher_for(source, device)
+    students = {"student": load_student(source, weights=args.weights, teacher=teacher, model_size=args.model_size,
+                                        device=device)}
+    labels = {"teacher": str(recipe.teacher.source), "student": source.label}
+    if baseline is not None:
+        if str(baseline.recipe.teacher.source) != str(recipe.teacher.source):
+            print(f"note: the baseline's recipe names teacher {baseline.recipe.teacher.source}; "
+                  f"it is sampled with {recipe.teacher.source}'s encoders and VAE")
+        students["baseline"] = load_student(baseline, weights=args.weights, teacher=teacher, device=device)
+        labels["baseline"] = baseline.label
+    st = settings_from_recipe(recipe, scheduler=args.scheduler, num_inference_steps=args.num_inference_steps,
+                              guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+                              height=args.height, width=args.width, seeds=args.seeds,
+                              timestep_bins=args.timestep_bins, batch_size=args.batch_size, weights=args.weights,
+                              fid_weights=args.fid_weights, clip_weights=args.clip_weights, prompt_source=origin)
+    out = Path(args.out) if args.out else source.path.parent / f"eval-{source.path.stem}"
+    metrics = evaluate(teacher, students, prompts, st, out, labels=labels,
+                       held_out_combos=list(recipe.data.toy.exclude_combos))
+    from distill.evaluate import results_table
+
+    print(results_table(metrics))
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """A diffusers folder (``SiTPipeline.from_pretrained(out)``) or the seed's file names."""
+    from distill.export import export_diffusers, export_seed, resolve_checkpoint
+
+    try:
+        source = resolve_checkpoint(args.checkpoint, args.recipe)
+        if Path(args.out).exists() and any(Path(args.out).iterdir()):
+            raise FileExistsError(f"{args.out} exists and is not empty; choose a new folder")
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        return _error(str(e))
+    if args.format == "seed":
+        out = export_seed(source, args.out, model_size=args.model_size)
+        print(f"wrote {out} (sit_model.pt, ema_model.pt when kept, config.json, recipe.yaml)")
+    else:
+        out = export_diffusers(source, args.out, weights=args.weights, scheduler=args.scheduler,
+                               model_size=args.model_size)
+        print(f"wrote {out}; load it with:\n  from students.pipeline import SiTPipeline\n"
+              f"  pipe = SiTPipeline.from_pretrained({str(out)!r})")
+    return 0

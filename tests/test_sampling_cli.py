@@ -1,0 +1,127 @@
+"""Sampling teacher and student with every scheduler, and `cli.py sample` on a real checkpoint."""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distill import checkpoint as ckpt
+from distill.export import load_student, load_teacher_for, resolve_checkpoint
+from distill.sample_cli import add_export_arguments, add_sample_arguments, export_command, sample_command
+from distill.samples import sample_latents, student_fn
+from distill.sampling import SCHEDULERS
+from distill.trainer import Distiller
+from test_trainer import tiny_recipe
+from tiny_models import make_tiny_sd15
+
+# Every scheduler the issue names; dpm_sde needs torchsde, which is not a dependency.
+SCHEDULER_NAMES = ["ddim", "ddpm", "euler", "euler_a", "dpm", "dpm_sde", "unipc", "heun", "lms", "pndm"]
+SIZE = 16  # pixels: VAE factor 4 x patch 2 divides it
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A real 2-step toy run on a tiny SD1.5 teacher: run folder with checkpoint-2 (student + ema)."""
+    import os
+
+    base = tmp_path_factory.mktemp("sampling_cli")
+    os.environ["SITDISTILL_CACHE"] = str(base / "cache")
+    teacher = make_tiny_sd15(base / "teacher", vae_blocks=3)
+    Distiller(tiny_recipe(teacher, base / "run")).fit()
+    return base / "run"
+
+
+@pytest.fixture(scope="module")
+def models(run):
+    source = resolve_checkpoint(run)
+    teacher = load_teacher_for(source)
+    return teacher, load_student(source, teacher=teacher)
+
+
+def parse(add, argv):
+    p = argparse.ArgumentParser()
+    add(p)
+    return p.parse_args(argv)
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_every_scheduler_samples_teacher_and_student(models, name):
+    if name not in SCHEDULERS:
+        pytest.skip(f"{name} is not in distill.sampling.SCHEDULERS (DPMSolverSDEScheduler needs torchsde)")
+    teacher, student = models
+    kw = dict(height=SIZE, width=SIZE, scheduler=name, steps=3, guidance_scale=3.0, negative_prompt="dark")
+    prompts = ["a red circle at the top left", "a blue square in the center"]
+    for fn in (teacher.predict_eps, student_fn(student)):
+        a = sample_latents(fn, teacher, prompts, seed=5, **kw)
+        assert a.shape == (2, 4, SIZE // 4, SIZE // 4) and torch.isfinite(a).all()
+        torch.testing.assert_close(sample_latents(fn, teacher, prompts, seed=5, **kw), a, rtol=0, atol=0)
+        assert not torch.allclose(sample_latents(fn, teacher, prompts, seed=6, **kw), a)
+        # Image i is seeded with seed + i: the second prompt alone with seed 6 gives the same latent.
+        alone = sample_latents(fn, teacher, prompts[1:], seed=6, **kw)
+        torch.testing.assert_close(alone[0], a[1], rtol=0, atol=1e-5)
+
+
+def test_sample_command_writes_pngs_with_their_settings(run, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# toy prompts\na red circle at the top left\n\na green square in the center\n")
+    args = parse(add_sample_arguments, [
+        "--checkpoint", str(run), "--prompt", "a blue diamond", "--prompts-file", str(prompts),
+        "--negative_prompt", "blurry", "--height", "32", "--width", "16", "--num_inference_steps", "3",
+        "--guidance_scale", "2.5", "--scheduler", "euler_a", "--seed", "7", "--output_dir", str(tmp_path / "out"),
+        "--weights", "raw", "--batch_size", "2"])
+    assert sample_command(args) == 0
+    files = sorted((tmp_path / "out").glob("*.png"))
+    assert [f.name for f in files] == ["0000-seed7.png", "0001-seed8.png", "0002-seed9.png"]
+    img = Image.open(files[1])
+    assert img.size == (16, 32)
+    assert img.text["prompt"] == "a red circle at the top left"
+    assert (img.text["seed"], img.text["sampler"], img.text["steps"], img.text["guidance_scale"]) == \
+        ("8", "euler_a", "3", "2.5")
+    assert img.text["negative_prompt"] == "blurry" and img.text["weights"] == "raw"
+    assert img.text["checkpoint"].endswith("checkpoint-2")
+
+
+def test_ema_and_raw_weights_are_the_checkpoints_folders(run):
+    from safetensors.torch import load_file
+
+    source = resolve_checkpoint(run)
+    assert source.path.name == "checkpoint-2"  # a run folder resolves to its latest checkpoint
+    for weights, folder in (("ema", "ema"), ("raw", "student")):
+        state = load_file(next((source.path / folder).glob("*.safetensors")))
+        model = load_student(source, weights=weights)
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    ema, raw = load_student(source, weights="ema"), load_student(source, weights="raw")
+    assert any(not torch.equal(a, b) for a, b in zip(ema.parameters(), raw.parameters()))
+
+
+def test_seed_format_file_samples_like_the_checkpoint(run, tmp_path):
+    assert export_command(parse(add_export_arguments, [str(run), "--out", str(tmp_path / "seed"),
+                                                      "--format", "seed"])) == 0
+    assert {p.name for p in (tmp_path / "seed").iterdir()} == {"sit_model.pt", "ema_model.pt", "config.json",
+                                                              "recipe.yaml"}
+    common = ["--prompt", "a red circle at the top left", "--height", "16", "--width", "16",
+              "--num_inference_steps", "2", "--seed", "3"]
+    assert sample_command(parse(add_sample_arguments, ["--checkpoint", str(tmp_path / "seed" / "ema_model.pt"),
+                                                       "--output_dir", str(tmp_path / "a"), *common])) == 0
+    assert sample_command(parse(add_sample_arguments, ["--checkpoint", str(ckpt.find_latest(run)),
+                                                       "--output_dir", str(tmp_path / "b"), *common])) == 0
+    np.testing.assert_array_equal(pixels(tmp_path / "a" / "0000-seed3.png"), pixels(tmp_path / "b" / "0000-seed3.png"))
+    # Without config.json, the architecture comes from the recipe (+ --model_size) and the teacher.
+    (tmp_path / "seed" / "config.json").unlink()
+    source = resolve_checkpoint(tmp_path / "seed" / "sit_model.pt")
+    student = load_student(source, teacher=load_teacher_for(source))
+    assert student.config.hidden_size == 32
+    with pytest.raises(RuntimeError, match="does not fit"):
+        load_student(source, teacher=load_teacher_for(source), model_size="S/2")
+
+
+def test_bad_checkpoint_is_a_usage_error(tmp_path):
+    args = parse(add_sample_arguments, ["--checkpoint", str(tmp_path / "missing"), "--prompt", "x"])
+    assert sample_command(args) == 2
