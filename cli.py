@@ -66,13 +66,13 @@ def _run_recipe(recipe_path: str | None, overrides: list[str], dry_run: bool) ->
         print(describe_plan(recipe))
         print("dry run: nothing was trained or written.")
         return 0
+    from distill.trainer import TrainingStopped, train
+
+    _quiet_libraries()
     try:
-        from distill.trainer import train
-    except ImportError:
-        raise NotReady(
-            "training is not part of this version yet; `--dry-run` prints the resolved plan"
-        ) from None
-    train(recipe)
+        train(recipe)
+    except TrainingStopped as e:
+        return _fail(str(e), EXIT_FAILED)
     return 0
 
 
@@ -117,6 +117,25 @@ def cmd_presets(args: argparse.Namespace) -> int:
         print(f"{name:<8} {spec['hidden_size']:>6} {spec['depth']:>5} {spec['num_heads']:>5} "
               f"{spec['patch_size']:>5}  {n / 1e6:9.1f} M")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from distill.bench import run_bench
+
+    _quiet_libraries()
+    print(run_bench(args.configs, steps=args.steps, warmup=args.warmup, as_json=args.json))
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers progress bars and advisories would bury the run's own output."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def cmd_toy_teacher(args: argparse.Namespace) -> int:
@@ -207,9 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("diffusers", "seed"), default="diffusers")
     p.set_defaults(func=_not_ready("export"))
 
-    p = sub.add_parser("bench", help="time the training step and break it down")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_not_ready("bench"))
+    p = sub.add_parser("bench", help="time the training step and break it down",
+                       description="Times the step on the toy config and on a mid config (SiT-B/2, 32x32 "
+                       "latents, SD1.5-shaped random UNet teacher) with warm caches.")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON list")
+    p.add_argument("--configs", nargs="+", default=["toy", "mid"], choices=("toy", "mid"))
+    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=2)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("show-recipe", help="print a recipe fully resolved (extends + overrides)")
     _add_recipe_args(p)

@@ -175,13 +175,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--latent", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (1 gives steadier numbers on a CPU shared with other jobs)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"latent {args.latent}x{args.latent}, median of {args.repeats} fwd+bwd")
     print(f"{'model':8s} {'ours ms':>10s} {'reference ms':>13s} {'ratio':>7s}")
     for preset in args.presets:
         ours_ms, ref_ms = bench(preset, args.batch, args.latent, args.repeats)
-        print(f"{preset:8s} {ours_ms:10.1f} {ref_ms:13.1f} {ref_ms / ours_ms:7.2f}")
+        print(f"{preset:8s} {ours_ms:10.1f} {ref_ms:13.1f} {ref_ms / ours_ms:7.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -57,8 +57,12 @@ SIZE_JITTER = 0.10          # relative, uniform +-
 POSITION_JITTER = 0.04      # fraction of min(width, height), uniform +-
 COLOUR_JITTER = 12          # per channel, uniform +-
 BACKGROUND_GREY = (60, 190)  # plain/noisy background base grey level range
-NOISE_STD = 22.0            # luminance noise of the "noisy" background
-CHROMA_NOISE_STD = 5.0      # per-channel noise, keeps the noisy background near-grey
+# The "noisy" background is a smooth texture (noise on a coarse grid, upsampled) plus a little
+# fine grain: a factor-4 VAE can reconstruct it, so its loss is not swamped by incompressible noise.
+NOISE_STD = 24.0            # luminance texture amplitude
+NOISE_CELL = 4              # texture grid cell, pixels
+GRAIN_STD = 4.0             # fine per-pixel luminance grain
+CHROMA_NOISE_STD = 3.0      # per-channel noise, keeps the noisy background near-grey
 SUPERSAMPLE = 4             # anti-aliasing: coverage computed on a 4x4 sub-pixel grid
 
 # Grading thresholds. Saturation = max(rgb) - min(rgb) in 0..255; the palette is >= 150, grey
@@ -225,7 +229,10 @@ def draw(spec: ToySpec) -> Image.Image:
     grey = rng.uniform(*BACKGROUND_GREY)
     canvas = np.full((h, w, 3), grey, dtype=np.float64)
     if spec.background == "noisy":
-        canvas += rng.normal(0.0, NOISE_STD, (h, w, 1)) + rng.normal(0.0, CHROMA_NOISE_STD, (h, w, 3))
+        coarse = rng.normal(0.0, NOISE_STD, (-(-h // NOISE_CELL), -(-w // NOISE_CELL))).astype(np.float32)
+        texture = np.asarray(Image.fromarray(coarse, "F").resize((w, h), Image.BILINEAR), dtype=np.float64)
+        canvas += (texture + rng.normal(0.0, GRAIN_STD, (h, w)))[..., None]
+        canvas += rng.normal(0.0, CHROMA_NOISE_STD, (h, w, 3))
 
     r = SIZES[spec.size] * short * rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER) / 2
     fx, fy = POSITIONS[spec.position]

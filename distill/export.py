@@ -113,11 +113,14 @@ def load_student(source: StudentSource, *, weights: str = "ema", teacher=None, m
         shape = {k: s[k] for k in ("hidden_size", "depth", "num_heads", "mlp_ratio") if s[k] is not None and not model_size}
         student = build_student(preset, cond_dims=teacher.cond_dims, in_channels=teacher.latent_channels,
                                 prediction_type=s.prediction_type, qk_norm=s.qk_norm, **shape)
-    result = student.load_state_dict(state, strict=False)
+    hint = "check --model_size and the recipe"
+    try:
+        result = student.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise RuntimeError(f"{source.path} does not fit the student: {str(e).splitlines()[1:3]}; {hint}") from None
     if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(f"{source.path} does not fit the student ({type(student).__name__}): missing "
-                           f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}; "
-                           "check --model_size and the recipe")
+        raise RuntimeError(f"{source.path} does not fit the student: missing {result.missing_keys[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]}; {hint}")
     return student.to(device).eval()
 
 

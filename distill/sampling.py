@@ -8,7 +8,11 @@ arguments. With a teacher's ``predict_eps`` it reproduces the pipeline's latents
 1e-4); a student plugs in through the same signature.
 
 Schedulers are always built with ``prediction_type="epsilon"``: every ``model_fn`` in the project
-returns epsilon (a v teacher converts inside its adapter).
+returns epsilon (a v teacher converts inside its adapter). For a v-prediction teacher this equals
+the pipeline for every scheduler that converts each model output at its own timestep (DDIM, DDPM,
+Euler, Euler-a, Heun, LMS, DPM-Solver++, UniPC: ~5e-6 measured). diffusers' PNDM instead converts
+the multistep *combination* of v outputs at the current timestep, so there the two differ by
+design. Not mirrored: the pipelines' ``guidance_rescale`` (default 0).
 """
 from __future__ import annotations
 

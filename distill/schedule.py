@@ -158,8 +158,10 @@ class NoiseSchedule:
         """Draw n integer training timesteps (N,) with one of ``TIMESTEP_SAMPLERS`` (keys = modes)."""
         if mode not in TIMESTEP_SAMPLERS:
             raise ValueError(f"unknown timestep mode {mode!r}; choose from {sorted(TIMESTEP_SAMPLERS)}")
-        t = TIMESTEP_SAMPLERS[mode](self, n, generator, **kw)
-        return t.clamp(0, self.num_train_timesteps - 1).long().to(device or "cpu")
+        # Draw on the generator's device (a CUDA generator cannot drive a CPU draw), then move.
+        draw_device = generator.device if generator is not None else torch.device("cpu")
+        t = TIMESTEP_SAMPLERS[mode](self, n, generator, draw_device, **kw)
+        return t.clamp(0, self.num_train_timesteps - 1).long().to(device or draw_device)
 
     # ------------------------------------------------------------------ loss weights
     def min_snr_weight(self, t: Tensor, gamma: float, prediction_type: str = "epsilon") -> Tensor:
@@ -187,28 +189,28 @@ class NoiseSchedule:
 
 
 # ---------------------------------------------------------------------- timestep samplers
-def _uniform(schedule: NoiseSchedule, n: int, generator: torch.Generator | None) -> Tensor:
+def _uniform(schedule: NoiseSchedule, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
     """Uniform over the discrete timesteps, as in DDPM / SD training."""
-    return torch.randint(0, schedule.num_train_timesteps, (n,), generator=generator)
+    return torch.randint(0, schedule.num_train_timesteps, (n,), generator=generator, device=device)
 
 
-def _logit_normal(schedule: NoiseSchedule, n: int, generator: torch.Generator | None,
+def _logit_normal(schedule: NoiseSchedule, n: int, generator: torch.Generator | None, device: torch.device,
                   mean: float = 0.0, std: float = 1.0) -> Tensor:
     """SD3-style logit-normal (Esser et al. 2024, eq. 19): u = sigmoid(N(mean, std)) in (0, 1),
     mapped to the discrete timestep floor(u * T). Concentrates training on the middle of the schedule."""
-    u = torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+    u = torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
     return (u * schedule.num_train_timesteps).floor()
 
 
-def _edm_lognormal(schedule: NoiseSchedule, n: int, generator: torch.Generator | None,
+def _edm_lognormal(schedule: NoiseSchedule, n: int, generator: torch.Generator | None, device: torch.device,
                    p_mean: float = -1.2, p_std: float = 1.2) -> Tensor:
     """SNR-aware: EDM's noise-level distribution (Karras et al. 2022, Table 1: ln sigma ~ N(P_mean,
     P_std), defaults from there) drawn in the teacher's own noise scale sigma = sqrt(1/SNR) and
     mapped to the discrete timestep whose log-SNR is nearest. Because it is defined on the SNR and
     not on t, the same options give the same noise-level distribution for any beta schedule."""
-    log_sigma = p_mean + p_std * torch.randn(n, generator=generator)  # (N,)
+    log_sigma = p_mean + p_std * torch.randn(n, generator=generator, device=device)  # (N,)
     log_snr_target = -2.0 * log_sigma  # SNR = 1 / sigma^2
-    abar = schedule.alphas_cumprod.cpu()
+    abar = schedule.alphas_cumprod.to(device)
     log_snr_table = torch.log(abar) - torch.log1p(-abar)  # (T,) decreasing in t
     return (log_snr_table[None, :] - log_snr_target[:, None]).abs().argmin(dim=1)
 

@@ -34,6 +34,7 @@ from distill.features import FeatureProjector, capture, tokens_from_map
 from distill.losses import combine, eps_loss, feature_loss, sample_guidance_scale, teacher_loss
 from distill.perturb import draw_prompts, jitter_timesteps, load_prompt_file, perturb_embeddings, perturb_input, recombine_captions
 from distill.recipe import save_recipe, to_yaml
+from distill.timing import SectionTimer
 
 # Perturbation parts that act on a data batch (a, b, d), in a fixed order so that the per-sample
 # assignment is reproducible. The trajectory part (c) has its own batch.
@@ -66,7 +67,8 @@ def _where_rows(mask: torch.Tensor, a: dict, b: dict) -> dict:
 class Distiller:
     """Everything a run holds; `fit()` trains, `step()` is one micro-batch."""
 
-    def __init__(self, recipe: DictConfig, accelerator=None):
+    def __init__(self, recipe: DictConfig, accelerator=None, teacher=None):
+        """`teacher`: an already loaded teacher instead of the recipe's (notebooks, benchmarks)."""
         from accelerate import Accelerator
 
         from data.pipeline import build_train_data
@@ -84,7 +86,7 @@ class Distiller:
 
         # Frozen teacher; the student is built to take its conditioning sizes.
         torch.manual_seed(t.seed)  # the student's init is the same on every rank
-        self.teacher = load_teacher_from_recipe(r.teacher, self.device)
+        self.teacher = teacher if teacher is not None else load_teacher_from_recipe(r.teacher, self.device)
         self.schedule = self.teacher.schedule
         self.data = build_train_data(r, self.teacher, rank=acc.process_index, world_size=acc.num_processes)
         self.text_cache = self.data.text_cache
@@ -116,6 +118,7 @@ class Distiller:
         # One generator per process for every random draw of the step (noise, t, dropout, parts).
         self.gen = torch.Generator(self.device).manual_seed(t.seed * 1_000_003 + acc.process_index)
         self.state = TrainState()
+        self.timer = SectionTimer(enabled=False, device=self.device)  # `cli.py bench` turns it on
         self.prompt_pool = load_prompt_file(r.losses.perturbations.prompt_file.path) \
             if r.losses.perturbations.prompt_file.enabled and r.losses.perturbations.prompt_file.path else None
         self.trajectory = None
@@ -196,35 +199,38 @@ class Distiller:
     def step(self, batch: dict) -> dict[str, float]:
         """One micro-batch: forward, loss, backward; the optimizer steps at accumulation ends."""
         r, lo, g, dev = self.recipe, self.recipe.losses, self.gen, self.device
-        sched = self.schedule
+        sched, timer = self.schedule, self.timer
         terms: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
         x_t = t = cond = None
 
         if self.data.needs_images:
             # 1. Conditioning: the teacher's encoders; dropped captions get the unconditional input.
-            captions = list(batch["caption"])
-            cond, uncond = self.encode(captions, batch)
-            n = len(captions)
-            drop = torch.rand(n, generator=g, device=dev) < r.data.caption_dropout  # (N,)
-            cond = _where_rows(drop, uncond, cond)
+            with timer("conditioning"):
+                captions = list(batch["caption"])
+                cond, uncond = self.encode(captions, batch)
+                n = len(captions)
+                drop = torch.rand(n, generator=g, device=dev) < r.data.caption_dropout  # (N,)
+                cond = _where_rows(drop, uncond, cond)
 
             # 2. The noisy state, in the teacher's convention.
-            x0 = self.latents(batch)  # (N, C, h, w)
-            noise = torch.randn(x0.shape, generator=g, device=dev)
-            t = sched.sample_timesteps(n, generator=g, device=dev, mode=lo.timestep_sampling)  # (N,)
-            x_t = sched.add_noise(x0, noise, t)
+            with timer("noise"):
+                x0 = self.latents(batch)  # (N, C, h, w)
+                noise = torch.randn(x0.shape, generator=g, device=dev)
+                t = sched.sample_timesteps(n, generator=g, device=dev, mode=lo.timestep_sampling)  # (N,)
+                x_t = sched.add_noise(x0, noise, t)
 
             # 3. The teacher (frozen, no grad), with its features when they are aligned.
             t_eps, t_feats = None, None
             if lo.teacher or lo.feature:
                 paths = list(lo.features.teacher_modules) if lo.feature else []
-                with capture(self.teacher.unet, paths) as t_feats:
+                with timer("teacher"), capture(self.teacher.unet, paths) as t_feats:
                     t_eps = self.teacher_eps(x_t, t, cond, uncond)
 
             # 4. The student.
             blocks = list(lo.features.student_blocks) if lo.feature else None
-            out = self.student_eps(x_t, t, cond, blocks)
+            with timer("student_forward"):
+                out = self.student_eps(x_t, t, cond, blocks)
             s_eps, s_feats, grid = out if blocks else (out, None, None)
 
             # 5. The loss terms, one value per sample.
@@ -242,10 +248,12 @@ class Distiller:
             if lo.perturb:
                 self.perturbation_terms(captions, x_t, t, cond, batch, terms, weights)
         if self.trajectory is not None:
-            xs, ts, cs = self.trajectory.next()
-            with torch.no_grad():
+            with timer("trajectory_sampling"):
+                xs, ts, cs = self.trajectory.next()
+            with timer("teacher"), torch.no_grad():
                 target = self.teacher.predict_eps(xs, ts, cs)
-            terms["perturb/trajectory"] = teacher_loss(self.student_eps(xs, ts, cs), target)
+            with timer("student_forward"):
+                terms["perturb/trajectory"] = teacher_loss(self.student_eps(xs, ts, cs), target)
             weights["perturb/trajectory"] = lo.perturb * lo.perturbations.trajectory.weight
 
         loss, logs = combine(terms, weights)
@@ -258,18 +266,21 @@ class Distiller:
         if finite.item() < 1.0:
             self.optimizer.zero_grad(set_to_none=True)
             return self.bad_step(logs)
-        acc.backward(loss)
+        with timer("backward"):
+            acc.backward(loss)
         if acc.sync_gradients:
-            params = [p for grp in self.optimizer.param_groups for p in grp["params"]]
-            grad_norm = acc.clip_grad_norm_(params, r.training.max_grad_norm)
-            if not torch.isfinite(grad_norm):
+            with timer("optimizer"):
+                params = [p for grp in self.optimizer.param_groups for p in grp["params"]]
+                grad_norm = acc.clip_grad_norm_(params, r.training.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    return self.bad_step(logs)
+                self.optimizer.step()
+                self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                return self.bad_step(logs)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.update(acc.unwrap_model(self.student), self.state.step)
+            with timer("ema"):
+                if self.ema is not None:
+                    self.ema.update(acc.unwrap_model(self.student), self.state.step)
             self.state.step += 1
             self.state.bad_in_row = 0
             logs["grad_norm"] = grad_norm.detach()
@@ -318,9 +329,10 @@ class Distiller:
             rows = part_of == parts.index("embedding_noise")
             noisy = perturb_embeddings(cond_p, lo.perturbations.embedding_noise.sigma, generator=g)
             cond_p = _where_rows(rows, noisy, cond_p)
-        with torch.no_grad():
+        with self.timer("teacher"), torch.no_grad():
             target = self.teacher.predict_eps(x_p, t_p, cond_p)
-        per_sample = teacher_loss(self.student_eps(x_p, t_p, cond_p), target)  # (N,)
+        with self.timer("student_forward"):
+            per_sample = teacher_loss(self.student_eps(x_p, t_p, cond_p), target)  # (N,)
         for i, part in enumerate(parts):
             rows = part_of == i
             if rows.any():

@@ -286,10 +286,11 @@ class SiTBlock(nn.Module):
                 ctx_mask: torch.Tensor | None = None) -> torch.Tensor:
         mod = adaln_params(self.adaLN_modulation, c).unsqueeze(1)        # (N, 1, 6D) fp32
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
-        x = x + (gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))).to(x.dtype)  # (N, T, D)
+        # residual += gate * branch as one addcmul (promotes to fp32 under autocast; back to the stream's dtype)
+        x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa))).to(x.dtype)  # (N, T, D)
         if self.cross_attn is not None:
-            x = x + self.cross_attn(self.norm_cross(x), ctx, ctx_mask).to(x.dtype)                 # (N, T, D)
-        x = x + (gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))).to(x.dtype)   # (N, T, D)
+            x = x + self.cross_attn(self.norm_cross(x), ctx, ctx_mask).to(x.dtype)                         # (N, T, D)
+        x = torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))).to(x.dtype)   # (N, T, D)
         return x
 
 
@@ -552,8 +553,8 @@ class SiT(ModelMixin, ConfigMixin):
             if name == "pos_embed":
                 # Fixed sin-cos table in official models; ours is recomputed for every grid.
                 side = math.isqrt(shape[1])
-                table = sincos_pos_embed_2d(shape[2], side, side)
-                same = side * side == shape[1] and torch.allclose(tensor[0].float(), table, atol=1e-5)
+                same = side * side == shape[1] and torch.allclose(
+                    tensor[0].float(), sincos_pos_embed_2d(shape[2], side, side), atol=1e-5)
                 if not same:
                     logger.warning("pos_embed in the checkpoint is not the sin-cos table; it is ignored")
                 why = "recomputed per grid" + ("" if same else " (checkpoint table differs from sin-cos!)")

@@ -43,6 +43,9 @@ class Teacher:
     ``prediction_type``), ``scheduler_config`` (a dict; ``distill.sampling.make_scheduler`` builds
     any diffusers sampler from it), ``vae_scale_factor`` (spatial), ``latent_channels``,
     ``dtype`` (of the UNet), ``device``.
+
+    Deliberately not an ``nn.Module``: assigning a teacher to a student attribute registers no
+    parameters, so a teacher can never end up in a student's state dict or optimizer.
     """
 
     family: str = "base"

@@ -84,7 +84,7 @@ def test_absent_seed_flags_keep_the_recipe():
     assert cli.seed_flags_to_overrides(args) == []
 
 
-@pytest.mark.parametrize("argv", [["eval", "ckpt"], ["export", "ckpt", "--out", "x"], ["bench"]])
+@pytest.mark.parametrize("argv", [["eval", "ckpt"], ["export", "ckpt", "--out", "x"]])
 def test_commands_not_in_this_version_say_so(argv, capsys):
     assert cli.main(argv) == cli.EXIT_FAILED
     assert "not part of this version" in capsys.readouterr().err

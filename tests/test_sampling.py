@@ -6,6 +6,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from distill.sampling import SCHEDULERS, make_scheduler, sample, sample_teacher
 from teachers import load_teacher
 from tiny_models import make_tiny_sd15, make_tiny_sdxl
+from tiny_models import one_thread  # noqa: F401  (autouse: one intra-op thread for this module)
 
 TOLERANCE = 1e-4
 PROMPTS = ["a red circle at the top left", "the blue square"]

@@ -5,6 +5,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from teachers import TEACHER_FAMILIES, SD15Teacher, SDXLTeacher, detect_family, load_teacher
 from tiny_models import make_tiny_sd15, make_tiny_sdxl, write_ldm_checkpoint
+from tiny_models import one_thread  # noqa: F401  (autouse: one intra-op thread for this module)
 
 PROMPTS = ["a red circle at the top left", "the blue square"]
 LONG = "a " + "very " * 40 + "long prompt that the tokenizer truncates"

@@ -13,7 +13,19 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import torch
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Import into a test module to run it with one intra-op thread: for tiny models the threads
+    only add overhead, and on a shared CPU they contend badly (measured: the teacher and sampling
+    tests 172 s with 2 threads vs 42-49 s with 1, at load average 5-9 on 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 # A tiny CLIP-style BPE tokenizer: every byte-level character alone and with the end-of-word
 # suffix is in the vocabulary (so any text tokenizes), plus a handful of merges so that the

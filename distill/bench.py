@@ -1,0 +1,138 @@
+"""`cli.py bench`: time the distillation step and break it down.
+
+Two configurations, measured in one run:
+- `toy`: `recipes/toy.yaml` as users run it (the SD1.5-style toy teacher, SiT-S/2, toy world);
+- `mid`: SiT-B/2 on 32x32 latents (256 px) with an SD1.5-shaped, randomly initialised UNet teacher
+  (860 M parameters; text encoder and VAE small, since with caching on they are out of the step).
+
+Each configuration warms up (fills the latent and text caches, first-call allocations), then
+times `steps` steps section by section. The overhead ratio is
+step / (teacher forward + student forward + student backward): everything the trainer adds on top
+of the two networks' own work (data, conditioning, noise, optimizer, EMA, bookkeeping).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CORE = ("teacher", "student_forward", "backward")
+COLUMNS = ("data", "conditioning", "noise", "teacher", "student_forward", "backward", "optimizer", "ema", "other")
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak)
+
+
+def sd15_shaped_teacher(device: torch.device):
+    """An SD1.5-shaped UNet (random weights) behind the real SD15Teacher adapter."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from teachers.sd import SD15Teacher
+    from teachers.toy import SCHEDULER_CONFIGS, train_tokenizer
+
+    torch.manual_seed(0)
+    # diffusers' UNet2DConditionModel defaults are SD1.5's layout; SD1.5 cross-attends to 768-d text.
+    unet = UNet2DConditionModel(sample_size=32, cross_attention_dim=768)
+    vae = AutoencoderKL(block_out_channels=(16, 16, 32, 32), latent_channels=4, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    tokenizer = train_tokenizer(77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=1,
+        num_attention_heads=12, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    return SD15Teacher(unet, vae, text_encoder, tokenizer, SCHEDULER_CONFIGS["sd15"]).to(device)
+
+
+def _config(name: str, workdir: Path, device: torch.device):
+    from distill.recipe import load_recipe
+
+    common = [f"output.dir={workdir / name}", f"data.cache_dir={workdir / 'cache'}", "training.sample_every=0",
+              "output.tensorboard=false"]
+    if name == "toy":
+        return load_recipe(ROOT / "recipes" / "toy.yaml", common), None
+    if name == "mid":
+        from data.toy import ToyWorld
+
+        images = workdir / "mid-data"
+        ToyWorld(resolutions=((256, 256),)).write_folder(images, 32, seed=0)
+        recipe = load_recipe(ROOT / "recipes" / "toy.yaml", common + [
+            f"data.root={images}", "data.resolution=256", "data.bucket=false", "data.min_size=64",
+            "student.preset=B/2", "training.batch_size=8"])
+        return recipe, sd15_shaped_teacher(device)
+    raise ValueError(f"unknown bench configuration {name!r}; choose from toy, mid")
+
+
+def bench_config(name: str, workdir: Path, steps: int, warmup: int) -> dict[str, Any]:
+    from distill.trainer import Distiller
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    recipe, teacher = _config(name, workdir, device)
+    d = Distiller(recipe, teacher=teacher)
+    for batch in d.data.epoch_batches(0):  # one pass fills the latent and text caches
+        d.encode(list(batch["caption"]), batch)
+    batches = iter(d.data.epoch_batches(1))
+
+    def one_step() -> float:
+        start = time.perf_counter()
+        with d.timer("data"):
+            batch = next(batches)
+        with d.accelerator.accumulate(d.student):
+            d.step(batch)
+        if d.timer.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for _ in range(warmup):  # caches filled, allocator and kernels warm
+        one_step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    d.timer.enabled = True
+    d.timer.reset()
+    total = sum(one_step() for _ in range(steps))
+    sections = {k: v / steps * 1000 for k, v in d.timer.totals.items()}
+    step_ms = total / steps * 1000
+    sections["other"] = step_ms - sum(sections.values())
+    core = sum(sections.get(k, 0.0) for k in CORE)
+    student = d.accelerator.unwrap_model(d.student)
+    return {
+        "config": name, "device": str(device), "student": recipe.student.preset,
+        "student_params_M": sum(p.numel() for p in student.parameters()) / 1e6,
+        "teacher_unet_params_M": sum(p.numel() for p in d.teacher.unet.parameters()) / 1e6,
+        "batch_size": recipe.training.batch_size, "latent_hw": list(d.data.example_latent_hw),
+        "steps": steps, "step_ms": step_ms, "sections_ms": {k: sections.get(k, 0.0) for k in COLUMNS},
+        "samples_per_s": recipe.training.batch_size / (total / steps),
+        "peak_memory_MiB": _peak_memory_mb(device), "overhead_ratio": step_ms / core if core else float("nan"),
+        "latent_cache": d.data.cache is not None, "text_cache": d.data.text_cache is not None,
+    }
+
+
+def format_table(results: list[dict]) -> str:
+    head = ["config", "batch", "step ms"] + [c.replace("student_forward", "student fwd") for c in COLUMNS] + [
+        "samples/s", "peak MiB", "overhead"]
+    rows = [head]
+    for r in results:
+        rows.append([r["config"], str(r["batch_size"]), f"{r['step_ms']:.0f}"]
+                    + [f"{r['sections_ms'][c]:.0f}" for c in COLUMNS]
+                    + [f"{r['samples_per_s']:.1f}", f"{r['peak_memory_MiB']:.0f}", f"{r['overhead_ratio']:.3f}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.append("overhead = step / (teacher fwd + student fwd + student bwd); sections in ms per step; "
+                 "peak memory: CUDA allocated, or the process's peak RSS on CPU")
+    return "\n".join(lines)
+
+
+def run_bench(configs: list[str], steps: int = 5, warmup: int = 2, as_json: bool = False) -> str:
+    with tempfile.TemporaryDirectory(prefix="sitdistill-bench-") as tmp:
+        results = [bench_config(name, Path(tmp), steps, warmup) for name in configs]
+    return json.dumps(results, indent=2) if as_json else format_table(results)

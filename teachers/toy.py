@@ -1,0 +1,568 @@
+"""Toy teachers: tiny SD1.5-style and SDXL-style pipelines trained here, on the toy world, on a CPU.
+
+What gets built (all from small configs, all saved as an ordinary diffusers pipeline folder):
+
+* a BPE tokenizer trained with the ``tokenizers`` library on the toy world's captions, wrapped as a
+  ``CLIPTokenizer`` (byte-level alphabet, ``</w>`` word ends, CLIP's special tokens; no external
+  vocabulary). SDXL's second tokenizer is the same vocabulary padded with ``"!"``, as in SDXL.
+* an ``AutoencoderKL`` with downsampling factor 4 (three blocks): a 64 px image gives a 16x16 latent,
+  i.e. 8x8 = 64 tokens for a patch-2 SiT student (factor 8 would leave 16 tokens). Trained with
+  L1 + MSE + a small KL term; ``scaling_factor`` = 1 / (measured latent std), as SD did.
+  Trained once and shared by both families (cached under its own key).
+* ``CLIPTextModel`` (SDXL adds ``CLIPTextModelWithProjection``), trained jointly with the UNet by the
+  diffusion loss alone: the encoder only has to separate a few dozen words, no contrastive stage.
+* ``UNet2DConditionModel`` with cross-attention only at the two lower resolutions (attention at the
+  highest resolution dominates a tiny UNet's cost). SDXL: ``addition_embed_type="text_time"`` with
+  pooled text embeds and the six micro-conditioning ids.
+* The scheduler config of the real teacher it imitates (SD1.5: PNDM, SDXL: Euler; both 1000 steps,
+  scaled_linear 0.00085 -> 0.012, epsilon). Training noise comes from ``DDPMScheduler`` built from
+  that same config, so ``add_noise`` is the convention by definition.
+
+Classifier-free guidance: 10 % of captions are dropped. SD1.5 drops to the empty prompt (what the
+pipeline encodes for the negative); SDXL drops to all-zero embeddings, because its pipeline's
+``force_zeros_for_empty_prompt`` makes the unconditional branch exactly zero.
+
+Building is cached: ``ensure_toy_teacher(family)`` returns ``<cache>/toy-teacher/<family>-<key>``,
+key = hash of the settings and ``TOY_TEACHER_VERSION``; builds go to a temporary folder renamed into
+place at the end, so an interrupted build never looks finished.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from data import toy as world
+
+TOY_TEACHER_VERSION = "1"  # bump when a change here alters what a build produces
+FAMILIES = ("sd15", "sdxl")
+FINISHED_MARKER = "toy_teacher.json"  # written last inside the temporary folder, before the rename
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+SDXL_PAD = "!"
+
+# The real teachers' scheduler configs (what SD1.5 / SDXL ship), so the toy teachers are read by
+# the same loading and schedule code as the real ones.
+SCHEDULER_CONFIGS = {
+    "sd15": {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+             "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon", "set_alpha_to_one": False,
+             "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False},
+    "sdxl": {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000,
+             "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+             "prediction_type": "epsilon", "interpolation_type": "linear", "use_karras_sigmas": False,
+             "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
+             "clip_sample": False, "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True},
+}
+
+# Model sizes. "small" is the real toy teacher; "tiny" exists for tests (seconds to build).
+PRESETS = {
+    "small": dict(vae_channels=(16, 32, 32), unet_channels=(32, 64, 64), text_hidden=64, text_hidden_2=64,
+                  text_layers=2, text_heads=4, projection_dim=32, time_embed_dim=8, attention_head_dim=8),
+    "tiny": dict(vae_channels=(8, 16, 16), unet_channels=(16, 32, 32), text_hidden=16, text_hidden_2=16,
+                 text_layers=2, text_heads=2, projection_dim=8, time_embed_dim=4, attention_head_dim=4),
+}
+
+
+@dataclass(frozen=True)
+class ToyTeacherSettings:
+    """Everything that determines a toy teacher (its cache key is a hash of these)."""
+    family: str = "sd15"
+    preset: str = "small"
+    seed: int = 0
+    n_images: int = 3000            # training images drawn from the toy world
+    resolutions: tuple = world.RESOLUTIONS
+    max_length: int = 16            # tokenizer/text-encoder context (captions are <= 14 tokens)
+    vae_steps: int = 400
+    vae_batch: int = 16
+    vae_crop: int = 32              # the VAE is fully convolutional: train on crops, 4x cheaper
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-4
+    unet_steps: int = 600
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.995
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown toy-teacher family {self.family!r}; choose from {FAMILIES}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown toy-teacher preset {self.preset!r}; choose from {list(PRESETS)}")
+
+    def vae_part(self) -> dict:
+        """The settings the VAE depends on (the VAE is shared by both families)."""
+        return {k: getattr(self, k) for k in ("preset", "seed", "n_images", "resolutions", "vae_steps",
+                                             "vae_batch", "vae_crop", "vae_lr", "vae_kl_weight")}
+
+
+def _key(payload: dict) -> str:
+    text = json.dumps({"version": TOY_TEACHER_VERSION, **payload}, sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def default_cache_root() -> Path:
+    try:
+        from distill.paths import cache_dir
+        return Path(cache_dir())
+    except ImportError:
+        return Path(os.environ.get("SITDISTILL_CACHE", os.path.expanduser("~/.cache/sitdistill")))
+
+
+# --- Tokenizer ----------------------------------------------------------------------------------
+def toy_corpus() -> list[str]:
+    """Every caption the world can write (full and short forms): the tokenizer's training text."""
+    out = []
+    for colour, shape in world.all_combos():
+        for pos in world.POSITIONS:
+            short = f"a {colour} {shape} {world.POSITION_PHRASES[pos]}"
+            out.append(short)
+            for size in world.SIZES:
+                for bg in world.BACKGROUNDS:
+                    out.append(world.ToySpec(colour, shape, pos, size, bg).caption)
+    return out
+
+
+def train_tokenizer(max_length: int, pad_token: str = EOS):
+    """BPE trained with the ``tokenizers`` library on the toy corpus, wrapped as a CLIPTokenizer.
+
+    CLIP's BPE marks word ends with ``</w>`` and needs every byte-level character, alone and with
+    ``</w>``, in the vocabulary (so any text tokenizes); merges then make each toy word one token.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=100_000, initial_alphabet=alphabet, end_of_word_suffix="</w>",
+                                  special_tokens=[BOS, EOS], show_progress=False)
+    bpe.train_from_iterator(toy_corpus(), trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab: dict[str, int] = dict(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
+    for ch in sorted(alphabet):
+        for piece in (ch, ch + "</w>"):
+            vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=max_length)
+
+
+def _tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
+    # Exactly what the pipelines do: pad to model_max_length, truncate.
+    return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+# --- Models -------------------------------------------------------------------------------------
+def build_vae(preset: str):
+    from diffusers import AutoencoderKL
+    ch = PRESETS[preset]["vae_channels"]
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=ch,
+                         down_block_types=("DownEncoderBlock2D",) * len(ch),
+                         up_block_types=("UpDecoderBlock2D",) * len(ch), layers_per_block=1,
+                         norm_num_groups=8, sample_size=64)
+
+
+def build_text_encoder(preset: str, tokenizer, hidden: int, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    p = PRESETS[preset]
+    # eos_token_id must be the tokenizer's: the default (2) selects the legacy argmax pooling.
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=p["text_layers"], num_attention_heads=p["text_heads"],
+                            max_position_embeddings=tokenizer.model_max_length, projection_dim=p["projection_dim"],
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, hidden_act="gelu")
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def build_unet(preset: str, family: str, cross_attention_dim: int, sample_size: int = 16):
+    from diffusers import UNet2DConditionModel
+    p = PRESETS[preset]
+    extra = {}
+    if family == "sdxl":
+        # Pooled text (projection_dim) + 6 micro-conditioning ids, each embedded in time_embed_dim.
+        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=p["time_embed_dim"],
+                     projection_class_embeddings_input_dim=p["projection_dim"] + 6 * p["time_embed_dim"])
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=p["unet_channels"],
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=p["attention_head_dim"],
+        norm_num_groups=8, **extra)
+
+
+# --- Data ---------------------------------------------------------------------------------------
+def _draw_groups(settings: ToyTeacherSettings) -> dict[tuple[int, int], dict]:
+    """Training set grouped by resolution (a batch is one resolution): pixels in [-1, 1] + captions."""
+    specs = world.ToyWorld(resolutions=tuple(map(tuple, settings.resolutions))).sample(settings.n_images,
+                                                                                     settings.seed)
+    groups: dict[tuple[int, int], dict] = {}
+    for spec in specs:
+        g = groups.setdefault((spec.width, spec.height), {"pixels": [], "captions": []})
+        g["pixels"].append(np.asarray(world.draw(spec)))
+        g["captions"].append(spec.caption)
+    for g in groups.values():
+        arr = np.stack(g["pixels"]).astype(np.float32) / 127.5 - 1.0  # (N, H, W, 3)
+        g["pixels"] = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+    return groups
+
+
+def _pick_group(groups: dict, gen: torch.Generator) -> dict:
+    """A resolution group, chosen in proportion to its size."""
+    keys = sorted(groups)
+    sizes = torch.tensor([len(groups[k]["captions"]) for k in keys], dtype=torch.float)
+    return groups[keys[int(torch.multinomial(sizes, 1, generator=gen))]]
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10 %."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# --- VAE ----------------------------------------------------------------------------------------
+def train_vae(settings: ToyTeacherSettings, groups: dict, out_dir: Path | None = None):
+    """Train the factor-4 VAE on random crops; set scaling_factor = 1 / latent std; optionally save."""
+    gen = torch.Generator().manual_seed(settings.seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(settings.seed)
+        vae = build_vae(settings.preset)
+    opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
+    crop = settings.vae_crop
+    t0 = time.time()
+    bar = tqdm(range(settings.vae_steps), desc="toy VAE", mininterval=5, file=sys.stdout)
+    for step in bar:
+        g = _pick_group(groups, gen)
+        n, _, h, w = g["pixels"].shape
+        idx = torch.randint(n, (settings.vae_batch,), generator=gen)
+        top = int(torch.randint(h - crop + 1, (1,), generator=gen))
+        left = int(torch.randint(w - crop + 1, (1,), generator=gen))
+        x = g["pixels"][idx, :, top:top + crop, left:left + crop]  # (B, 3, c, c)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        recon = vae.decode(z).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + settings.vae_kl_weight * posterior.kl().mean() / z[0].numel()
+        for group_ in opt.param_groups:
+            group_["lr"] = settings.vae_lr * _lr_factor(step, settings.vae_steps, settings.warmup_steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    # SD's scaling_factor (0.18215) is 1 / std of its latents, so the diffusion sees unit variance.
+    with torch.no_grad():
+        stds = [vae.encode(g["pixels"][:256]).latent_dist.sample(generator=gen).std() for g in groups.values()]
+    vae.register_to_config(scaling_factor=float(1.0 / torch.stack(stds).mean()))
+    print(f"toy VAE: {settings.vae_steps} steps in {time.time() - t0:.0f} s, final loss {loss.item():.4f}, "
+          f"scaling_factor {vae.config.scaling_factor:.4f}", flush=True)
+    if out_dir is not None:
+        vae.save_pretrained(out_dir)
+    return vae
+
+
+def ensure_toy_vae(settings: ToyTeacherSettings, groups: dict, cache_dir: Path | None):
+    """The shared VAE: loaded from ``<cache>/toy-teacher/vae-<key>`` when built before."""
+    from diffusers import AutoencoderKL
+    if cache_dir is None:
+        return train_vae(settings, groups)
+    final = Path(cache_dir) / "toy-teacher" / f"vae-{_key(settings.vae_part())}"
+    if not (final / "config.json").exists() or not (final / "diffusion_pytorch_model.safetensors").exists():
+        with _atomic_dir(final) as tmp:
+            train_vae(settings, groups, tmp)
+    print(f"toy VAE from {final}", flush=True)
+    return AutoencoderKL.from_pretrained(final).eval().requires_grad_(False)
+
+
+# --- Text conditioning, as the pipelines build it ------------------------------------------------
+def encode_text(family: str, encoders: list, ids: list[torch.Tensor], drop: torch.Tensor) -> dict:
+    """UNet keyword arguments for token ids; ``drop`` (B,) bool marks CFG-dropped captions.
+
+    SD1.5: last hidden state of the encoder (ids of dropped captions are already the empty prompt's).
+    SDXL: penultimate hidden states of both encoders concatenated, pooled = encoder 2's projected
+    output, dropped captions zeroed (``force_zeros_for_empty_prompt``) — StableDiffusionXLPipeline's
+    ``encode_prompt``.
+    """
+    if family == "sd15":
+        return {"encoder_hidden_states": encoders[0](ids[0])[0]}  # (B, L, D)
+    out1 = encoders[0](ids[0], output_hidden_states=True)
+    out2 = encoders[1](ids[1], output_hidden_states=True)
+    states = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)  # (B, L, D1 + D2)
+    pooled = out2.text_embeds  # (B, projection_dim)
+    keep = (~drop).to(states.dtype)
+    return {"encoder_hidden_states": states * keep[:, None, None], "text_embeds": pooled * keep[:, None]}
+
+
+def sdxl_time_ids(height: int, width: int, batch: int) -> torch.Tensor:
+    """original_size (h, w) + crop (top, left) + target_size (h, w): the pipeline's default ids."""
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(batch, 1)
+
+
+# --- The build ----------------------------------------------------------------------------------
+def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_dir: str | Path | None = None) -> Path:
+    """Train a toy teacher and save it as a diffusers pipeline folder at ``out_dir`` (atomically).
+
+    ``cache_dir`` (optional) is where the shared VAE is cached; without it the VAE is trained here.
+    """
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.schedulers import EulerDiscreteScheduler, PNDMScheduler
+
+    out_dir = Path(out_dir)
+    fam, t_start = settings.family, time.time()
+    timings: dict[str, float] = {}
+    cpu_start = time.process_time()
+    groups = _draw_groups(settings)
+    timings["draw_s"] = time.time() - t_start
+
+    t0 = time.time()
+    vae = ensure_toy_vae(settings, groups, None if cache_dir is None else Path(cache_dir))
+    timings["vae_s"] = time.time() - t0
+
+    p = PRESETS[settings.preset]
+    tokenizers = [train_tokenizer(settings.max_length)]
+    if fam == "sdxl":
+        tokenizers.append(train_tokenizer(settings.max_length, pad_token=SDXL_PAD))
+    with torch.random.fork_rng():
+        torch.manual_seed(settings.seed + 1)
+        encoders = [build_text_encoder(settings.preset, tokenizers[0], p["text_hidden"])]
+        if fam == "sdxl":
+            encoders.append(build_text_encoder(settings.preset, tokenizers[1], p["text_hidden_2"], with_projection=True))
+        unet = build_unet(settings.preset, fam, sum(e.config.hidden_size for e in encoders))
+
+    # Latent posteriors, computed once: each step samples z = mean + std * noise (as SD training does).
+    t0 = time.time()
+    with torch.no_grad():
+        for g in groups.values():
+            dist = [vae.encode(chunk).latent_dist for chunk in g["pixels"].split(256)]
+            g["mean"] = torch.cat([d.mean for d in dist])
+            g["std"] = torch.cat([d.std for d in dist])
+            g["ids"] = [_tokenize(tok, g["captions"]) for tok in tokenizers]
+    empty_ids = [_tokenize(tok, [""]) for tok in tokenizers]  # what the pipeline encodes as negative
+    timings["encode_s"] = time.time() - t0
+
+    scheduler_config = SCHEDULER_CONFIGS[fam]
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config)  # training noise: add_noise *is* the convention
+    num_t = noise_scheduler.config.num_train_timesteps
+    scaling = vae.config.scaling_factor
+    params = list(unet.parameters()) + [q for e in encoders for q in e.parameters()]
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    ema = [q.detach().clone() for q in params]
+    gen = torch.Generator().manual_seed(settings.seed + 2)
+    unet.train()
+    for e in encoders:
+        e.train()
+
+    t0 = time.time()
+    bar = tqdm(range(settings.unet_steps), desc=f"toy {fam} UNet", mininterval=5, file=sys.stdout)
+    for step in bar:
+        g = _pick_group(groups, gen)
+        b = settings.batch_size
+        idx = torch.randint(len(g["captions"]), (b,), generator=gen)
+        mean, std = g["mean"][idx], g["std"][idx]
+        latents = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling  # (B, 4, h, w)
+        drop = torch.rand(b, generator=gen) < settings.caption_dropout
+        ids = [torch.where(drop[:, None], e_ids, t_ids[idx]) for e_ids, t_ids in zip(empty_ids, g["ids"])]
+        cond = encode_text(fam, encoders, ids, drop)
+        if fam == "sdxl":
+            cond = {"encoder_hidden_states": cond["encoder_hidden_states"],
+                    "added_cond_kwargs": {"text_embeds": cond["text_embeds"],
+                                          "time_ids": sdxl_time_ids(*g["pixels"].shape[-2:], b)}}
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, num_t, (b,), generator=gen)
+        x_t = noise_scheduler.add_noise(latents, noise, t)
+        pred = unet(x_t, t, **cond).sample  # epsilon prediction, like SD
+        loss = F.mse_loss(pred, noise)
+        for pg in opt.param_groups:
+            pg["lr"] = settings.lr * _lr_factor(step, settings.unet_steps, settings.warmup_steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        # EMA with a warm-up (decay grows with the step), as short runs need it to forget the init.
+        decay = min(settings.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [q.detach() for q in params], 1 - decay)
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    timings["unet_s"] = time.time() - t0
+    with torch.no_grad():
+        for q, e in zip(params, ema):
+            q.copy_(e)
+    unet.eval().requires_grad_(False)
+    for e in encoders:
+        e.eval().requires_grad_(False)
+
+    scheduler_cls = {"sd15": PNDMScheduler, "sdxl": EulerDiscreteScheduler}[fam]
+    scheduler = scheduler_cls.from_config(scheduler_config)
+    if fam == "sd15":
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    else:
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
+                                         tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
+                                         scheduler=scheduler, force_zeros_for_empty_prompt=True,
+                                         add_watermarker=False)
+    timings["total_s"] = time.time() - t_start
+    timings["cpu_s"] = time.process_time() - cpu_start  # CPU time: the honest figure on a shared machine
+    info = {"version": TOY_TEACHER_VERSION, "settings": asdict(settings), "timings": timings,
+            "final_loss": float(loss.item()), "torch_threads": torch.get_num_threads()}
+    with _atomic_dir(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / FINISHED_MARKER).write_text(json.dumps(info, indent=1, default=list) + "\n")
+    print(f"toy {fam} teacher saved to {out_dir}: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
+          flush=True)
+    return out_dir
+
+
+class _atomic_dir:
+    """Write into a sibling temporary folder; rename it to ``final`` only when the block succeeds.
+
+    An existing ``final`` is replaced (a half-written one left by an older, non-atomic copy included).
+    On an exception the temporary folder is removed and ``final`` is left as it was.
+    """
+
+    def __init__(self, final: Path):
+        self.final = Path(final)
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(self.tmp, self.final)
+        return False
+
+
+def is_finished(folder: str | Path) -> bool:
+    """A build is finished when its marker and pipeline index exist (both are written before the rename)."""
+    folder = Path(folder)
+    return (folder / FINISHED_MARKER).is_file() and (folder / "model_index.json").is_file()
+
+
+def toy_teacher_dir(settings: ToyTeacherSettings, cache_dir: str | Path | None = None) -> Path:
+    root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+    return root / "toy-teacher" / f"{settings.family}-{_key(asdict(settings))}"
+
+
+def ensure_toy_teacher(family: str = "sd15", cache_dir: str | Path | None = None, **settings) -> Path:
+    """The cached toy teacher folder for these settings; built on first use (minutes on a CPU)."""
+    s = ToyTeacherSettings(family=family, **settings)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+    final = toy_teacher_dir(s, root)
+    if not is_finished(final):
+        build_toy_teacher(final, s, cache_dir=root)
+    return final
+
+
+# --- Fidelity -----------------------------------------------------------------------------------
+EVAL_SEED = 10_007         # held-out prompts: a seed the training data (seed 0.. by default) does not use
+EVAL_STEPS = 25
+EVAL_GUIDANCE = 5.0
+
+
+def evaluate(folder: str | Path, n: int = 64, seed: int = EVAL_SEED, steps: int = EVAL_STEPS,
+             guidance: float = EVAL_GUIDANCE, batch_size: int = 16) -> dict:
+    """Sample the saved pipeline (loaded with diffusers' from_pretrained) on n held-out prompts and grade.
+
+    Sampler: DDIM (built from the saved scheduler config), ``steps`` steps, CFG ``guidance``; each
+    prompt is sampled at its spec's resolution, so all aspect ratios are covered.
+    """
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    folder = Path(folder)
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    info = json.loads((folder / FINISHED_MARKER).read_text()) if (folder / FINISHED_MARKER).exists() else {}
+    res = tuple(map(tuple, info.get("settings", {}).get("resolutions", world.RESOLUTIONS)))
+    specs = world.ToyWorld(resolutions=res).sample(n, seed)
+    images: list = [None] * n
+    t0 = time.time()
+    gen = torch.Generator().manual_seed(seed)
+    for wh in sorted({(s.width, s.height) for s in specs}):
+        idx = [i for i, s in enumerate(specs) if (s.width, s.height) == wh]
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start:start + batch_size]
+            out = pipe([specs[i].caption for i in chunk], width=wh[0], height=wh[1], num_inference_steps=steps,
+                       guidance_scale=guidance, generator=gen, output_type="pil").images
+            for i, im in zip(chunk, out):
+                images[i] = im
+    rates = world.fidelity(images, specs)
+    rates.update(sampler="DDIM", steps=steps, guidance=guidance, seed=seed, sample_s=round(time.time() - t0, 1),
+                 build_s=round(info.get("timings", {}).get("total_s", float("nan")), 1))
+    return rates
+
+
+# --- Command line -------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--family", choices=FAMILIES, default="sd15")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="build into this folder (default: the cache, <cache>/toy-teacher/<family>-<key>)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="cache root (default $SITDISTILL_CACHE)")
+    parser.add_argument("--preset", choices=list(PRESETS), default="small")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--unet-steps", type=int, default=None)
+    parser.add_argument("--vae-steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own choice; 1 is faster on a busy shared CPU)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if a finished build exists")
+    parser.add_argument("--eval", type=int, default=0, metavar="N",
+                        help="after building, sample N held-out prompts and print colour/shape/position fidelity")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog="toy-teacher", description=__doc__.split("\n")[0]))
+
+
+def run(args: argparse.Namespace) -> Path:
+    overrides = {k: v for k, v in (("unet_steps", args.unet_steps), ("vae_steps", args.vae_steps),
+                                   ("batch_size", args.batch_size)) if v is not None}
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    s = ToyTeacherSettings(family=args.family, preset=args.preset, seed=args.seed, **overrides)
+    cache = args.cache_dir if args.cache_dir is not None else default_cache_root()
+    folder = args.out if args.out is not None else toy_teacher_dir(s, cache)
+    done = is_finished(folder) and json.loads((Path(folder) / FINISHED_MARKER).read_text()).get("settings") == \
+        json.loads(json.dumps(asdict(s), default=list))
+    if args.force or not done:
+        build_toy_teacher(folder, s, cache_dir=cache)
+    else:
+        print(f"toy {s.family} teacher already built at {folder}", flush=True)
+    if args.eval:
+        print(json.dumps(evaluate(folder, n=args.eval)), flush=True)
+    print(folder)
+    return Path(folder)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The toy world (drawing, captions, grader, tagutl folder) and the toy teachers (tiny builds, caching)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import toy
+from teachers import toy as toy_teacher
+
+# A toy teacher small enough to build in seconds: 32 px images, a handful of steps.
+TINY = dict(preset="tiny", n_images=24, resolutions=((32, 32), (32, 16)), vae_steps=2, vae_batch=4, vae_crop=16,
+            unet_steps=2, batch_size=4, warmup_steps=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models on a shared CPU: one thread avoids OpenMP oversubscription stalls.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- The world -----------------------------------------------------------------------------------
+def test_sampling_and_drawing_are_deterministic_by_seed():
+    a, b = toy.ToyWorld().sample(30, seed=3), toy.ToyWorld().sample(30, seed=3)
+    assert a == b
+    assert a != toy.ToyWorld().sample(30, seed=4)
+    assert np.array_equal(np.asarray(toy.draw(a[0])), np.asarray(toy.draw(b[0])))
+    other = toy.ToySpec(**{**a[0].__dict__, "seed": a[0].seed + 1})
+    assert not np.array_equal(np.asarray(toy.draw(a[0])), np.asarray(toy.draw(other)))
+
+
+def test_caption_round_trip_and_grammar():
+    for spec in toy.ToyWorld().sample(100, seed=0):
+        assert toy.spec_from_caption(spec.caption, spec.width, spec.height, spec.seed) == spec
+    assert toy.parse_caption("a red circle at the top left") == {
+        "size": None, "colour": "red", "shape": "circle", "position": "top left", "background": None}
+    assert toy.parse_caption("A  small blue square in the center on a noisy background")["size"] == "small"
+    for bad in ("a red circle", "a purple circle at the top left", "the red circle at the top left"):
+        with pytest.raises(ValueError):
+            toy.parse_caption(bad)
+
+
+def test_aspect_ratios_and_sizes():
+    specs = toy.ToyWorld().sample(60, seed=1)
+    assert {(s.width, s.height) for s in specs} == set(toy.RESOLUTIONS)
+    for s in specs[:12]:
+        assert toy.draw(s).size == (s.width, s.height)
+    # Pixel sides divide by VAE factor 4 x student patch 2 x the UNet's two halvings.
+    assert all(w % 16 == 0 and h % 16 == 0 for w, h in toy.RESOLUTIONS)
+
+
+def test_combo_filters():
+    held_out = (("red", "circle"), ("blue", "square"))
+    specs = toy.ToyWorld(exclude_combos=held_out).sample(300, seed=2)
+    assert not {s.combo for s in specs} & set(held_out)
+    assert {s.combo for s in toy.ToyWorld(only_combos=held_out).sample(50, seed=2)} == set(held_out)
+    with pytest.raises(ValueError):
+        toy.ToyWorld(only_combos=held_out, exclude_combos=held_out).sample(1, seed=0)
+
+
+def test_grader_is_right_on_real_toy_images():
+    specs = toy.ToyWorld().sample(150, seed=11)
+    rates = toy.fidelity([toy.draw(s) for s in specs], specs)
+    assert rates["colour"] >= 0.95 and rates["shape"] >= 0.95 and rates["position"] >= 0.95, rates
+    # Captions grade the same as specs; tensors in [-1, 1] the same as PIL images.
+    img = toy.draw(specs[0])
+    tensor = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1
+    assert toy.grade(tensor, specs[0].caption) == toy.grade(img, specs[0]) == dict(colour=True, shape=True,
+                                                                                   position=True)
+
+
+def test_grader_is_near_chance_on_noise_images():
+    specs = toy.ToyWorld().sample(300, seed=12)
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 256, (s.height, s.width, 3), dtype=np.uint8) for s in specs]
+    rates = toy.fidelity(noise, specs)
+    for factor, k in (("colour", len(toy.COLOURS)), ("shape", len(toy.SHAPES)), ("position", len(toy.POSITIONS))):
+        assert rates[factor] <= 1 / k + 0.1, (factor, rates)
+    # A blank grey image shows nothing: every grade is False.
+    assert not any(toy.grade(np.full((64, 64, 3), 128, np.uint8), specs[0]).values())
+
+
+def test_write_folder_is_a_tagutl_folder(tmp_path):
+    paths = toy.write_folder(tmp_path, 6, seed=5, sizes=[(64, 48), (48, 64)])
+    assert len(paths) == 6 and sorted(p.name for p in tmp_path.glob("*.png")) == [p.name for p in paths]
+    for p in paths:
+        caption = p.with_suffix(".txt").read_text().strip()
+        meta = json.loads(p.with_suffix(".json").read_text())
+        assert meta["caption"] == caption and toy.parse_caption(caption)["colour"] == meta["colour"]
+        img = Image.open(p)
+        assert img.size == (meta["width"], meta["height"]) and img.size in {(64, 48), (48, 64)}
+        assert all(toy.grade(img, caption).values())
+    assert toy.write_folder(tmp_path / "again", 6, seed=5, sizes=[(64, 48), (48, 64)], metadata=False)
+    assert not list((tmp_path / "again").glob("*.json"))
+    assert (tmp_path / "again" / "000003.png").read_bytes() == paths[3].read_bytes()
+
+
+# --- Toy teachers --------------------------------------------------------------------------------
+def test_tokenizer_is_trained_on_the_toy_vocabulary():
+    tok = toy_teacher.train_tokenizer(16)
+    ids = tok("a small magenta diamond at the bottom right on a noisy background").input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and len(ids) == 14  # one token a word
+    assert tok.eos_token_id != 2 or tok.convert_ids_to_tokens(2) == "<|endoftext|>"
+    assert len(tok("zebra!").input_ids) > 3  # unseen words still tokenize (byte-level alphabet)
+    tok2 = toy_teacher.train_tokenizer(16, pad_token="!")
+    assert tok2("a red", padding="max_length", max_length=16).input_ids[-1] == tok2.convert_tokens_to_ids("!")
+
+
+@pytest.fixture(scope="module")
+def tiny_teachers(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return cache, {fam: toy_teacher.ensure_toy_teacher(fam, cache_dir=cache, **TINY) for fam in toy_teacher.FAMILIES}
+
+
+def test_tiny_sd15_teacher_loads_in_diffusers_and_runs(tiny_teachers):
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_teachers[1]["sd15"])
+    assert pipe.vae_scale_factor == 4 and pipe.vae.config.scaling_factor != 0.18215
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.prediction_type == "epsilon"
+    out = pipe("a red circle at the top left", num_inference_steps=2, height=16, width=32, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 16, 32, 3) and np.isfinite(out).all()
+    # The conditioning the teacher was trained with is exactly what the pipeline builds.
+    ids = toy_teacher._tokenize(pipe.tokenizer, ["a red circle at the top left", ""])
+    ours = toy_teacher.encode_text("sd15", [pipe.text_encoder], [ids], torch.tensor([False, True]))
+    pos, neg = pipe.encode_prompt("a red circle at the top left", "cpu", 1, True)
+    torch.testing.assert_close(ours["encoder_hidden_states"], torch.cat([pos, neg]))
+
+
+def test_tiny_sdxl_teacher_loads_in_diffusers_and_runs(tiny_teachers):
+    from diffusers import StableDiffusionXLPipeline
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_teachers[1]["sdxl"])
+    assert pipe.tokenizer_2.pad_token == "!" and pipe.unet.config.addition_embed_type == "text_time"
+    out = pipe("a red circle at the top left", num_inference_steps=2, height=32, width=32, output_type="np").images
+    assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+    prompt = "a blue square in the center"
+    ids = [toy_teacher._tokenize(t, [prompt, ""]) for t in (pipe.tokenizer, pipe.tokenizer_2)]
+    ours = toy_teacher.encode_text("sdxl", [pipe.text_encoder, pipe.text_encoder_2], ids, torch.tensor([False, True]))
+    pos, neg, pooled, neg_pooled = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=True)
+    torch.testing.assert_close(ours["encoder_hidden_states"], torch.cat([pos, neg]))
+    torch.testing.assert_close(ours["text_embeds"], torch.cat([pooled, neg_pooled]))
+
+
+def test_cache_returns_the_same_folder_without_rebuilding(tiny_teachers, monkeypatch):
+    cache, built = tiny_teachers
+    assert built["sd15"].parent == cache / "toy-teacher" and built["sd15"] != built["sdxl"]
+    assert len(list((cache / "toy-teacher").glob("vae-*"))) == 1  # both families share one VAE
+
+    def must_not_build(*a, **k):
+        raise AssertionError("rebuilt a cached toy teacher")
+    monkeypatch.setattr(toy_teacher, "build_toy_teacher", must_not_build)
+    assert toy_teacher.ensure_toy_teacher("sd15", cache_dir=cache, **TINY) == built["sd15"]
+    # Different settings -> a different key -> a build.
+    with pytest.raises(AssertionError, match="rebuilt"):
+        toy_teacher.ensure_toy_teacher("sd15", cache_dir=cache, **{**TINY, "seed": 1})
+
+
+def test_interrupted_build_is_not_taken_as_finished(tiny_teachers, monkeypatch):
+    cache, _ = tiny_teachers
+    settings = {**TINY, "unet_steps": 1}
+    final = toy_teacher.toy_teacher_dir(toy_teacher.ToyTeacherSettings(family="sd15", **settings), cache)
+
+    # A build killed while saving: the exception escapes, nothing is left under the final name.
+    from diffusers import DiffusionPipeline
+
+    def killed(self, save_directory, **kw):
+        (save_directory / "unet").mkdir()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(DiffusionPipeline, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        toy_teacher.ensure_toy_teacher("sd15", cache_dir=cache, **settings)
+    assert not final.exists() and not list(final.parent.glob(f".{final.name}.partial-*"))
+    monkeypatch.undo()
+
+    # A folder under the final name without the finished marker (e.g. copied half-way) is rebuilt.
+    (final / "unet").mkdir(parents=True)
+    (final / "model_index.json").write_text("{}")
+    assert not toy_teacher.is_finished(final)
+    assert toy_teacher.ensure_toy_teacher("sd15", cache_dir=cache, **settings) == final
+    assert toy_teacher.is_finished(final) and (final / "unet" / "config.json").exists()
+
+
+def test_cli_parser_builds_into_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("SITDISTILL_CACHE", str(tmp_path / "cache"))
+    args = toy_teacher.build_parser().parse_args(["--family", "sdxl", "--out", str(tmp_path / "t"), "--eval", "4"])
+    assert args.family == "sdxl" and args.eval == 4 and args.out == tmp_path / "t"
+    with pytest.raises(SystemExit):
+        toy_teacher.build_parser().parse_args(["--family", "sd3"])
