@@ -62,6 +62,9 @@ def _run_recipe(recipe_path: str | None, overrides: list[str], dry_run: bool) ->
     from distill.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
+    from distill.build import check_names
+
+    check_names(recipe)
     if dry_run:
         print(describe_plan(recipe))
         print("dry run: nothing was trained or written.")

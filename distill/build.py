@@ -16,6 +16,24 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 TOY_PREFIX = "toy:"
 
 
+def check_names(recipe: DictConfig) -> None:
+    """Names that select from the project's dicts (presets, samplers, timestep samplers) exist.
+
+    Raises RecipeError naming the key and the valid names, so a typo in a real-size recipe shows
+    on `--dry-run`, before any weight is loaded.
+    """
+    from distill.recipe import RecipeError
+    from distill.sampling import SCHEDULERS
+    from distill.schedule import TIMESTEP_SAMPLERS
+    from students import PRESETS
+
+    for key, value, valid in (("student.preset", recipe.student.preset, PRESETS),
+                              ("sampling.scheduler", recipe.sampling.scheduler, SCHEDULERS),
+                              ("losses.timestep_sampling", recipe.losses.timestep_sampling, TIMESTEP_SAMPLERS)):
+        if value not in valid:
+            raise RecipeError(f"'{key}' is {value!r}; choose one of {', '.join(valid)}")
+
+
 def resolve_teacher_source(source: str) -> str:
     """`toy:sd15` / `toy:sdxl` -> the cached toy teacher folder (built on first use)."""
     if source.startswith(TOY_PREFIX):

@@ -46,6 +46,9 @@ NOISE_PROBE_SEED = 20240917
 # Held-out toy prompts are drawn with the training world's seed plus this offset.
 HELD_OUT_SEED_OFFSET = 1_000_003
 NOT_COMPUTED = "not computed (no local weights given)"
+# Grid cells are enlarged (nearest neighbour, whole factors) to at least this many pixels, so
+# 64-px toy samples are readable in the report.
+GRID_MIN_CELL = 128
 MODEL_COLOURS = {"teacher": (40, 40, 40), "student": (31, 119, 180), "baseline": (214, 39, 40)}
 
 
@@ -347,8 +350,10 @@ def evaluate(teacher, students: dict[str, torch.nn.Module], prompts: list[str], 
                 steps=st.num_inference_steps, guidance_scale=st.guidance_scale, model=k,
                 checkpoint=(labels or {}).get(k)))
     grids = []
+    zoom = max(1, GRID_MIN_CELL // max(1, min(st.height, st.width)))
+    cells = {k: [im.resize((im.width * zoom, im.height * zoom), Image.NEAREST) for im in images[k]] for k in names}
     for j, seed in enumerate(st.seeds):
-        rows = [[images[k][j * len(prompts) + i] for k in names] for i in range(len(prompts))]
+        rows = [[cells[k][j * len(prompts) + i] for k in names] for i in range(len(prompts))]
         path = out / f"grid_seed{seed}.png"
         grid(rows, labels=names).save(path)
         grids.append(path.name)

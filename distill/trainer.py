@@ -28,7 +28,8 @@ import torch
 from omegaconf import DictConfig
 
 from distill import checkpoint as ckpt
-from distill.build import build_lr_scheduler, build_optimizer, build_student_from_recipe, load_teacher_from_recipe
+from distill.build import (build_lr_scheduler, build_optimizer, build_student_from_recipe, check_names,
+                           load_teacher_from_recipe)
 from distill.ema import EMA
 from distill.features import FeatureProjector, capture, tokens_from_map
 from distill.losses import combine, eps_loss, feature_loss, sample_guidance_scale, teacher_loss
@@ -85,6 +86,7 @@ class Distiller:
         self.log = acc.print
 
         # Frozen teacher; the student is built to take its conditioning sizes.
+        check_names(r)
         torch.manual_seed(t.seed)  # the student's init is the same on every rank
         self.teacher = teacher if teacher is not None else load_teacher_from_recipe(r.teacher, self.device)
         self.schedule = self.teacher.schedule

@@ -119,7 +119,7 @@ def test_toy_world_report_has_all_its_files_and_figures(runs, tmp_path):
     # Teacher and student share the noise of each (prompt, seed): the grid has 3 columns x 2 rows.
     from PIL import Image
 
-    assert Image.open(out / "grid_seed0.png").size == (3 * 34 + 2, 12 + 2 * 34 + 2)
+    assert Image.open(out / "grid_seed0.png").size == (3 * 130 + 2, 12 + 2 * 130 + 2)  # 32-px samples enlarged x4
     report = (out / "report.md").read_text()
     assert "| student |" in report and "| baseline |" in report and "![" in report and "[750, 1000)" in report
 
