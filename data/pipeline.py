@@ -218,6 +218,8 @@ def build_train_data(recipe: DictConfig, teacher, *, rank: int = 0, world_size: 
         raise ValueError(f"no usable images in {root}: {scan.summary()}")
     captions = [rec.caption for rec in dataset.records]
     text_on, reason = text_cache_policy(d)
+    if text_on and t.train_text_encoder:
+        reason += "; they serve the teacher only: the student's trainable encoders run every step"
     notes.append(reason)
     text_cache = TextCache(teacher, Path(d.cache_dir) if d.cache_dir else cache_dir("text")) if text_on else None
     if not needs_images(recipe):  # data-free: the captions are used as text only
@@ -232,6 +234,10 @@ def build_train_data(recipe: DictConfig, teacher, *, rank: int = 0, world_size: 
     (w, h), _ = max(dataset.histogram(), key=lambda bn: bn[1])
     cache = None
     enabled, reason = cache_policy(d)
+    if enabled and t.train_vae:
+        # The student VAE changes every step, so batches must carry pixels; the teacher's alignment
+        # latents are then encoded per step too (one frozen encoder pass beside the student's).
+        enabled, reason = False, "latent caching turned off: training.train_vae trains the student-side VAE on pixels"
     notes.append(reason)
     if enabled:
         root_dir = Path(d.cache_dir) if d.cache_dir else cache_dir("latents")

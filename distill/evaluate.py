@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from distill.samples import grid, png_info, sample_latents, student_fn, to_pil
+from distill.samples import generators, grid, png_info, sample_latents, student_fn, to_pil
 
 Tensor = torch.Tensor
 
@@ -109,7 +109,7 @@ def summary(values: Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def noise_prediction_mse(teacher, model_fns: dict[str, Callable], x0: Tensor, cond: dict[str, Tensor], *,
-                         bins: int, seed: int = NOISE_PROBE_SEED) -> dict[str, Any]:
+                         bins: int, seed: int = NOISE_PROBE_SEED, batch_size: int = 16) -> dict[str, Any]:
     """MSE of each model's epsilon to the teacher's, per timestep range.
 
     The ranges split [0, T) into ``bins`` equal parts. In each, every sample gets one timestep drawn
@@ -124,13 +124,20 @@ def noise_prediction_mse(teacher, model_fns: dict[str, Callable], x0: Tensor, co
     out["teacher_vs_true_noise"] = []
     n = x0.shape[0]
     for lo, hi in zip(edges[:-1], edges[1:]):
-        t = torch.randint(lo, hi, (n,), generator=g).to(x0.device)  # (N,)
-        noise = torch.randn(x0.shape, generator=g).to(x0.device)
-        x_t = schedule.add_noise(x0, noise, t)
-        target = teacher.predict_eps(x_t, t, cond)  # (N, C, h, w)
-        out["teacher_vs_true_noise"].append(float((target - noise).pow(2).mean()))
-        for name, fn in model_fns.items():
-            out[name].append(float((fn(x_t, t, cond).float() - target.float()).pow(2).mean()))
+        t_all = torch.randint(lo, hi, (n,), generator=g)  # (N,)
+        noise_all = torch.randn(x0.shape, generator=g)  # drawn for the whole set: independent of batch_size
+        sums = {name: 0.0 for name in out}
+        for start in range(0, n, batch_size):
+            rows = slice(start, start + batch_size)
+            t, noise = t_all[rows].to(x0.device), noise_all[rows].to(x0.device)
+            c = {k: v[rows] for k, v in cond.items()}
+            x_t = schedule.add_noise(x0[rows], noise, t)
+            target = teacher.predict_eps(x_t, t, c).float()  # (B, C, h, w)
+            sums["teacher_vs_true_noise"] += float((target - noise).pow(2).sum())
+            for name, fn in model_fns.items():
+                sums[name] += float((fn(x_t, t, c).float() - target).pow(2).sum())
+        for name in out:
+            out[name].append(sums[name] / x0.numel())
     return {"bin_edges": edges, **out}
 
 
@@ -289,7 +296,6 @@ class EvalSettings:
     fid_weights: str | None = None
     clip_weights: str | None = None
     prompt_source: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def settings_from_recipe(recipe, **overrides: Any) -> EvalSettings:
@@ -308,8 +314,6 @@ def settings_from_recipe(recipe, **overrides: Any) -> EvalSettings:
 @torch.no_grad()
 def _samples(model_fn, teacher, prompts: list[str], st: EvalSettings) -> Tensor:
     """Latents for every (seed, prompt), seed-major; image i of seed s uses seed s + i (as `cli.py sample`)."""
-    from distill.samples import generators
-
     out = []
     for seed in st.seeds:
         for start in range(0, len(prompts), st.batch_size):
@@ -368,7 +372,7 @@ def evaluate(teacher, students: dict[str, torch.nn.Module], prompts: list[str], 
     # Fixed x_t from the teacher's own samples, the conditional embeddings of their prompts.
     cond = teacher.encode_prompt(all_prompts, height=st.height, width=st.width)
     noise = noise_prediction_mse(teacher, {k: fns[k] for k in students}, latents["teacher"], cond,
-                                 bins=st.timestep_bins)
+                                 bins=st.timestep_bins, batch_size=st.batch_size)
     metrics["noise_mse"] = noise
     metrics["noise_mse_mean"] = {k: float(np.mean(noise[k])) for k in students}
     edges = noise["bin_edges"]

@@ -237,12 +237,41 @@ class TrainingConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     resume: Optional[str] = None  # "latest" or a checkpoint folder
+    # A new stage from an earlier one (e.g. the end-to-end stage after stage 1): a checkpoint folder,
+    # or a run folder (its latest checkpoint). Weights only: student, EMA, projectors and any
+    # student-side VAE/text encoders it holds; optimizer, LR schedule, step and data start fresh.
+    # Ignored once this run has a checkpoint of its own to resume from.
+    init_from: Optional[str] = None
     log_every: int = 10
     sample_every: int = 0  # student | teacher grids every N steps (0 = off)
     max_bad_steps: int = 10  # stop after this many non-finite steps in a row
     # End-to-end stage (the seed's --train_vae / --train_text_encoder).
-    train_vae: bool = False
-    train_text_encoder: bool = False
+    train_vae: bool = False  # a trainable student-side copy of the VAE (settings in `e2e`)
+    train_text_encoder: bool = False  # trainable student-side copies of the CLIP text encoder(s)
+
+
+@dataclass
+class E2EConfig:
+    """The end-to-end stage (REPA-E style, Leng et al. 2025), on with training.train_vae /
+    train_text_encoder. The teacher keeps its frozen VAE and encoders (its targets never drift);
+    the student side gets trainable copies. The diffusion losses reach the VAE only through
+    `diffusion_grad_to_vae` (REPA-E: that collapses the latent space); the VAE is trained by the
+    `vae_*` terms below. The text encoders learn from the student's losses."""
+
+    vae_mode: str = _choice("full", ("full", "lora"), "fine-tune every VAE weight, or a peft LoRA adapter")
+    text_encoder_mode: str = _choice("full", ("full", "lora"), "the same choice for the text encoder(s)")
+    lora_rank: int = 16
+    lora_alpha: float = 16.0  # LoRA scale is alpha / rank
+    vae_recon: float = 1.0  # weight of the pixel reconstruction through the student VAE
+    vae_recon_kind: str = _choice("l1", ("l1", "l2", "l1+l2"))
+    # KL of the student posterior to N(0, I), mean per latent element. (LDM's 1e-6 is on per-sample
+    # sums against a summed pixel loss, about 2e-8 in these per-element units: this is stronger.)
+    vae_kl: float = 1.0e-6
+    # MSE(student latent mean, frozen teacher latent mean): keeps the student's latents where the
+    # teacher's noise targets were learnt, so the teacher can still label them.
+    vae_align: float = 1.0
+    text_encoder_align: float = 0.0  # optional MSE(student, frozen encodings); drift is logged either way
+    diffusion_grad_to_vae: bool = False  # ablation only: let eps/teacher/perturb losses train the VAE
 
 
 @dataclass
@@ -283,6 +312,7 @@ class Recipe:
     losses: LossesConfig = field(default_factory=LossesConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    e2e: E2EConfig = field(default_factory=E2EConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

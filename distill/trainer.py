@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 from distill import checkpoint as ckpt
 from distill.build import (build_lr_scheduler, build_optimizer, build_student_from_recipe, check_names,
                            load_teacher_from_recipe)
+from distill.e2e import EndToEnd, check_recipe as check_e2e_recipe, resolve_init
 from distill.ema import EMA
 from distill.features import FeatureProjector, capture, tokens_from_map
 from distill.losses import combine, eps_loss, feature_loss, sample_guidance_scale, teacher_loss
@@ -96,6 +97,10 @@ class Distiller:
             self.log(note)
         student = build_student_from_recipe(r.student, self.teacher)
         self.check_conflicts(student)
+        # End-to-end stage: trainable student-side copies of the VAE / text encoders (distill.e2e).
+        self.e2e = EndToEnd(r, self.teacher) if t.train_vae or t.train_text_encoder else None
+        if self.e2e is not None:
+            self.log(self.e2e.describe())
 
         self.projector = None
         params = [{"params": [p for p in student.parameters() if p.requires_grad]}]
@@ -107,6 +112,8 @@ class Distiller:
             self.projector = torch.nn.ModuleList(
                 FeatureProjector(student.config.hidden_size, d, f.projector_hidden) for d in dims)
             params.append({"params": list(self.projector.parameters())})
+        if self.e2e is not None:
+            params += self.e2e.param_groups(r.optimizer)  # their own learning rates
 
         self.total_steps = self.planned_steps()
         self.optimizer = build_optimizer(params, r.optimizer, self.device)
@@ -141,9 +148,7 @@ class Distiller:
 
     def check_conflicts(self, student) -> None:
         r = self.recipe
-        if r.training.train_vae or r.training.train_text_encoder:
-            raise NotImplementedError("the end-to-end stage (training.train_vae / train_text_encoder) "
-                                      "is not part of this version yet")
+        check_e2e_recipe(r, self.data.needs_images)
         if r.losses.perturbations.prompt_file.enabled and not r.losses.perturbations.prompt_file.path:
             raise ValueError("losses.perturbations.prompt_file.enabled needs losses.perturbations.prompt_file.path")
         if student.config.prediction_type != "epsilon":
@@ -166,14 +171,18 @@ class Distiller:
         `uncond` is the pipeline's encoding of an empty negative prompt (zeros for SDXL when the
         pipeline forces them), which is also what a dropped caption becomes. Data captions come
         from the text cache when it is on; one-off prompts (perturbations) are not cached."""
-        kw = {}
-        if batch is not None and self.teacher.family == "sdxl":
-            kw = {"original_size": batch["original_size"], "crops_coords_top_left": batch["crop_top_left"],
-                  "target_size": batch["target_size"]}
+        kw = self.size_kwargs(batch)
         if cached and self.text_cache is not None:
             return self.text_cache.encode(list(captions), **kw)
         cond, uncond = self.teacher.encode_prompt(list(captions), do_cfg=True, **kw)
         return cond, uncond
+
+    def size_kwargs(self, batch: dict | None) -> dict:
+        """SDXL's micro-conditioning sizes of a batch, as `encode_prompt` keywords."""
+        if batch is None or self.teacher.family != "sdxl":
+            return {}
+        return {"original_size": batch["original_size"], "crops_coords_top_left": batch["crop_top_left"],
+                "target_size": batch["target_size"]}
 
     def latents(self, batch: dict) -> torch.Tensor:
         """Clean latents x0: a fresh posterior sample, from the cache or through the frozen VAE."""
@@ -204,7 +213,9 @@ class Distiller:
         sched, timer = self.schedule, self.timer
         terms: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
-        x_t = t = cond = None
+        extra: dict[str, torch.Tensor] = {}  # logged, not optimised
+        x_t = t = cond = s_cond = None
+        e2e = self.e2e
 
         if self.data.needs_images:
             # 1. Conditioning: the teacher's encoders; dropped captions get the unconditional input.
@@ -213,11 +224,19 @@ class Distiller:
                 cond, uncond = self.encode(captions, batch)
                 n = len(captions)
                 drop = torch.rand(n, generator=g, device=dev) < r.data.caption_dropout  # (N,)
+                if e2e is not None and e2e.text_encoders:
+                    # End-to-end: the student reads its own trainable encoders (with grad).
+                    s_cond = e2e.conditioning(captions, drop, cond, terms, weights, extra, **self.size_kwargs(batch))
                 cond = _where_rows(drop, uncond, cond)
+                s_cond = cond if s_cond is None else s_cond
 
             # 2. The noisy state, in the teacher's convention.
             with timer("noise"):
-                x0 = self.latents(batch)  # (N, C, h, w)
+                if e2e is not None and e2e.vae is not None:
+                    # End-to-end: the student VAE's latents (stop-gradient by default) + its own losses.
+                    x0 = e2e.latents(batch["pixel_values"].to(dev), g, terms, weights)
+                else:
+                    x0 = self.latents(batch)  # (N, C, h, w)
                 noise = torch.randn(x0.shape, generator=g, device=dev)
                 t = sched.sample_timesteps(n, generator=g, device=dev, mode=lo.timestep_sampling)  # (N,)
                 x_t = sched.add_noise(x0, noise, t)
@@ -229,10 +248,10 @@ class Distiller:
                 with timer("teacher"), capture(self.teacher.unet, paths) as t_feats:
                     t_eps = self.teacher_eps(x_t, t, cond, uncond)
 
-            # 4. The student.
+            # 4. The student (on the same x_t; its own conditioning in the end-to-end stage).
             blocks = list(lo.features.student_blocks) if lo.feature else None
             with timer("student_forward"):
-                out = self.student_eps(x_t, t, cond, blocks)
+                out = self.student_eps(x_t, t, s_cond, blocks)
             s_eps, s_feats, grid = out if blocks else (out, None, None)
 
             # 5. The loss terms, one value per sample.
@@ -248,7 +267,7 @@ class Distiller:
                 terms["feature"] = feature_loss(projected, targets, kind=lo.features.kind)
                 weights["feature"] = lo.feature
             if lo.perturb:
-                self.perturbation_terms(captions, x_t, t, cond, batch, terms, weights)
+                self.perturbation_terms(captions, x_t, t, cond, batch, terms, weights, s_cond)
         if self.trajectory is not None:
             with timer("trajectory_sampling"):
                 xs, ts, cs = self.trajectory.next()
@@ -271,6 +290,8 @@ class Distiller:
         with timer("backward"):
             acc.backward(loss)
         if acc.sync_gradients:
+            if e2e is not None:
+                e2e.sync_gradients(acc)
             with timer("optimizer"):
                 params = [p for grp in self.optimizer.param_groups for p in grp["params"]]
                 grad_norm = acc.clip_grad_norm_(params, r.training.max_grad_norm)
@@ -287,6 +308,7 @@ class Distiller:
             self.state.bad_in_row = 0
             logs["grad_norm"] = grad_norm.detach()
         logs["lr"] = self.lr_scheduler.get_last_lr()[0]
+        logs.update(extra)
         return {k: float(v) for k, v in logs.items()}
 
     def bad_step(self, logs: dict) -> dict[str, float]:
@@ -300,8 +322,10 @@ class Distiller:
                                   "the last checkpoint is intact")
         return {"bad_step": 1.0}
 
-    def perturbation_terms(self, captions, x_t, t, cond, batch, terms, weights) -> None:
-        """(a, b, d) of the perturbation family on one extra forward: each sample gets one part."""
+    def perturbation_terms(self, captions, x_t, t, cond, batch, terms, weights, s_cond=None) -> None:
+        """(a, b, d) of the perturbation family on one extra forward: each sample gets one part.
+        `s_cond`: the student's conditioning when it has its own encoders (end-to-end stage); new
+        captions are then encoded on both sides and embedding noise is the same on both."""
         lo, g, dev = self.recipe.losses, self.gen, self.device
         parts = [p for p in BATCH_PARTS if lo.perturbations[p].enabled]
         if not parts:
@@ -309,6 +333,8 @@ class Distiller:
         n = x_t.shape[0]
         part_of = torch.randperm(n, generator=g, device=dev) % len(parts)  # (N,) balanced assignment
         x_p, t_p, cond_p = x_t.clone(), t.clone(), dict(cond)
+        own = s_cond is not None and s_cond is not cond
+        s_p = dict(s_cond) if own else None
         new_captions = list(captions)
         for i, part in enumerate(parts):
             rows = part_of == i
@@ -327,14 +353,18 @@ class Distiller:
             changed = torch.tensor([a != b for a, b in zip(new_captions, captions)], device=dev)
             cond_new, _ = self.encode(new_captions, batch, cached=False)
             cond_p = _where_rows(changed, cond_new, cond_p)
+            if own:
+                s_p = _where_rows(changed, self.e2e.encode(new_captions, **self.size_kwargs(batch)), s_p)
         if "embedding_noise" in parts:
             rows = part_of == parts.index("embedding_noise")
             noisy = perturb_embeddings(cond_p, lo.perturbations.embedding_noise.sigma, generator=g)
+            if own:
+                s_p = _where_rows(rows, {k: s_p[k] + (noisy[k] - cond_p[k]) for k in s_p}, s_p)
             cond_p = _where_rows(rows, noisy, cond_p)
         with self.timer("teacher"), torch.no_grad():
             target = self.teacher.predict_eps(x_p, t_p, cond_p)
         with self.timer("student_forward"):
-            per_sample = teacher_loss(self.student_eps(x_p, t_p, cond_p), target)  # (N,)
+            per_sample = teacher_loss(self.student_eps(x_p, t_p, s_p if own else cond_p), target)  # (N,)
         for i, part in enumerate(parts):
             rows = part_of == i
             if rows.any():
@@ -405,17 +435,25 @@ class Distiller:
         writer.add_scalar("samples_per_s", samples_per_s, step)
         writer.add_scalar("bad_steps", self.state.bad_steps, step)
 
-    def save(self) -> Path | None:
+    def checkpoint_models(self) -> dict[str, Any]:
+        """Everything saved as a model folder: student, EMA, projectors, student-side VAE/encoders."""
         acc = self.accelerator
-        student = acc.unwrap_model(self.student)
-        if not all(torch.isfinite(p).all() for p in student.parameters()):
-            raise TrainingStopped("non-finite student weights: not saved; the last checkpoint is intact")
-        models = {"student": student}
+        models = {"student": acc.unwrap_model(self.student)}
         if self.ema is not None:
             models["ema"] = self.ema.model
         if self.projector is not None:
             for i, proj in enumerate(acc.unwrap_model(self.projector)):
                 models[f"projector_{i}"] = proj
+        if self.e2e is not None:
+            models.update(self.e2e.checkpoint_models())
+        return models
+
+    def save(self) -> Path | None:
+        acc = self.accelerator
+        student = acc.unwrap_model(self.student)
+        if not all(torch.isfinite(p).all() for p in student.parameters()) or (self.e2e and not self.e2e.all_finite()):
+            raise TrainingStopped("non-finite student weights: not saved; the last checkpoint is intact")
+        models = self.checkpoint_models()
         rng = ckpt.capture_rng_state({"train": self.gen})
         rng_states = acc.gather_for_metrics([rng], use_gather_object=True) if acc.num_processes > 1 else [rng]
         state = asdict(self.state)
@@ -431,15 +469,11 @@ class Distiller:
     def maybe_resume(self) -> bool:
         path = ckpt.resolve_resume(self.run_dir, self.recipe.training.resume)
         if path is None:
+            if self.recipe.training.init_from:
+                self.init_from(self.recipe.training.init_from)
             return False
         acc = self.accelerator
-        models = {"student": acc.unwrap_model(self.student)}
-        if self.ema is not None:
-            models["ema"] = self.ema.model
-        if self.projector is not None:
-            for i, proj in enumerate(acc.unwrap_model(self.projector)):
-                models[f"projector_{i}"] = proj
-        state = ckpt.load_checkpoint(path, models=models, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+        state = ckpt.load_checkpoint(path, models=self.checkpoint_models(), optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
                                      generators={"train": self.gen}, rank=acc.process_index)
         sampler = state.pop("sampler", None)
         self.state = TrainState(**{k: state[k] for k in asdict(TrainState()) if k in state})
@@ -447,6 +481,22 @@ class Distiller:
             self.data.load_sampler_state(sampler)
         self.log(f"resumed from {path} at step {self.state.step}")
         return True
+
+    def init_from(self, source: str) -> None:
+        """A new stage from an earlier run's checkpoint: weights only (the student, and the EMA,
+        projectors and student-side parts it holds; the EMA starts from the student if it has
+        none). Optimizer, LR schedule, step, data position and RNG start fresh."""
+        path = resolve_init(source)
+        loaded = []
+        for name, model in self.checkpoint_models().items():
+            if (path / name).is_dir():
+                ckpt.load_model_folder(model, path / name)
+                loaded.append(name)
+            elif name == "student":
+                raise FileNotFoundError(f"training.init_from: {path} holds no student folder")
+        if self.ema is not None and "ema" not in loaded:
+            self.ema.model.load_state_dict(self.accelerator.unwrap_model(self.student).state_dict())
+        self.log(f"initialised from {path} ({', '.join(loaded)}); a new stage starts at step 0")
 
     # ------------------------------------------------------------------ agreement probe, samples, summary
     @torch.no_grad()
@@ -467,7 +517,8 @@ class Distiller:
         n = x0.shape[0]
         t = torch.linspace(50, self.schedule.num_train_timesteps - 50, n, device=self.device).long()
         x_t = self.schedule.add_noise(x0, noise, t)
-        return {"x_t": x_t, "t": t, "cond": cond, "eps": self.teacher.predict_eps(x_t, t, cond)}
+        return {"x_t": x_t, "t": t, "cond": cond, "eps": self.teacher.predict_eps(x_t, t, cond),
+                "captions": list(batch["caption"]), "sizes": self.size_kwargs(batch)}
 
     @torch.no_grad()
     def agreement(self, probe: dict | None) -> dict[str, float] | None:
@@ -477,12 +528,15 @@ class Distiller:
         student = self.accelerator.unwrap_model(self.student)
         was_training = student.training
         student.eval()
-        out = {"teacher_mse": float(teacher_loss(student(probe["x_t"], probe["t"], **probe["cond"]).float(),
+        cond = probe["cond"]  # the student's conditioning: its own encoders' in the end-to-end stage
+        if self.e2e is not None and self.e2e.text_encoders:
+            cond = self.e2e.encode(probe["captions"], **probe["sizes"])
+        out = {"teacher_mse": float(teacher_loss(student(probe["x_t"], probe["t"], **cond).float(),
                                                  probe["eps"]).mean())}
         if self.ema is not None:
             ema = self.ema.model
             xs = {k: v.to(next(ema.parameters()).device) for k, v in probe.items() if torch.is_tensor(v)}
-            cond = {k: v.to(xs["x_t"].device) for k, v in probe["cond"].items()}
+            cond = {k: v.to(xs["x_t"].device) for k, v in cond.items()}
             out["teacher_mse_ema"] = float(teacher_loss(ema(xs["x_t"], xs["t"], **cond).float(), xs["eps"]).mean())
         student.train(was_training)
         return out

@@ -49,6 +49,9 @@ class Teacher:
     """
 
     family: str = "base"
+    # Gradients through the text encoders: never on a teacher; True only on the student-side copy
+    # of the end-to-end stage (distill.e2e), which reuses this encoding code on trainable encoders.
+    encoders_grad: bool = False
 
     def __init__(self, unet: nn.Module, vae: nn.Module, scheduler_config: dict[str, Any]):
         self.unet = unet

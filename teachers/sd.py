@@ -69,7 +69,6 @@ class SD15Teacher(Teacher):
     def cond_dims(self) -> dict[str, int]:
         return {"encoder_hidden_states": int(self.unet.config.cross_attention_dim)}
 
-    @torch.no_grad()
     def _embed(self, prompts: list[str], max_length: int) -> Tensor:
         ids = _tokenize(self.tokenizer, prompts, max_length)
         inputs = {"input_ids": ids.to(self.text_encoder.device)}
@@ -77,8 +76,9 @@ class SD15Teacher(Teacher):
             mask = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                                   return_tensors="pt").attention_mask
             inputs["attention_mask"] = mask.to(self.text_encoder.device)
-        # [0] = last_hidden_state after the final layer norm: what SD1.x cross-attends to.
-        return self.text_encoder(**inputs)[0].to(self.dtype)  # (N, L, D)
+        with torch.set_grad_enabled(self.encoders_grad):  # no grad on a teacher (see Teacher.encoders_grad)
+            # [0] = last_hidden_state after the final layer norm: what SD1.x cross-attends to.
+            return self.text_encoder(**inputs)[0].to(self.dtype)  # (N, L, D)
 
     def encode_prompt(self, prompts, negative_prompts=None, height=None, width=None, *, do_cfg=False,
                       **kw) -> Cond | tuple[Cond, Cond]:
@@ -118,13 +118,13 @@ class SDXLTeacher(Teacher):
         return {"encoder_hidden_states": int(self.unet.config.cross_attention_dim),
                 "text_embeds": int(self.text_encoder_2.config.projection_dim), "time_ids": NUM_TIME_IDS}
 
-    @torch.no_grad()
     def _embed(self, prompts: list[str], max_length: int | None = None) -> tuple[Tensor, Tensor]:
         """-> (penultimate hidden states of both encoders concatenated (N, L, D1+D2), pooled (N, P))."""
         hidden, pooled = [], None
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
             ids = _tokenize(tokenizer, prompts, max_length or tokenizer.model_max_length)
-            out = encoder(ids.to(encoder.device), output_hidden_states=True)
+            with torch.set_grad_enabled(self.encoders_grad):  # no grad on a teacher (Teacher.encoders_grad)
+                out = encoder(ids.to(encoder.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])  # penultimate layer, no final layer norm (SDXL)
             if out[0].ndim == 2:  # CLIPTextModelWithProjection: [0] is the projected pooled embedding
                 pooled = out[0]

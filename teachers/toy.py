@@ -6,9 +6,11 @@ What gets built (all from small configs, all saved as an ordinary diffusers pipe
   ``CLIPTokenizer`` (byte-level alphabet, ``</w>`` word ends, CLIP's special tokens; no external
   vocabulary). SDXL's second tokenizer is the same vocabulary padded with ``"!"``, as in SDXL.
 * an ``AutoencoderKL`` with downsampling factor 4 (three blocks): a 64 px image gives a 16x16 latent,
-  i.e. 8x8 = 64 tokens for a patch-2 SiT student (factor 8 would leave 16 tokens). Trained with
-  L1 + MSE + a small KL term; ``scaling_factor`` = 1 / (measured latent std), as SD did.
-  Trained once and shared by both families (cached under its own key).
+  i.e. 8x8 = 64 tokens for a patch-2 SiT student (factor 8 would leave 16 tokens). No mid-block
+  attention (the toy images need none; it is the most expensive layer). Trained on 32 px crops with
+  L1 + MSE weighted toward the shapes' pixels + a small KL term, starting from a small posterior std;
+  ``scaling_factor`` = 1 / (measured latent std), as SD did. Trained once and shared by both
+  families (cached under its own key).
 * ``CLIPTextModel`` (SDXL adds ``CLIPTextModelWithProjection``), trained jointly with the UNet by the
   diffusion loss alone: the encoder only has to separate a few dozen words, no contrastive stage.
 * ``UNet2DConditionModel`` with cross-attention only at the two lower resolutions (attention at the
@@ -51,6 +53,7 @@ from data import toy as world
 TOY_TEACHER_VERSION = "1"  # bump when a change here alters what a build produces
 FAMILIES = ("sd15", "sdxl")
 FINISHED_MARKER = "toy_teacher.json"  # written last inside the temporary folder, before the rename
+VAE_INIT_LOGVAR = -6.0
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 SDXL_PAD = "!"
 
@@ -85,13 +88,14 @@ class ToyTeacherSettings:
     n_images: int = 3000            # training images drawn from the toy world
     resolutions: tuple = world.RESOLUTIONS
     max_length: int = 16            # tokenizer/text-encoder context (captions are <= 14 tokens)
-    vae_steps: int = 400
-    vae_batch: int = 16
+    vae_steps: int = 1500
+    vae_batch: int = 8
     vae_crop: int = 32              # the VAE is fully convolutional: train on crops, 4x cheaper
-    vae_lr: float = 1e-3
+    vae_lr: float = 3e-3
     vae_kl_weight: float = 1e-4
-    unet_steps: int = 600
-    batch_size: int = 32
+    vae_fg_weight: float = 4.0      # extra reconstruction weight on saturated (shape) pixels
+    unet_steps: int = 1200
+    batch_size: int = 24
     lr: float = 1e-3
     warmup_steps: int = 100
     caption_dropout: float = 0.1
@@ -106,7 +110,7 @@ class ToyTeacherSettings:
     def vae_part(self) -> dict:
         """The settings the VAE depends on (the VAE is shared by both families)."""
         return {k: getattr(self, k) for k in ("preset", "seed", "n_images", "resolutions", "vae_steps",
-                                             "vae_batch", "vae_crop", "vae_lr", "vae_kl_weight")}
+                                             "vae_batch", "vae_crop", "vae_lr", "vae_kl_weight", "vae_fg_weight")}
 
 
 def _key(payload: dict) -> str:
@@ -173,7 +177,7 @@ def build_vae(preset: str):
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=ch,
                          down_block_types=("DownEncoderBlock2D",) * len(ch),
                          up_block_types=("UpDecoderBlock2D",) * len(ch), layers_per_block=1,
-                         norm_num_groups=8, sample_size=64)
+                         norm_num_groups=8, sample_size=64, mid_block_add_attention=False)
 
 
 def build_text_encoder(preset: str, tokenizer, hidden: int, with_projection: bool = False):
@@ -243,7 +247,12 @@ def train_vae(settings: ToyTeacherSettings, groups: dict, out_dir: Path | None =
     with torch.random.fork_rng():
         torch.manual_seed(settings.seed)
         vae = build_vae(settings.preset)
-    opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
+        # Start with a small posterior std (logvar bias VAE_INIT_LOGVAR): at the default init (std 1)
+        # the sampled latent is mostly noise and a short run only learns washed-out colours.
+        with torch.no_grad():
+            vae.quant_conv.weight[4:].mul_(0.1)
+            vae.quant_conv.bias[4:].fill_(VAE_INIT_LOGVAR)
+    opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
     crop = settings.vae_crop
     t0 = time.time()
     bar = tqdm(range(settings.vae_steps), desc="toy VAE", mininterval=5, file=sys.stdout)
@@ -257,7 +266,12 @@ def train_vae(settings: ToyTeacherSettings, groups: dict, out_dir: Path | None =
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
         recon = vae.decode(z).sample
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + settings.vae_kl_weight * posterior.kl().mean() / z[0].numel()
+        # L1 + L2, weighted toward saturated (shape) pixels: the grey background is most of the
+        # image, and a plain mean lets the shapes' colours drift while the loss looks fine.
+        weight = 1 + settings.vae_fg_weight * (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) / 2  # (B, 1, c, c)
+        err = recon - x
+        rec = (weight * (err.abs() + err.square())).mean() / weight.mean()
+        loss = rec + settings.vae_kl_weight * posterior.kl().mean() / z[0].numel()
         for group_ in opt.param_groups:
             group_["lr"] = settings.vae_lr * _lr_factor(step, settings.vae_steps, settings.warmup_steps)
         opt.zero_grad(set_to_none=True)

@@ -83,6 +83,9 @@ def test_noise_prediction_mse_is_zero_for_the_teacher_itself(runs):
     out = noise_prediction_mse(teacher, {"same": teacher.predict_eps}, x0, cond, bins=4)
     assert out["bin_edges"] == [0, 250, 500, 750, 1000]
     assert out["same"] == [0.0] * 4 and all(v > 0 for v in out["teacher_vs_true_noise"])
+    # Batching does not change the inputs: same numbers with one sample per forward.
+    halved = noise_prediction_mse(teacher, {"same": teacher.predict_eps}, x0, cond, bins=4, batch_size=1)
+    assert halved["teacher_vs_true_noise"] == pytest.approx(out["teacher_vs_true_noise"], rel=1e-5)
 
 
 def test_prompt_sets(runs, tmp_path):

@@ -119,6 +119,13 @@ def test_seed_format_file_samples_like_the_checkpoint(run, tmp_path):
         load_student(source, teacher=load_teacher_for(source), model_size="S/2")
 
 
+def test_parser_choices_match_the_library():
+    import distill.export
+    import distill.sample_cli
+
+    assert distill.sample_cli.WEIGHTS == distill.export.WEIGHTS
+
+
 def test_bad_checkpoint_is_a_usage_error(tmp_path):
     args = parse(add_sample_arguments, ["--checkpoint", str(tmp_path / "missing"), "--prompt", "x"])
     assert sample_command(args) == 2
