@@ -4,8 +4,8 @@
 Thin by design: argparse only, each subcommand calls into the library. Heavy imports (torch,
 diffusers) happen inside the subcommand that needs them, so `--help` is instant.
 
-Exit codes: 0 success, 1 a failure while working (or a subcommand this version does not have
-yet), 2 a usage or recipe error (one line on stderr, nothing written).
+Exit codes: 0 success, 1 a failure while working, 2 a usage or recipe error (one line on stderr,
+nothing written).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable
+
+from distill import sample_cli
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -34,10 +35,6 @@ SEED_TRAIN_FLAGS: dict[str, str] = {
 }
 # The seed trains SDXL -> SiT 2b; `cli.py train` starts from that recipe unless --recipe says otherwise.
 SEED_TRAIN_RECIPE = str(Path(__file__).resolve().parent / "recipes" / "sdxl_sit_2b.yaml")
-
-
-class NotReady(RuntimeError):
-    """A subcommand that this version does not provide yet."""
 
 
 def _fail(message: str, code: int) -> int:
@@ -144,14 +141,11 @@ def _quiet_libraries() -> None:
 def cmd_toy_teacher(args: argparse.Namespace) -> int:
     from teachers import toy
 
-    return toy.main(args) or 0
-
-
-def _not_ready(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        raise NotReady(f"`{name}` is not part of this version yet")
-
-    return run
+    _quiet_libraries()
+    parser = toy.build_parser()
+    parser.prog = "cli.py toy-teacher"
+    toy.run(parser.parse_args(args.toy_args))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,33 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p, required=False)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="generate images with a student (the seed's inference flags)")
-    p.add_argument("--checkpoint", help="student checkpoint folder (or the seed's sit_model.pt)")
-    p.add_argument("--model_size", help="student preset of a seed-format checkpoint")
-    p.add_argument("--prompt", action="append", help="prompt (repeatable)")
-    p.add_argument("--prompts-file", help="one prompt per line")
-    p.add_argument("--negative_prompt", default="")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--num_inference_steps", type=int, default=50)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--scheduler", default="euler")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output_dir", default="outputs")
-    p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA or raw student weights")
-    p.set_defaults(func=_not_ready("sample"))
+    p = sub.add_parser("sample", help="generate images with a student (the seed's inference flags)",
+                       description="Sample a student checkpoint (checkpoint folder, run folder, or the seed's "
+                       "sit_model.pt) with the teacher's text encoders and VAE; PNGs carry their settings.")
+    sample_cli.add_sample_arguments(p)
+    p.set_defaults(func=sample_cli.sample_command)
 
-    p = sub.add_parser("eval", help="student-vs-teacher report (grids, paired distances, per-timestep error)")
-    p.add_argument("checkpoint")
-    p.add_argument("--baseline", help="a checkpoint trained without teacher, shown beside")
-    p.add_argument("--out", help="report folder")
-    p.set_defaults(func=_not_ready("eval"))
+    p = sub.add_parser("eval", help="student-vs-teacher report (grids, paired distances, per-timestep error)",
+                       description="Same prompts, seeds and sampler for teacher, student and an optional baseline; "
+                       "writes report.md, metrics.json, PNGs and tensorboard scalars into one folder.")
+    sample_cli.add_eval_arguments(p)
+    p.set_defaults(func=sample_cli.eval_command)
 
-    p = sub.add_parser("export", help="write a diffusers-loadable pipeline folder from a checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("--out", required=True)
-    p.add_argument("--format", choices=("diffusers", "seed"), default="diffusers")
-    p.set_defaults(func=_not_ready("export"))
+    p = sub.add_parser("export", help="write a diffusers-loadable pipeline folder from a checkpoint",
+                       description="--format diffusers: a SiTPipeline folder (students.pipeline.SiTPipeline."
+                       "from_pretrained(DIR)); --format seed: the seed's sit_model.pt / ema_model.pt files.")
+    sample_cli.add_export_arguments(p)
+    p.set_defaults(func=sample_cli.export_command)
 
     p = sub.add_parser("bench", help="time the training step and break it down",
                        description="Times the step on the toy config and on a mid config (SiT-B/2, 32x32 "
@@ -251,9 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the student presets and their sizes")
     p.set_defaults(func=cmd_presets)
 
-    p = sub.add_parser("toy-teacher", help="train (or reuse) a toy teacher and save it as a diffusers folder")
-    p.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
-    p.add_argument("--out", help="output folder (default: the project cache)")
+    p = sub.add_parser("toy-teacher", add_help=False,
+                       help="train (or reuse) a toy teacher and save it as a diffusers folder",
+                       description="Trains a small VAE, a CLIP text encoder with its own tokenizer and a UNet on "
+                       "the toy world (CPU, minutes) and saves a StableDiffusion(XL)Pipeline folder; cached.")
+    # Its options are the toy builder's own (`python cli.py toy-teacher --help` shows them); they are
+    # parsed there, so this parser stays free of torch imports.
+    p.add_argument("toy_args", nargs="*", help="--family sd15|sdxl --out DIR --eval N ...")
     p.set_defaults(func=cmd_toy_teacher)
     return parser
 
@@ -261,13 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from distill.recipe import RecipeError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "toy-teacher":  # the toy builder parses its own options
+        args.toy_args = extra + args.toy_args
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except RecipeError as e:
         return _fail(str(e), EXIT_USAGE)
-    except NotReady as e:
-        return _fail(str(e), EXIT_FAILED)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
 

@@ -45,7 +45,7 @@ from distill.losses import mse_per_sample
 
 Tensor = torch.Tensor
 
-# LoRA targets (peft 0.21, measured: /shared FACTS): CLIP attention + MLP; the VAE's mid-block
+# LoRA targets (checked with peft 0.21): CLIP attention + MLP; the VAE's mid-block
 # attention and every convolution of its resnets.
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 VAE_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv_in", "conv1", "conv2", "conv_out", "conv_shortcut"]
@@ -169,7 +169,7 @@ def load_student_side(checkpoint_dir: str | Path, teacher):
 
 
 # ---------------------------------------------------------------------------------------------
-# Loss helpers
+# Losses and measures
 # ---------------------------------------------------------------------------------------------
 
 
@@ -240,6 +240,7 @@ class EndToEnd:
                                                    targets=TEXT_LORA_TARGETS, **lora)
                               for name in TEXT_ENCODERS if t.train_text_encoder and hasattr(teacher, name)}
         self.side = student_side(teacher, self.vae, self.text_encoders, grad=True)
+        self.x0_attached: Tensor | None = None  # the step's VAE latents with their graph (REPA-E path)
         if e.diffusion_grad_to_vae and self.vae is not None:
             warnings.warn("e2e.diffusion_grad_to_vae=true: the diffusion losses train the VAE. REPA-E "
                           "reports that this collapses the latent space; use it for ablations only.",
@@ -301,7 +302,17 @@ class EndToEnd:
         terms["vae_kl"], weights["vae_kl"] = kl_per_element(dist), e.vae_kl
         terms["vae_align"], weights["vae_align"] = mse_per_sample(scaled(vae, dist.mean), target), e.vae_align
         x0 = scaled(vae, z).to(pixels.dtype)
+        self.x0_attached = x0 if e.feature_grad_to_vae else None  # for `feature_grad_to_vae_`
         return x0 if e.diffusion_grad_to_vae else x0.detach()  # REPA-E's stop-gradient
+
+    def feature_grad_to_vae_(self, weighted_feature_loss: Tensor, x_t: Tensor, noise: Tensor, t: Tensor,
+                             schedule) -> None:
+        """REPA-E: the alignment term's gradient at x_t, carried back through x_t = add_noise(x0,
+        noise, t) into the student VAE's `.grad`; the student's own gradients come from the main
+        backward. `x_t` is the (detached, grad-requiring) state the student ran on."""
+        (g,) = torch.autograd.grad(weighted_feature_loss, x_t, retain_graph=True)
+        schedule.add_noise(self.x0_attached, noise, t).backward(g)
+        self.x0_attached = None
 
     def sync_gradients(self, accelerator) -> None:
         """Average the parts' gradients over processes (they are not DDP-wrapped: the encoding code
@@ -332,6 +343,10 @@ def check_recipe(recipe: DictConfig, needs_images: bool) -> None:
     t, lo = recipe.training, recipe.losses
     if t.train_vae and not needs_images:
         raise ValueError("training.train_vae needs image data (a data-free run has no pixels to reconstruct)")
+    if recipe.e2e.feature_grad_to_vae and not (t.train_vae and lo.feature):
+        raise ValueError("e2e.feature_grad_to_vae needs training.train_vae and losses.feature > 0")
+    if recipe.e2e.feature_grad_to_vae and t.mixed_precision == "fp16":
+        raise NotImplementedError("e2e.feature_grad_to_vae with fp16 loss scaling; use bf16 or no")
     if t.train_text_encoder and lo.perturb and lo.perturbations.trajectory.enabled:
         raise NotImplementedError("losses.perturbations.trajectory with training.train_text_encoder: trajectory "
                                   "states carry the teacher's conditioning, not the student side's")

@@ -272,6 +272,10 @@ class E2EConfig:
     vae_align: float = 1.0
     text_encoder_align: float = 0.0  # optional MSE(student, frozen encodings); drift is logged either way
     diffusion_grad_to_vae: bool = False  # ablation only: let eps/teacher/perturb losses train the VAE
+    # REPA-E's end-to-end path: the representation-alignment term (losses.feature: student blocks vs
+    # teacher UNet features) also trains the VAE through x_t, while the other diffusion terms stay
+    # behind the stop-gradient. Costs one extra backward through the student.
+    feature_grad_to_vae: bool = False
 
 
 @dataclass

@@ -86,6 +86,13 @@ def _error(message: str) -> int:
     return EXIT_USAGE
 
 
+def _check_scheduler(name: str | None) -> None:
+    from distill.sampling import SCHEDULERS
+
+    if name is not None and name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
+
+
 def sample_command(args: argparse.Namespace) -> int:
     """Generate PNGs (prompt, seed, sampler, steps, guidance... in their text chunks)."""
     from distill.evaluate import read_prompts_file
@@ -93,6 +100,7 @@ def sample_command(args: argparse.Namespace) -> int:
     from distill.samples import generators, png_info
 
     try:
+        _check_scheduler(args.scheduler)
         source = resolve_checkpoint(args.checkpoint, args.recipe)
     except (FileNotFoundError, ValueError) as e:
         return _error(str(e))
@@ -134,6 +142,7 @@ def eval_command(args: argparse.Namespace) -> int:
     from distill.export import load_student, load_teacher_for, resolve_checkpoint
 
     try:
+        _check_scheduler(args.scheduler)
         source = resolve_checkpoint(args.checkpoint, args.recipe)
         recipe = source.recipe
         baseline_path = args.baseline or recipe.evaluation.baseline
@@ -172,6 +181,7 @@ def export_command(args: argparse.Namespace) -> int:
     from distill.export import export_diffusers, export_seed, resolve_checkpoint
 
     try:
+        _check_scheduler(args.scheduler)
         source = resolve_checkpoint(args.checkpoint, args.recipe)
         if Path(args.out).exists() and any(Path(args.out).iterdir()):
             raise FileExistsError(f"{args.out} exists and is not empty; choose a new folder")

@@ -240,6 +240,9 @@ class Distiller:
                 noise = torch.randn(x0.shape, generator=g, device=dev)
                 t = sched.sample_timesteps(n, generator=g, device=dev, mode=lo.timestep_sampling)  # (N,)
                 x_t = sched.add_noise(x0, noise, t)
+                repa_to_vae = e2e is not None and e2e.cfg.feature_grad_to_vae
+                if repa_to_vae:
+                    x_t.requires_grad_(True)  # to carry the alignment term's gradient on to the VAE
 
             # 3. The teacher (frozen, no grad), with its features when they are aligned.
             t_eps, t_feats = None, None
@@ -266,6 +269,9 @@ class Distiller:
                 targets = [tokens_from_map(t_feats[p][-n:], grid) for p in lo.features.teacher_modules]
                 terms["feature"] = feature_loss(projected, targets, kind=lo.features.kind)
                 weights["feature"] = lo.feature
+                if repa_to_vae:  # REPA-E: this term alone trains the VAE, through x_t
+                    scale = lo.feature / r.training.gradient_accumulation_steps
+                    e2e.feature_grad_to_vae_(scale * terms["feature"].mean(), x_t, noise, t, sched)
             if lo.perturb:
                 self.perturbation_terms(captions, x_t, t, cond, batch, terms, weights, s_cond)
         if self.trajectory is not None:

@@ -84,7 +84,18 @@ def test_absent_seed_flags_keep_the_recipe():
     assert cli.seed_flags_to_overrides(args) == []
 
 
-@pytest.mark.parametrize("argv", [["eval", "ckpt"], ["export", "ckpt", "--out", "x"]])
-def test_commands_not_in_this_version_say_so(argv, capsys):
-    assert cli.main(argv) == cli.EXIT_FAILED
-    assert "not part of this version" in capsys.readouterr().err
+@pytest.mark.parametrize("argv", [["eval", "nowhere"], ["export", "nowhere", "--out", "x"], ["sample", "--checkpoint", "nowhere"]])
+def test_missing_checkpoint_is_a_one_line_usage_error(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nowhere" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_toy_teacher_options_are_the_builders(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["toy-teacher", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--family" in out and "--eval" in out

@@ -61,8 +61,11 @@ def teacher_outputs(teacher, pixels: torch.Tensor) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_teacher_stays_bit_identical_while_the_student_side_trains(tiny_teachers, tmp_path, family):
+    # With perturbations: new captions and embedding noise reach the student through its own encoders.
     d = Distiller(tiny_recipe(tiny_teachers[family], tmp_path / "run", *E2E, "data.caption_dropout=0.5",
-                              "optimizer.vae_lr=1e-3", "optimizer.text_encoder_lr=1e-3"))
+                              "optimizer.vae_lr=1e-3", "optimizer.text_encoder_lr=1e-3", "losses.perturb=0.5",
+                              "losses.perturbations.caption_mix.enabled=true",
+                              "losses.perturbations.embedding_noise.enabled=true"))
     like_stage_one(d.student)
     batch = next(iter(d.data.epoch_batches(0)))
     assert "pixel_values" in batch and "latent_mean" not in batch  # the latent cache is off for train_vae
@@ -73,7 +76,8 @@ def test_teacher_stays_bit_identical_while_the_student_side_trains(tiny_teachers
     assert [g["lr"] for g in d.optimizer.param_groups] == [3e-4, 1e-3, 1e-3]  # student, vae, encoders
 
     logs = [d.step(batch) for _ in range(2)]
-    for name in ("loss/vae_recon", "loss/vae_kl", "loss/vae_align", "drift/text_encoder", "loss/eps"):
+    for name in ("loss/vae_recon", "loss/vae_kl", "loss/vae_align", "drift/text_encoder", "loss/eps",
+                 "loss/perturb/caption_mix", "loss/perturb/embedding_noise"):
         assert name in logs[-1]
     assert logs[0]["loss/vae_align"] == 0.0 and logs[-1]["loss/vae_align"] > 0  # moved off the teacher's latents
     assert logs[-1]["drift/text_encoder"] > 0
@@ -158,3 +162,17 @@ def test_stage_two_starts_from_a_stage_one_checkpoint(tiny_teachers, tmp_path):
     assert not changed(params(d.e2e.vae), side.vae)
     pixels = next(iter(d.data.epoch_batches(0)))["pixel_values"]
     assert reconstruction_psnr(side, pixels) > 0
+
+
+@pytest.mark.parametrize("repa", [False, True])
+def test_only_the_alignment_term_reaches_the_vae_on_the_repa_path(tiny_teachers, tmp_path, repa):
+    """VAE losses at weight 0: by default no step term moves the VAE; with feature_grad_to_vae
+    the feature-alignment term does (REPA-E's end-to-end path)."""
+    d = Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "run", "training.train_vae=true",
+                              "e2e.vae_recon=0", "e2e.vae_kl=0", "e2e.vae_align=0", "losses.feature=0.5",
+                              "losses.features.student_blocks=[1]", "losses.features.teacher_modules=[mid_block]",
+                              "losses.features.projector_hidden=16", f"e2e.feature_grad_to_vae={str(repa).lower()}"))
+    like_stage_one(d.student)
+    before = params(d.e2e.vae)
+    d.step(next(iter(d.data.epoch_batches(0))))
+    assert changed(before, d.e2e.vae) == repa

@@ -129,3 +129,5 @@ def test_parser_choices_match_the_library():
 def test_bad_checkpoint_is_a_usage_error(tmp_path):
     args = parse(add_sample_arguments, ["--checkpoint", str(tmp_path / "missing"), "--prompt", "x"])
     assert sample_command(args) == 2
+    args = parse(add_sample_arguments, ["--checkpoint", str(tmp_path), "--scheduler", "nope"])
+    assert sample_command(args) == 2

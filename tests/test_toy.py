@@ -190,3 +190,12 @@ def test_cli_parser_builds_into_out(tmp_path, monkeypatch):
     assert args.family == "sdxl" and args.eval == 4 and args.out == tmp_path / "t"
     with pytest.raises(SystemExit):
         toy_teacher.build_parser().parse_args(["--family", "sd3"])
+
+
+def test_toy_vae_training_is_deterministic_by_seed():
+    s = toy_teacher.ToyTeacherSettings(**{**TINY, "n_images": 8})
+    groups = toy_teacher._draw_groups(s)
+    a, b = toy_teacher.train_vae(s, groups), toy_teacher.train_vae(s, groups)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert a.config.scaling_factor == b.config.scaling_factor and a.config.block_out_channels == (8, 16, 16)
