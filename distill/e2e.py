@@ -302,7 +302,8 @@ class EndToEnd:
         terms["vae_kl"], weights["vae_kl"] = kl_per_element(dist), e.vae_kl
         terms["vae_align"], weights["vae_align"] = mse_per_sample(scaled(vae, dist.mean), target), e.vae_align
         x0 = scaled(vae, z).to(pixels.dtype)
-        self.x0_attached = x0 if e.feature_grad_to_vae else None  # for `feature_grad_to_vae_`
+        # For `feature_grad_to_vae_` (with diffusion_grad_to_vae the main backward already gets there).
+        self.x0_attached = x0 if e.feature_grad_to_vae and not e.diffusion_grad_to_vae else None
         return x0 if e.diffusion_grad_to_vae else x0.detach()  # REPA-E's stop-gradient
 
     def feature_grad_to_vae_(self, weighted_feature_loss: Tensor, x_t: Tensor, noise: Tensor, t: Tensor,

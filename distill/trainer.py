@@ -240,7 +240,7 @@ class Distiller:
                 noise = torch.randn(x0.shape, generator=g, device=dev)
                 t = sched.sample_timesteps(n, generator=g, device=dev, mode=lo.timestep_sampling)  # (N,)
                 x_t = sched.add_noise(x0, noise, t)
-                repa_to_vae = e2e is not None and e2e.cfg.feature_grad_to_vae
+                repa_to_vae = e2e is not None and e2e.x0_attached is not None
                 if repa_to_vae:
                     x_t.requires_grad_(True)  # to carry the alignment term's gradient on to the VAE
 
