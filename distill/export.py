@@ -140,13 +140,16 @@ def default_pixel_size(recipe: DictConfig) -> tuple[int, int]:
 def build_pipeline(source: StudentSource, *, weights: str = "ema", scheduler: str | None = None,
                    model_size: str | None = None, device: torch.device | str = "cpu", teacher=None):
     """An in-memory ``SiTPipeline`` for a checkpoint (what `cli.py sample` runs and `export` saves)."""
+    from distill.e2e import load_student_side
     from distill.sampling import make_scheduler
     from students.pipeline import SiTPipeline
 
     teacher = teacher or load_teacher_for(source, device)
     student = load_student(source, weights=weights, teacher=teacher, model_size=model_size, device=device)
     sampler = make_scheduler(scheduler or source.recipe.sampling.scheduler, teacher.scheduler_config)
-    pipe = SiTPipeline.from_teacher(teacher, student, sampler, default_hw=default_pixel_size(source.recipe))
+    # After the end-to-end stage the student has its own VAE / text encoders (else: the teacher's).
+    side = load_student_side(source.path, teacher) if source.kind == "checkpoint" else teacher
+    pipe = SiTPipeline.from_teacher(side, student, sampler, default_hw=default_pixel_size(source.recipe))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -163,6 +163,13 @@ def test_stage_two_starts_from_a_stage_one_checkpoint(tiny_teachers, tmp_path):
     pixels = next(iter(d.data.epoch_batches(0)))["pixel_values"]
     assert reconstruction_psnr(side, pixels) > 0
 
+    # Sampling and export use the student-side VAE and text encoder of a stage-2 checkpoint.
+    from distill.export import build_pipeline, resolve_checkpoint
+
+    pipe = build_pipeline(resolve_checkpoint(tmp_path / "stage2"))
+    assert not changed(params(d.e2e.vae), pipe.vae)
+    assert changed(params(d.teacher.vae), pipe.vae)
+
 
 @pytest.mark.parametrize("repa", [False, True])
 def test_only_the_alignment_term_reaches_the_vae_on_the_repa_path(tiny_teachers, tmp_path, repa):
