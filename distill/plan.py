@@ -77,7 +77,8 @@ def describe_plan(r: DictConfig) -> str:
         f"training:    {length}, batch {t.batch_size} x accumulation {t.gradient_accumulation_steps} per process, "
         f"precision {t.mixed_precision}, EMA {'%g' % t.ema_decay if t.use_ema else 'off'}, seed {t.seed}",
         f"             checkpoint every {t.checkpoint_every} steps, keep {t.keep_checkpoints}"
-        + (f", resume from {t.resume}" if t.resume else ""),
+        + (f", resume from {t.resume}" if t.resume else "")
+        + (f", weights from {t.init_from}" if t.init_from else ""),
     ]
     if t.train_vae or t.train_text_encoder:
         what = " and ".join(n for n, on in (("VAE", t.train_vae), ("text encoders", t.train_text_encoder)) if on)
