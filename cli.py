@@ -138,13 +138,13 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def cmd_toy_teacher(args: argparse.Namespace) -> int:
+def cmd_toy_teacher(argv: list[str]) -> int:
     from teachers import toy
 
     _quiet_libraries()
     parser = toy.build_parser()
     parser.prog = "cli.py toy-teacher"
-    toy.run(parser.parse_args(args.toy_args))
+    toy.run(parser.parse_args(argv))
     return 0
 
 
@@ -239,22 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train (or reuse) a toy teacher and save it as a diffusers folder",
                        description="Trains a small VAE, a CLIP text encoder with its own tokenizer and a UNet on "
                        "the toy world (CPU, minutes) and saves a StableDiffusion(XL)Pipeline folder; cached.")
-    # Its options are the toy builder's own (`python cli.py toy-teacher --help` shows them); they are
-    # parsed there, so this parser stays free of torch imports.
-    p.add_argument("toy_args", nargs="*", help="--family sd15|sdxl --out DIR --eval N ...")
-    p.set_defaults(func=cmd_toy_teacher)
+    # Its options are the toy builder's own (`python cli.py toy-teacher --help` shows them): `main`
+    # hands everything after the command to that parser, so this one stays free of torch imports.
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from distill.recipe import RecipeError
 
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.command == "toy-teacher":  # the toy builder parses its own options
-        args.toy_args = extra + args.toy_args
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["toy-teacher"]:  # the toy builder parses its own options
+        return cmd_toy_teacher(argv[1:])
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except RecipeError as e:

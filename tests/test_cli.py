@@ -99,3 +99,12 @@ def test_toy_teacher_options_are_the_builders(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--family" in out and "--eval" in out
+
+
+def test_toy_teacher_options_reach_the_builder(monkeypatch, tmp_path):
+    from teachers import toy
+
+    seen = {}
+    monkeypatch.setattr(toy, "run", lambda args: seen.update(vars(args)))
+    assert cli.main(["toy-teacher", "--family", "sdxl", "--out", str(tmp_path), "--eval", "4"]) == 0
+    assert seen["family"] == "sdxl" and str(seen["out"]) == str(tmp_path) and seen["eval"] == 4
