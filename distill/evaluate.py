@@ -109,8 +109,12 @@ def summary(values: Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def noise_prediction_mse(teacher, model_fns: dict[str, Callable], x0: Tensor, cond: dict[str, Tensor], *,
-                         bins: int, seed: int = NOISE_PROBE_SEED, batch_size: int = 16) -> dict[str, Any]:
+                         bins: int, seed: int = NOISE_PROBE_SEED, batch_size: int = 16,
+                         model_conds: dict[str, dict[str, Tensor]] | None = None) -> dict[str, Any]:
     """MSE of each model's epsilon to the teacher's, per timestep range.
+
+    ``model_conds`` gives a model its own conditioning for the same prompts (a student with its own
+    text encoders after the end-to-end stage); the others get the teacher's ``cond``.
 
     The ranges split [0, T) into ``bins`` equal parts. In each, every sample gets one timestep drawn
     uniformly from the range and x_t = add_noise(x0, noise, t) with a fixed generator, so every
@@ -135,7 +139,8 @@ def noise_prediction_mse(teacher, model_fns: dict[str, Callable], x0: Tensor, co
             target = teacher.predict_eps(x_t, t, c).float()  # (B, C, h, w)
             sums["teacher_vs_true_noise"] += float((target - noise).pow(2).sum())
             for name, fn in model_fns.items():
-                sums[name] += float((fn(x_t, t, c).float() - target).pow(2).sum())
+                own = {k: v[rows] for k, v in (model_conds or {}).get(name, cond).items()}
+                sums[name] += float((fn(x_t, t, own).float() - target).pow(2).sum())
         for name in out:
             out[name].append(sums[name] / x0.numel())
     return {"bin_edges": edges, **out}
@@ -327,8 +332,11 @@ def _samples(model_fn, teacher, prompts: list[str], st: EvalSettings) -> Tensor:
 
 def evaluate(teacher, students: dict[str, torch.nn.Module], prompts: list[str], st: EvalSettings,
              out_dir: str | Path, *, labels: dict[str, str] | None = None,
-             held_out_combos: Sequence[str] = ()) -> dict[str, Any]:
+             held_out_combos: Sequence[str] = (), sides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the report for ``students`` ({"student": ..., "baseline": ...}) against ``teacher``.
+
+    ``sides``: a student's own text encoders + VAE (``distill.e2e.load_student_side``) where the
+    end-to-end stage trained them; a student without an entry uses the teacher's.
 
     Returns the metrics (also in ``metrics.json``)."""
     out = Path(out_dir)
@@ -340,8 +348,9 @@ def evaluate(teacher, students: dict[str, torch.nn.Module], prompts: list[str], 
     names = list(fns)
     all_prompts = [p for _ in st.seeds for p in prompts]  # seed-major, like _samples
     all_seeds = [seed + i for seed in st.seeds for i in range(len(prompts))]
-    latents = {k: _samples(fn, teacher, prompts, st) for k, fn in fns.items()}
-    pixels = {k: torch.cat([teacher.decode_latents(z) for z in v.split(st.batch_size)]) for k, v in latents.items()}
+    side = {k: (sides or {}).get(k, teacher) for k in fns}  # encoders + VAE each model samples with
+    latents = {k: _samples(fn, side[k], prompts, st) for k, fn in fns.items()}
+    pixels = {k: torch.cat([side[k].decode_latents(z) for z in v.split(st.batch_size)]) for k, v in latents.items()}
     images = {k: to_pil(v) for k, v in pixels.items()}
 
     files: list[str] = []
@@ -371,8 +380,10 @@ def evaluate(teacher, students: dict[str, torch.nn.Module], prompts: list[str], 
 
     # Fixed x_t from the teacher's own samples, the conditional embeddings of their prompts.
     cond = teacher.encode_prompt(all_prompts, height=st.height, width=st.width)
+    own = {k: side[k].encode_prompt(all_prompts, height=st.height, width=st.width)
+           for k in students if side[k] is not teacher}
     noise = noise_prediction_mse(teacher, {k: fns[k] for k in students}, latents["teacher"], cond,
-                                 bins=st.timestep_bins, batch_size=st.batch_size)
+                                 bins=st.timestep_bins, batch_size=st.batch_size, model_conds=own)
     metrics["noise_mse"] = noise
     metrics["noise_mse_mean"] = {k: float(np.mean(noise[k])) for k in students}
     edges = noise["bin_edges"]

@@ -138,6 +138,7 @@ def sample_command(args: argparse.Namespace) -> int:
 
 def eval_command(args: argparse.Namespace) -> int:
     """The student-vs-teacher report: report.md, metrics.json, PNGs and tb/ in one folder."""
+    from distill.e2e import load_student_side
     from distill.evaluate import evaluate, evaluation_prompts, settings_from_recipe
     from distill.export import load_student, load_teacher_for, resolve_checkpoint
 
@@ -167,8 +168,11 @@ def eval_command(args: argparse.Namespace) -> int:
                               timestep_bins=args.timestep_bins, batch_size=args.batch_size, weights=args.weights,
                               fid_weights=args.fid_weights, clip_weights=args.clip_weights, prompt_source=origin)
     out = Path(args.out) if args.out else source.path.parent / f"eval-{source.path.stem}"
+    # After the end-to-end stage a checkpoint holds its own VAE / text encoders.
+    checkpoints = {"student": source, "baseline": baseline}
+    sides = {k: load_student_side(checkpoints[k].path, teacher) for k in students if checkpoints[k].kind == "checkpoint"}
     metrics = evaluate(teacher, students, prompts, st, out, labels=labels,
-                       held_out_combos=list(recipe.data.toy.exclude_combos))
+                       held_out_combos=list(recipe.data.toy.exclude_combos), sides=sides)
     from distill.evaluate import results_table
 
     print(results_table(metrics))

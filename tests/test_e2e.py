@@ -170,6 +170,17 @@ def test_stage_two_starts_from_a_stage_one_checkpoint(tiny_teachers, tmp_path):
     assert not changed(params(d.e2e.vae), pipe.vae)
     assert changed(params(d.teacher.vae), pipe.vae)
 
+    # ... and so does the evaluation report (the student column, its noise-prediction inputs).
+    import json
+
+    import cli
+
+    report = tmp_path / "report"
+    assert cli.main(["eval", str(tmp_path / "stage2"), "--out", str(report), "--num_prompts", "2",
+                     "--num_inference_steps", "2", "--timestep_bins", "2"]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert len(metrics["noise_mse"]["student"]) == 2 and (report / "report.md").is_file()
+
 
 @pytest.mark.parametrize("repa", [False, True])
 def test_only_the_alignment_term_reaches_the_vae_on_the_repa_path(tiny_teachers, tmp_path, repa):
