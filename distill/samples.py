@@ -103,8 +103,11 @@ def sample_latents(model_fn, teacher, prompts: Sequence[str], *, height: int, wi
                   num_inference_steps=steps, generator=generator, device=teacher.device)
 
 
-def teacher_student_grid(teacher, student, recipe, pixel_hw: tuple[int, int]) -> Image.Image:
-    """Rows = the recipe's sampling prompts; columns = teacher | student, same seed and sampler."""
+def teacher_student_grid(teacher, student, recipe, pixel_hw: tuple[int, int], student_side=None) -> Image.Image:
+    """Rows = the recipe's sampling prompts; columns = teacher | student, same seed and sampler.
+
+    ``student_side``: the student's own text encoders + VAE (end-to-end stage); default the teacher's."""
+    side = student_side if student_side is not None else teacher
     s = recipe.sampling
     prompts = list(s.prompts) or ["a photograph"]
     h, w = (s.height or pixel_hw[0], s.width or pixel_hw[1])
@@ -113,8 +116,8 @@ def teacher_student_grid(teacher, student, recipe, pixel_hw: tuple[int, int]) ->
     was_training = student.training
     student.eval()
     try:
-        images = [to_pil(teacher.decode_latents(sample_latents(fn, teacher, prompts, **kw)))
-                  for fn in (teacher.predict_eps, student_fn(student))]
+        images = [to_pil(parts.decode_latents(sample_latents(fn, parts, prompts, **kw)))
+                  for fn, parts in ((teacher.predict_eps, teacher), (student_fn(student), side))]
     finally:
         student.train(was_training)
     return grid([list(pair) for pair in zip(*images)], labels=["teacher", "student"])

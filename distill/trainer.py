@@ -553,7 +553,8 @@ class Distiller:
         if not self.accelerator.is_main_process:
             return
         model = self.ema.model if self.ema is not None else self.accelerator.unwrap_model(self.student)
-        grid = teacher_student_grid(self.teacher, model, self.recipe, self.data.example_pixel_hw)
+        side = self.e2e.side if self.e2e is not None else None  # the student's own encoders + VAE
+        grid = teacher_student_grid(self.teacher, model, self.recipe, self.data.example_pixel_hw, student_side=side)
         out = self.run_dir / "samples" / f"step-{step:07d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         grid.save(out)

@@ -156,6 +156,8 @@ def test_stage_two_starts_from_a_stage_one_checkpoint(tiny_teachers, tmp_path):
     assert load_student_side(stage1, d.teacher) is d.teacher  # stage 1 holds no student-side parts
 
     d.fit()
+    d.sample_grid(99, None)  # the student column samples with the student-side encoders and VAE
+    assert (tmp_path / "stage2" / "samples" / "step-0000099.png").is_file()
     stage2 = ckpt.find_latest(tmp_path / "stage2")
     assert {"vae", "text_encoder", "student", "ema"} <= {p.name for p in stage2.iterdir()}
     side = load_student_side(stage2, d.teacher)
