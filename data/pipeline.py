@@ -31,6 +31,7 @@ from data.buckets import BucketBatchSampler, validate_step
 from data.cache import LatentCache, TextCache, cache_policy, module_fingerprint, text_cache_policy
 from data.folder import build_folder_dataset, collate
 from distill.paths import cache_dir
+from distill.perturb import BATCH_PARTS
 from distill.recipe import as_dict
 
 # Recipe `data` keys that are not keywords of `build_folder_dataset`.
@@ -71,8 +72,7 @@ def data_root(data_cfg: DictConfig) -> Path:
 def needs_images(recipe: DictConfig) -> bool:
     """False only in data-free mode: every active term comes from teacher trajectories."""
     lo = recipe.losses
-    batch_parts = any(lo.perturbations[p].enabled for p in
-                      ("input_noise", "caption_mix", "prompt_file", "embedding_noise", "timestep_jitter"))
+    batch_parts = any(lo.perturbations[p].enabled for p in BATCH_PARTS)
     return bool(lo.eps or lo.teacher or lo.feature or (lo.perturb and batch_parts))
 
 

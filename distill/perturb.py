@@ -228,6 +228,10 @@ def teacher_trajectory_states(
     return states, timesteps[stop_at].long()
 
 
+# The recipe's parts that act on a data batch (a, b, d), in a fixed order so that the trainer's
+# per-sample assignment of parts is reproducible; the trajectory part (c) has a batch of its own.
+BATCH_PARTS = ("input_noise", "caption_mix", "prompt_file", "embedding_noise", "timestep_jitter")
+
 # The parts of the family by the names the recipe and the logs use.
 PERTURBATIONS = {
     "input": perturb_input,

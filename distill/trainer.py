@@ -34,14 +34,12 @@ from distill.e2e import EndToEnd, check_recipe as check_e2e_recipe, resolve_init
 from distill.ema import EMA
 from distill.features import FeatureProjector, capture, tokens_from_map
 from distill.losses import combine, eps_loss, feature_loss, sample_guidance_scale, teacher_loss
-from distill.perturb import draw_prompts, jitter_timesteps, load_prompt_file, perturb_embeddings, perturb_input, recombine_captions
+from distill.perturb import (BATCH_PARTS, draw_prompts, jitter_timesteps, load_prompt_file, perturb_embeddings,
+                             perturb_input, recombine_captions)
 from distill.recipe import save_recipe, to_yaml
 from distill.timing import SectionTimer
 
-# Perturbation parts that act on a data batch (a, b, d), in a fixed order so that the per-sample
-# assignment is reproducible. The trajectory part (c) has its own batch.
-BATCH_PARTS = ("input_noise", "caption_mix", "prompt_file", "embedding_noise", "timestep_jitter")
-CAPTION_PARTS = ("caption_mix", "prompt_file")
+CAPTION_PARTS = ("caption_mix", "prompt_file")  # perturbation parts that re-encode prompts
 
 
 class TrainingStopped(RuntimeError):
