@@ -11,22 +11,14 @@ from distill.e2e import LORA_WEIGHTS, load_student_side, reconstruction_psnr
 from distill.recipe import load_recipe
 from distill.trainer import Distiller
 from test_trainer import tiny_recipe
-from tiny_models import make_tiny_sd15, make_tiny_sdxl, one_thread  # noqa: F401 (fixture)
+from tiny_models import one_thread  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 E2E = ("training.train_vae=true", "training.train_text_encoder=true")
 PROMPTS = ["a red circle at the top left", "a blue square"]
 
 
-@pytest.fixture(scope="module")
-def tiny_teachers(tmp_path_factory):
-    base = tmp_path_factory.mktemp("teachers")
-    return {"sd15": make_tiny_sd15(base / "sd15", vae_blocks=3), "sdxl": make_tiny_sdxl(base / "sdxl", vae_blocks=3)}
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SITDISTILL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")  # tiny_teachers: tests/conftest.py
 
 
 def params(module) -> dict[str, torch.Tensor]:

@@ -11,21 +11,14 @@ from distill.build import check_names
 from distill.plan import FAMILY_COND_DIMS
 from distill.recipe import RecipeError, load_recipe
 from students import PRESETS, build_student
-from tiny_models import make_tiny_sd15, make_tiny_sdxl
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 REAL_VAE_FACTOR = 8  # SD1.5 and SDXL VAEs
 
 
-@pytest.fixture(scope="module")
-def stand_ins(tmp_path_factory):
-    base = tmp_path_factory.mktemp("stand_ins")
-    return {"sd15": make_tiny_sd15(base / "sd15", vae_blocks=3), "sdxl": make_tiny_sdxl(base / "sdxl", vae_blocks=3)}
-
-
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
-def test_shipped_recipe_builds(path, stand_ins, tmp_path, monkeypatch):
+def test_shipped_recipe_builds(path, tiny_teachers, tmp_path, monkeypatch):
     recipe = load_recipe(path)
     check_names(recipe)
     if recipe.teacher.source.startswith("toy:"):
@@ -33,7 +26,7 @@ def test_shipped_recipe_builds(path, stand_ins, tmp_path, monkeypatch):
 
         monkeypatch.setenv("SITDISTILL_CACHE", str(tmp_path / "cache"))
         family = recipe.teacher.source.split(":", 1)[1]
-        d = Distiller(load_recipe(path, [f"teacher.source={stand_ins[family]}", f"output.dir={tmp_path / 'run'}",
+        d = Distiller(load_recipe(path, [f"teacher.source={tiny_teachers[family]}", f"output.dir={tmp_path / 'run'}",
                                          "data.toy.num_images=8", "training.batch_size=2"]))
         assert d.teacher.family == family
         out = d.student(torch.zeros(1, 4, 8, 8), torch.tensor([10]),

@@ -9,21 +9,11 @@ from safetensors.torch import load_file
 from distill import checkpoint as ckpt
 from distill.recipe import load_recipe
 from distill.trainer import Distiller, TrainingStopped
-from tiny_models import make_tiny_sd15, make_tiny_sdxl
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def tiny_teachers(tmp_path_factory):
-    base = tmp_path_factory.mktemp("teachers")
-    # Three VAE blocks: factor 4, so the toy world's 16-px bucket step is VAE x patch 2 x 2.
-    return {"sd15": make_tiny_sd15(base / "sd15", vae_blocks=3), "sdxl": make_tiny_sdxl(base / "sdxl", vae_blocks=3)}
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SITDISTILL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")  # tiny_teachers: tests/conftest.py
 
 
 def tiny_recipe(teacher: Path, out: Path, *overrides: str):
