@@ -37,6 +37,19 @@ SEED_TRAIN_FLAGS: dict[str, str] = {
 SEED_TRAIN_RECIPE = str(Path(__file__).resolve().parent / "recipes" / "sdxl_sit_2b.yaml")
 
 
+SAMPLE_COMMANDS = (  # (name, help, description)
+    ("sample", "generate images with a student (the seed's inference flags)",
+     "Sample a student checkpoint (checkpoint folder, run folder, or the seed's sit_model.pt) with the "
+     "teacher's text encoders and VAE; PNGs carry their settings."),
+    ("eval", "student-vs-teacher report (grids, paired distances, per-timestep error)",
+     "Same prompts, seeds and sampler for teacher, student and an optional baseline; writes report.md, "
+     "metrics.json, PNGs and tensorboard scalars into one folder."),
+    ("export", "write a diffusers-loadable pipeline folder from a checkpoint",
+     "--format diffusers: a SiTPipeline folder (students.pipeline.SiTPipeline.from_pretrained(DIR)); "
+     "--format seed: the seed's sit_model.pt / ema_model.pt files."),
+)
+
+
 def _fail(message: str, code: int) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
@@ -195,23 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p, required=False)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="generate images with a student (the seed's inference flags)",
-                       description="Sample a student checkpoint (checkpoint folder, run folder, or the seed's "
-                       "sit_model.pt) with the teacher's text encoders and VAE; PNGs carry their settings.")
-    sample_cli.add_sample_arguments(p)
-    p.set_defaults(func=sample_cli.sample_command)
-
-    p = sub.add_parser("eval", help="student-vs-teacher report (grids, paired distances, per-timestep error)",
-                       description="Same prompts, seeds and sampler for teacher, student and an optional baseline; "
-                       "writes report.md, metrics.json, PNGs and tensorboard scalars into one folder.")
-    sample_cli.add_eval_arguments(p)
-    p.set_defaults(func=sample_cli.eval_command)
-
-    p = sub.add_parser("export", help="write a diffusers-loadable pipeline folder from a checkpoint",
-                       description="--format diffusers: a SiTPipeline folder (students.pipeline.SiTPipeline."
-                       "from_pretrained(DIR)); --format seed: the seed's sit_model.pt / ema_model.pt files.")
-    sample_cli.add_export_arguments(p)
-    p.set_defaults(func=sample_cli.export_command)
+    # Sampling, evaluation and export: their arguments and commands live in distill/sample_cli.py.
+    for name, help_text, description in SAMPLE_COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=description)
+        getattr(sample_cli, f"add_{name}_arguments")(p)
+        p.set_defaults(func=getattr(sample_cli, f"{name}_command"))
 
     p = sub.add_parser("bench", help="time the training step and break it down",
                        description="Times the step on the toy config and on a mid config (SiT-B/2, 32x32 "

@@ -134,7 +134,7 @@ class TrainData:
         missing = [it for it in items if "latent_mean" not in it]
         if missing:
             pixels = torch.stack([it["pixel_values"] for it in missing])
-            mean, std = self.teacher_posterior(pixels)
+            mean, std = (v.cpu() for v in self.teacher.latent_posterior(pixels))
             for it, m, s in zip(missing, mean, std):
                 entry = {"latent_mean": m, "latent_std": s,
                          "original_size": torch.tensor(it["original_size"]),
@@ -149,16 +149,6 @@ class TrainData:
             batch[key] = [it.get(key) for it in items]
         batch["load_errors"] = [e for it in items for e in it.get("load_errors", [])]
         return batch
-
-    @torch.no_grad()
-    def teacher_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scaled posterior (mean, std) of the teacher's frozen VAE: mean/std of the latents that
-        `teacher.encode_images` would sample."""
-        te = self.teacher
-        dist = te.vae.encode(pixels.to(device=te.vae.device, dtype=te.vae.dtype)).latent_dist
-        shift = getattr(te.vae.config, "shift_factor", None) or 0.0
-        scale = te.vae.config.scaling_factor
-        return ((dist.mean - shift) * scale).float().cpu(), (dist.std * scale).float().cpu()
 
 
 class CachedItems(torch.utils.data.Dataset):

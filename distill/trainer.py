@@ -122,6 +122,8 @@ class Distiller:
         else:
             student, self.optimizer = acc.prepare(student, self.optimizer)
         self.student = student
+        # Every parameter the optimizer updates (student, projectors, student-side encoders): clipped together.
+        self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         # One generator per process for every random draw of the step (noise, t, dropout, parts).
         self.gen = torch.Generator(self.device).manual_seed(t.seed * 1_000_003 + acc.process_index)
         self.state = TrainState()
@@ -297,8 +299,7 @@ class Distiller:
             if e2e is not None:
                 e2e.sync_gradients(acc)
             with timer("optimizer"):
-                params = [p for grp in self.optimizer.param_groups for p in grp["params"]]
-                grad_norm = acc.clip_grad_norm_(params, r.training.max_grad_norm)
+                grad_norm = acc.clip_grad_norm_(self.trainable, r.training.max_grad_norm)
                 if not torch.isfinite(grad_norm):
                     self.optimizer.zero_grad(set_to_none=True)
                     return self.bad_step(logs)

@@ -148,8 +148,19 @@ class Teacher:
         """
         dist = self.vae.encode(pixels.to(device=self.vae.device, dtype=self.vae.dtype)).latent_dist
         z = dist.sample(generator=generator) if sample else dist.mode()
+        return self._scaled(z).to(pixels.dtype)
+
+    @torch.no_grad()
+    def latent_posterior(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """The VAE posterior of pixels in [-1, 1] as scaled (mean, std), float32: `encode_images`
+        samples mean + std * noise. What the latent cache stores."""
+        dist = self.vae.encode(pixels.to(device=self.vae.device, dtype=self.vae.dtype)).latent_dist
+        return self._scaled(dist.mean).float(), (dist.std * self.vae.config.scaling_factor).float()
+
+    def _scaled(self, z: Tensor) -> Tensor:
+        """Raw VAE latents -> diffusion latents: (z - shift_factor) * scaling_factor (from the config)."""
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return ((z - shift) * self.vae.config.scaling_factor).to(pixels.dtype)
+        return (z - shift) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
