@@ -151,6 +151,25 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from distill.study import LETTERS, StudyPlan, quick_plan, run_study
+
+    unknown = [k for k in args.students if k not in LETTERS]
+    if unknown:
+        return _fail(f"--students: unknown {' '.join(unknown)}; choose from {' '.join(LETTERS)}", EXIT_USAGE)
+    overrides = list(args.overrides) + ([f"teacher.source={args.teacher}"] if args.teacher else [])
+    given = {k: v for k, v in (("seeds", tuple(args.seeds) if args.seeds else None), ("steps", args.steps),
+                               ("eval_every", args.eval_every), ("eval_prompts", args.eval_prompts),
+                               ("workers", args.workers)) if v is not None}
+    plan = (quick_plan if args.quick else StudyPlan)(recipe=args.recipe, letters=tuple(args.students),
+                                                       overrides=overrides)
+    for key, value in given.items():
+        setattr(plan, key, value)
+    _quiet_libraries()
+    run_study(args.out, plan)
+    return 0
+
+
 def cmd_toy_teacher(argv: list[str]) -> int:
     from teachers import toy
 
@@ -222,6 +241,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=2)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("study", help="the toy-world study: students A-E trained with and without the teacher",
+                       description="Trains students A (eps only), B (+ teacher), C (+ perturbation), D (data-free) "
+                       "and E (+ feature alignment) on a limited toy data set with held-out colour x shape "
+                       "combinations, evaluates each checkpoint on seen and held-out prompts, and writes "
+                       "results.md (table, claims), results.json and study.png. Finished runs are reused.")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every student")
+    p.add_argument("--out", default="runs/study", help="study folder (default runs/study)")
+    p.add_argument("--recipe", default="recipes/study.yaml", help="the students' base recipe (student B)")
+    p.add_argument("--teacher", help="teacher source (default: the recipe's, toy:sd15)")
+    p.add_argument("--students", nargs="+", default=list("ABCDE"), metavar="LETTER")
+    p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2)")
+    p.add_argument("--steps", type=int, help="training steps per student (default: the recipe's)")
+    p.add_argument("--eval-every", dest="eval_every", type=int, help="evaluate every N steps (default: the "
+                   "recipe's checkpoint_every)")
+    p.add_argument("--eval-prompts", dest="eval_prompts", type=int, help="prompts per set (default 24)")
+    p.add_argument("--workers", type=int, help="training/eval processes (default 2)")
+    p.add_argument("--quick", action="store_true", help="a smoke test: tiny students, 2 steps, 1 seed, 2 prompts")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("show-recipe", help="print a recipe fully resolved (extends + overrides)")
     _add_recipe_args(p)

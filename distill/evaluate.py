@@ -149,8 +149,10 @@ def noise_prediction_mse(teacher, model_fns: dict[str, Callable], x0: Tensor, co
 # --------------------------------------------------------------------------- a plot without matplotlib
 
 def line_plot(x: Sequence[float], series: dict[str, Sequence[float]], *, title: str, xlabel: str, ylabel: str,
-              size: tuple[int, int] = (520, 340)) -> Image.Image:
-    """A small line chart drawn with PIL (matplotlib is not a dependency): axes, ticks, legend."""
+              size: tuple[int, int] = (520, 340), colours: dict[str, tuple[int, int, int]] | None = None) -> Image.Image:
+    """A small line chart drawn with PIL (matplotlib is not a dependency): axes, ticks, legend.
+
+    Non-finite values are left out (the line skips them)."""
     w, h = size
     left, right, top, bottom = 64, 16, 28, 44
     img = Image.new("RGB", size, "white")
@@ -178,9 +180,10 @@ def line_plot(x: Sequence[float], series: dict[str, Sequence[float]], *, title: 
     d.text((w // 2 - 4 * len(xlabel) // 2, h - 18), xlabel, fill="black")
     d.text((left, 8), f"{title}   ({ylabel})", fill="black")
     for k, (name, ys) in enumerate(series.items()):
-        colour = MODEL_COLOURS.get(name, (120, 120, 120))
-        pts = [px(xv, yv) for xv, yv in zip(x, ys)]
-        d.line(pts, fill=colour, width=2)
+        colour = {**MODEL_COLOURS, **(colours or {})}.get(name, (120, 120, 120))
+        pts = [px(xv, yv) for xv, yv in zip(x, ys) if math.isfinite(yv)]
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
         for xp, yp in pts:
             d.ellipse([xp - 3, yp - 3, xp + 3, yp + 3], fill=colour)
         d.line([w - right - 110, top + 12 + 14 * k, w - right - 90, top + 12 + 14 * k], fill=colour, width=2)

@@ -128,8 +128,11 @@ class Distiller:
         self.gen = torch.Generator(self.device).manual_seed(t.seed * 1_000_003 + acc.process_index)
         self.state = TrainState()
         self.timer = SectionTimer(enabled=False, device=self.device)  # `cli.py bench` turns it on
-        self.prompt_pool = load_prompt_file(r.losses.perturbations.prompt_file.path) \
-            if r.losses.perturbations.prompt_file.enabled and r.losses.perturbations.prompt_file.path else None
+        pp = r.losses.perturbations
+        # The prompt file feeds the prompt_file part and/or the trajectory part (prompts=prompt_file),
+        # which needs no image: a data-free run reads the file without enabling the batch part.
+        wants_pool = pp.prompt_file.enabled or (pp.trajectory.enabled and pp.trajectory.prompts == "prompt_file")
+        self.prompt_pool = load_prompt_file(pp.prompt_file.path) if wants_pool and pp.prompt_file.path else None
         self.trajectory = None
         if r.losses.perturb and r.losses.perturbations.trajectory.enabled:
             from distill.trajectory import TrajectoryPool

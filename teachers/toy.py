@@ -50,7 +50,8 @@ from tqdm.auto import tqdm
 
 from data import toy as world
 
-TOY_TEACHER_VERSION = "1"  # bump when a change here alters what a build produces
+TOY_TEACHER_VERSION = "2"  # bump when a change here alters what a UNet/text-encoder build produces
+TOY_VAE_VERSION = "1"      # bump when a change here alters what the (shared) VAE build produces
 FAMILIES = ("sd15", "sdxl")
 FINISHED_MARKER = "toy_teacher.json"  # written last inside the temporary folder, before the rename
 VAE_INIT_LOGVAR = -6.0
@@ -100,6 +101,7 @@ class ToyTeacherSettings:
     warmup_steps: int = 100
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
+    snr_gamma: float | None = 5.0   # min-SNR-gamma loss weighting (Hang et al. 2023); None: plain MSE
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -113,8 +115,8 @@ class ToyTeacherSettings:
                                              "vae_batch", "vae_crop", "vae_lr", "vae_kl_weight", "vae_fg_weight")}
 
 
-def _key(payload: dict) -> str:
-    text = json.dumps({"version": TOY_TEACHER_VERSION, **payload}, sort_keys=True, default=list)
+def _key(payload: dict, version: str = TOY_TEACHER_VERSION) -> str:
+    text = json.dumps({"version": version, **payload}, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -296,7 +298,7 @@ def ensure_toy_vae(settings: ToyTeacherSettings, groups: dict, cache_dir: Path |
     from diffusers import AutoencoderKL
     if cache_dir is None:
         return train_vae(settings, groups)
-    final = Path(cache_dir) / "toy-teacher" / f"vae-{_key(settings.vae_part())}"
+    final = Path(cache_dir) / "toy-teacher" / f"vae-{_key(settings.vae_part(), TOY_VAE_VERSION)}"
     if not (final / "config.json").exists() or not (final / "diffusion_pytorch_model.safetensors").exists():
         with _atomic_dir(final) as tmp:
             train_vae(settings, groups, tmp)
@@ -337,6 +339,8 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.schedulers import EulerDiscreteScheduler, PNDMScheduler
 
+    from distill.schedule import NoiseSchedule
+
     out_dir = Path(out_dir)
     fam, t_start = settings.family, time.time()
     timings: dict[str, float] = {}
@@ -373,6 +377,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
     scheduler_config = SCHEDULER_CONFIGS[fam]
     noise_scheduler = DDPMScheduler.from_config(scheduler_config)  # training noise: add_noise *is* the convention
     num_t = noise_scheduler.config.num_train_timesteps
+    schedule = NoiseSchedule.from_config(scheduler_config)
     scaling = vae.config.scaling_factor
     params = list(unet.parameters()) + [q for e in encoders for q in e.parameters()]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
@@ -401,7 +406,12 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
         t = torch.randint(0, num_t, (b,), generator=gen)
         x_t = noise_scheduler.add_noise(latents, noise, t)
         pred = unet(x_t, t, **cond).sample  # epsilon prediction, like SD
-        loss = F.mse_loss(pred, noise)
+        per_sample = (pred - noise).square().mean(dim=(1, 2, 3))  # (B,)
+        if settings.snr_gamma is not None:
+            # min-SNR-gamma: the many easy low-noise steps stop dominating, so layout and shape
+            # (decided at high noise) are learnt in fewer steps.
+            per_sample = per_sample * schedule.min_snr_weight(t, settings.snr_gamma, "epsilon")
+        loss = per_sample.mean()
         for pg in opt.param_groups:
             pg["lr"] = settings.lr * _lr_factor(step, settings.unet_steps, settings.warmup_steps)
         opt.zero_grad(set_to_none=True)

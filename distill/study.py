@@ -1,0 +1,457 @@
+"""Does the teacher help? The toy-world study of the losses (`cli.py study`).
+
+Five students, one budget. Every student starts from the same initialisation, sees the same
+limited data set in the same order and trains for the same number of steps; only the loss differs:
+
+  A  eps only: the data noise loss, no teacher
+  B  eps + teacher: the teacher's eps on the same x_t as a second target
+  C  B + perturbation: input noise, caption recombination, prompts from a text-only prompt list,
+     timestep jitter (the teacher is the only target on those states)
+  D  data-free: teacher trajectories for prompts from the prompt list, no image at all
+  E  C + feature alignment (a student block to the teacher's mid block)
+
+The data set is small (``data.toy.num_images``) and some colour x shape combinations are held out
+entirely (``data.toy.exclude_combos``). The prompt list given to C, D and E is text only, drawn from
+the whole world (held-out combinations included): the situation the SDiT seed describes, where
+captions are cheap and the teacher knows what the images do not show.
+
+Each student is evaluated at every checkpoint with the eval report (`distill.evaluate.evaluate`)
+on two prompt sets, combinations seen in training and held-out combinations: noise-prediction MSE
+to the teacher, paired latent distance of its samples to the teacher's (same seeds, same sampler),
+and prompt fidelity by the toy grader. Everything is repeated over seeds (the training seed: the
+initialisation, the data order and every random draw) and summarised as mean +- standard deviation.
+
+Output folder: ``runs/seed<s>/<letter>/`` (ordinary training runs), ``eval/`` (the reports),
+``results.json``, ``results.md`` (the table and the claims checked against it) and ``study.png``.
+A study that is run again skips the runs and evaluations it finished before.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+STUDY_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "study.yaml"
+LETTERS = ("A", "B", "C", "D", "E")
+DESCRIPTIONS = {
+    "A": "eps only (no teacher)",
+    "B": "eps + teacher",
+    "C": "eps + teacher + perturbation",
+    "D": "teacher trajectories only (data-free)",
+    "E": "C + feature alignment",
+}
+PROMPT_FILE = "prompts_all_combos.txt"
+PROMPT_FILE_SEED = 424242  # the text-only prompt list; neither the training images nor the eval use it
+EVAL_SEED = 777_001        # eval prompts: a seed the training set (data.toy.seed) does not use
+SETS = ("seen", "held_out")
+METRICS = {  # name in results -> (label, lower is better)
+    "noise_mse": ("eps MSE to teacher", True),
+    "latent_mse": ("sample latent MSE to teacher", True),
+    "fidelity": ("prompt fidelity (all three right)", False),
+}
+
+
+def letter_overrides(letter: str, prompt_file: str) -> list[str]:
+    """The recipe overrides that make student ``letter`` out of the study recipe (which is B)."""
+    pp = "losses.perturbations"
+    perturb = ["losses.perturb=1.0", f"{pp}.input_noise.enabled=true", f"{pp}.caption_mix.enabled=true",
+               f"{pp}.prompt_file.enabled=true", f"{pp}.prompt_file.path={prompt_file}",
+               f"{pp}.timestep_jitter.enabled=true"]
+    feature = ["losses.feature=0.5", "losses.features.student_blocks=[1]",
+               "losses.features.teacher_modules=[mid_block]"]
+    table = {
+        "A": ["losses.teacher=0"],
+        "B": [],
+        "C": perturb,
+        "D": ["losses.eps=0", "losses.teacher=0", "losses.perturb=1.0", f"{pp}.trajectory.enabled=true",
+              f"{pp}.trajectory.prompts=prompt_file", f"{pp}.prompt_file.path={prompt_file}"],
+        "E": perturb + feature,
+    }
+    if letter not in table:
+        raise ValueError(f"unknown student {letter!r}; choose from {', '.join(LETTERS)}")
+    return table[letter]
+
+
+@dataclass
+class StudyPlan:
+    """What the study runs. ``overrides`` apply to every student's recipe (after the plan's own)."""
+    recipe: str = str(STUDY_RECIPE)
+    letters: tuple = LETTERS
+    seeds: tuple = (0, 1, 2)
+    steps: int | None = None        # None: the recipe's training.max_steps
+    eval_every: int | None = None   # None: the recipe's training.checkpoint_every
+    eval_prompts: int = 24          # per prompt set (seen / held out), one sample each
+    workers: int = 2                # processes; each gets cpu_count // workers torch threads
+    overrides: list = field(default_factory=list)
+
+
+# The smoke-test plan: a tiny student, a few steps, two prompts (seconds per run on a CPU).
+QUICK_OVERRIDES = ["student.hidden_size=32", "student.depth=2", "student.num_heads=2", "training.batch_size=4",
+                   "data.toy.num_images=24", "sampling.num_inference_steps=2",
+                   "losses.perturbations.trajectory.num_steps=2", "losses.features.projector_hidden=16"]
+
+
+def quick_plan(**kw: Any) -> StudyPlan:
+    plan = StudyPlan(seeds=(0,), steps=2, eval_every=1, eval_prompts=2, workers=1, **kw)
+    plan.overrides = QUICK_OVERRIDES + list(plan.overrides)
+    return plan
+
+
+# --------------------------------------------------------------------------- prompts
+
+def write_prompt_file(path: Path, n: int = 2000) -> Path:
+    """The text-only prompt list of C, D and E: captions from the whole world, held-out combos included."""
+    from data.toy import ToyWorld
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ToyWorld().prompts(n, seed=PROMPT_FILE_SEED)
+    path.write_text("# text-only prompts of the whole toy world (no images); `cli.py study` wrote this\n"
+                    + "\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def eval_prompt_sets(held_out: Sequence[str], n: int) -> dict[str, list[str]]:
+    """Short toy captions (one per prompt), for combinations seen in training and held-out ones.
+
+    The held-out set cycles through every held-out combination so each is represented."""
+    from data.toy import ToyWorld, all_combos
+
+    held = [tuple(c.split()) for c in held_out]
+    seen_world = ToyWorld(exclude_combos=tuple(held))
+    out = {"seen": seen_world.prompts(n, seed=EVAL_SEED)}
+    if held:
+        others = tuple(c for c in all_combos() if c not in held)
+        out["held_out"] = ToyWorld(exclude_combos=others).prompts(n, seed=EVAL_SEED + 1)
+    return out
+
+
+# --------------------------------------------------------------------------- one training run (a worker)
+
+def _threads(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def _train_job(recipe_path: str, overrides: list[str], threads: int) -> dict:
+    import torch
+
+    from distill.recipe import load_recipe
+    from distill.trainer import train
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    summary = train(load_recipe(recipe_path, overrides))
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    return summary
+
+
+def _finished(run_dir: Path, steps: int) -> bool:
+    f = run_dir / "summary.json"
+    return f.is_file() and json.loads(f.read_text()).get("steps") == steps
+
+
+# --------------------------------------------------------------------------- evaluation of one seed (a worker)
+
+def _metrics_of(m: dict, letters: Sequence[str]) -> dict:
+    """The study's three numbers per student (and the teacher's fidelity) from one eval report."""
+    out: dict[str, dict[str, float]] = {}
+    for k in letters:
+        out[k] = {"noise_mse": m["noise_mse_mean"][k], "latent_mse": m["paired"][k]["latent_mse"]["mean"]}
+        if m.get("fidelity"):
+            out[k]["fidelity"] = m["fidelity"][k]["all"]
+            out[k].update({f"fidelity_{f}": m["fidelity"][k][f] for f in ("colour", "shape", "position")})
+    if m.get("fidelity"):
+        out["teacher"] = {"fidelity": m["fidelity"]["teacher"]["all"],
+                          **{f"fidelity_{f}": m["fidelity"]["teacher"][f] for f in ("colour", "shape", "position")}}
+    return out
+
+
+def _eval_job(out: str, seed: int, letters: Sequence[str], steps: Sequence[int], prompt_sets: dict[str, list[str]],
+              threads: int) -> dict:
+    """Every checkpoint of one seed's students, on every prompt set -> {step: {set: metrics}}."""
+    import torch
+
+    from distill.evaluate import evaluate, settings_from_recipe
+    from distill.export import load_teacher_for, load_student, resolve_checkpoint
+
+    torch.set_num_threads(threads)
+    out_dir = Path(out)
+    results: dict[str, Any] = {}
+    teacher = None
+    for step in steps:
+        for name, prompts in prompt_sets.items():
+            report = out_dir / "eval" / f"seed{seed}" / f"step{step:06d}" / name
+            done = report / "metrics.json"
+            if done.is_file():
+                m = json.loads(done.read_text())
+            else:
+                sources = {k: resolve_checkpoint(out_dir / "runs" / f"seed{seed}" / k / f"checkpoint-{step}")
+                           for k in letters}
+                recipe = sources[letters[0]].recipe
+                if teacher is None:
+                    teacher = load_teacher_for(sources[letters[0]], "cpu")
+                students = {k: load_student(s, weights="ema", teacher=teacher) for k, s in sources.items()}
+                st = settings_from_recipe(recipe, seeds=[seed], prompt_source=f"study, {name} combinations")
+                m = evaluate(teacher, students, prompts, st, report,
+                             labels={k: f"{k}: {DESCRIPTIONS[k]}" for k in letters},
+                             held_out_combos=list(recipe.data.toy.exclude_combos))
+            results.setdefault(str(step), {})[name] = _metrics_of(m, letters)
+    return results
+
+
+# --------------------------------------------------------------------------- the study
+
+def _map(jobs: list[tuple], workers: int) -> list:
+    """Run ``(fn, *args)`` jobs in ``workers`` processes (in this process when workers == 1)."""
+    if workers <= 1:
+        return [fn(*args) for fn, *args in jobs]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(fn, *args) for fn, *args in jobs]
+        return [f.result() for f in futures]
+
+
+def run_study(out: str | Path, plan: StudyPlan, log=print) -> dict:
+    """Train, evaluate, summarise; returns the results (also in ``results.json``)."""
+    from distill.build import resolve_teacher_source
+    from distill.recipe import load_recipe, save_recipe
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    prompt_file = write_prompt_file(out / PROMPT_FILE)
+    base = load_recipe(plan.recipe, list(plan.overrides))
+    steps = int(plan.steps or base.training.max_steps)
+    every = int(plan.eval_every or base.training.checkpoint_every)
+    eval_steps = sorted({*range(every, steps + 1, every), steps})
+    # The toy teacher is built here, once, before any worker starts (workers would race to build it).
+    teacher_source = resolve_teacher_source(str(base.teacher.source))
+    common = list(plan.overrides) + [
+        f"teacher.source={teacher_source}", f"training.max_steps={steps}", f"training.checkpoint_every={every}",
+        f"training.keep_checkpoints={len(eval_steps) + 1}", "training.sample_every=0",
+        f"data.cache_dir={out / '.cache'}"]
+    save_recipe(load_recipe(plan.recipe, common), out / "study_recipe.yaml")
+    held_out = list(base.data.toy.exclude_combos)
+    log(f"study: students {', '.join(plan.letters)}; seeds {list(plan.seeds)}; {steps} steps, "
+        f"evaluated at {eval_steps}; {base.data.toy.num_images} images, held out: {', '.join(held_out) or 'none'}")
+
+    threads = _threads(plan.workers)
+    jobs, names = [], []
+    for seed in plan.seeds:
+        for k in plan.letters:
+            run_dir = out / "runs" / f"seed{seed}" / k
+            if _finished(run_dir, steps):
+                continue
+            ov = common + letter_overrides(k, str(prompt_file)) + [
+                f"training.seed={seed}", f"output.dir={run_dir}", f"name=study-{k}-seed{seed}", "training.resume=null"]
+            jobs.append((_train_job, plan.recipe, ov, threads))
+            names.append(f"seed {seed} {k}")
+    if jobs:
+        log(f"training {len(jobs)} students in {plan.workers} process(es) of {threads} thread(s): {', '.join(names)}")
+    t0 = time.perf_counter()
+    summaries = _map(jobs, plan.workers)
+    train_s = time.perf_counter() - t0
+    for name, s in zip(names, summaries):
+        log(f"  {name}: {s['steps']} steps in {s['seconds']} s")
+
+    sets = eval_prompt_sets(held_out, plan.eval_prompts)
+    t0 = time.perf_counter()
+    per_seed = _map([(_eval_job, str(out), seed, list(plan.letters), eval_steps, sets, threads)
+                     for seed in plan.seeds], plan.workers)
+    eval_s = time.perf_counter() - t0
+    results = {"plan": {**asdict(plan), "steps": steps, "eval_steps": eval_steps, "held_out": held_out,
+                        "num_images": int(base.data.toy.num_images), "teacher": teacher_source,
+                        "descriptions": DESCRIPTIONS},
+               "by_seed": {str(s): r for s, r in zip(plan.seeds, per_seed)}}
+    results["summary"] = summarise(results)
+    results["claims"] = check_claims(results)
+    results["seconds"] = {"train": round(train_s, 1), "eval": round(eval_s, 1),
+                          "total": round(time.perf_counter() - t_start, 1)}
+    (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    (out / "results.md").write_text(render_results(results), encoding="utf-8")
+    plot_study(results).save(out / "study.png")
+    log(render_table(results))
+    log(f"study written to {out} (results.md, results.json, study.png) in {results['seconds']['total']:.0f} s")
+    return results
+
+
+# --------------------------------------------------------------------------- summary, claims, table, plot
+
+def _values(results: dict, step: int | str, name: str, who: str, metric: str) -> list[float]:
+    vals = []
+    for r in results["by_seed"].values():
+        v = r.get(str(step), {}).get(name, {}).get(who, {}).get(metric)
+        if v is not None and math.isfinite(v):
+            vals.append(float(v))
+    return vals
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value; nan for none)."""
+    if not values:
+        return float("nan"), float("nan")
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def summarise(results: dict) -> dict:
+    """{set: {step: {letter|teacher: {metric: [mean, std]}}}} over seeds."""
+    plan = results["plan"]
+    names = {n for r in results["by_seed"].values() for by_set in r.values() for n in by_set}
+    out: dict = {}
+    for name in [s for s in SETS if s in names]:
+        for step in plan["eval_steps"]:
+            cell = out.setdefault(name, {}).setdefault(str(step), {})
+            for who in list(plan["letters"]) + ["teacher"]:
+                metrics = {}
+                for metric in list(METRICS) + [f"fidelity_{f}" for f in ("colour", "shape", "position")]:
+                    vals = _values(results, step, name, who, metric)
+                    if vals:
+                        metrics[metric] = list(mean_std(vals))
+                if metrics:
+                    cell[who] = metrics
+    return out
+
+
+def _final(results: dict, name: str, who: str, metric: str) -> float | None:
+    step = str(results["plan"]["eval_steps"][-1])
+    v = results["summary"].get(name, {}).get(step, {}).get(who, {}).get(metric)
+    return None if v is None else v[0]
+
+
+def _better(a: float, b: float, lower: bool) -> bool:
+    return a < b if lower else a > b
+
+
+def check_claims(results: dict) -> list[dict]:
+    """The study's expected results, each marked holds / does not hold from the final-step means."""
+    letters = results["plan"]["letters"]
+    claims = []
+
+    def add(text: str, holds: bool | None, detail: str) -> None:
+        claims.append({"claim": text, "holds": holds, "detail": detail})
+
+    if "A" in letters and "B" in letters:
+        parts, ok = [], True
+        for name in SETS:
+            for metric, (label, lower) in METRICS.items():
+                a, b = _final(results, name, "A", metric), _final(results, name, "B", metric)
+                if a is None or b is None:
+                    continue
+                win = _better(b, a, lower)
+                ok &= win
+                parts.append(f"{name} {label}: B {b:.4g} vs A {a:.4g} ({'B better' if win else 'B not better'})")
+        add("B (eps + teacher) is better than A (eps only) on every metric", ok if parts else None, "; ".join(parts))
+    if "B" in letters and "C" in letters:
+        parts, ok = [], True
+        for metric, (label, lower) in METRICS.items():
+            b, c = _final(results, "held_out", "B", metric), _final(results, "held_out", "C", metric)
+            if b is None or c is None:
+                continue
+            win = _better(c, b, lower)
+            ok &= win
+            parts.append(f"{label}: C {c:.4g} vs B {b:.4g} ({'C better' if win else 'C not better'})")
+        add("C (+ perturbation) is better than B on held-out combinations", ok if parts else None, "; ".join(parts))
+    if "D" in letters:
+        d, t = _final(results, "seen", "D", "fidelity"), _final(results, "seen", "teacher", "fidelity")
+        dh, th = _final(results, "held_out", "D", "fidelity"), _final(results, "held_out", "teacher", "fidelity")
+        if d is not None and t:
+            frac = d / t
+            held = f"; held out: {dh:.3g} vs {th:.3g}" if dh is not None and th else ""
+            add("D (no images) reaches a useful fraction (>= 50 %) of the teacher's prompt fidelity", frac >= 0.5,
+                f"seen combinations: D {d:.3g} vs teacher {t:.3g} = {100 * frac:.0f} %{held}")
+        else:
+            add("D (no images) reaches a useful fraction (>= 50 %) of the teacher's prompt fidelity", None,
+                "the teacher's fidelity is zero or missing: no fraction to take")
+    return claims
+
+
+def _fmt(v: list | None, digits: int = 3) -> str:
+    if v is None:
+        return "—"
+    m, s = v
+    return f"{m:.{digits}g} ± {s:.{digits - 1}g}" if math.isfinite(m) else "—"
+
+
+def render_table(results: dict) -> str:
+    """Final-step table: one row per student (and the teacher's fidelity), mean ± std over seeds."""
+    step = str(results["plan"]["eval_steps"][-1])
+    names = [n for n in SETS if n in results["summary"]]
+    head = ["student"] + [f"{METRICS[m][0]} ({n.replace('_', '-')})" for m in METRICS for n in names]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for who in list(results["plan"]["letters"]) + ["teacher"]:
+        label = f"{who}: {DESCRIPTIONS[who]}" if who in DESCRIPTIONS else "teacher"
+        cells = [label]
+        for m in METRICS:
+            for n in names:
+                cells.append(_fmt(results["summary"][n].get(step, {}).get(who, {}).get(m)))
+        rows.append("| " + " | ".join(cells) + " |")
+    n_seeds = len(results["by_seed"])
+    return (f"After {step} steps; mean ± standard deviation over {n_seeds} seed(s); lower is better for the MSEs, "
+            f"higher for fidelity.\n\n" + "\n".join(rows))
+
+
+def render_results(results: dict) -> str:
+    p = results["plan"]
+    lines = ["# Toy-world study: does the teacher help?", "",
+             f"Teacher: `{p['teacher']}`. Students see {p['num_images']} images; held-out combinations "
+             f"(no image in training): {', '.join(p['held_out']) or 'none'}. Every student: {p['steps']} steps, "
+             f"seeds {p['seeds']}.", "", render_table(results), "", "## The expected results", ""]
+    for c in results["claims"]:
+        mark = {True: "holds", False: "does not hold", None: "not measured"}[c["holds"]]
+        lines.append(f"- **{c['claim']}: {mark}.** {c['detail']}")
+    lines += ["", "Fidelity by attribute (colour / shape / position), final step:", ""]
+    step = str(p["eval_steps"][-1])
+    for n in [s for s in SETS if s in results["summary"]]:
+        for who in list(p["letters"]) + ["teacher"]:
+            cell = results["summary"][n].get(step, {}).get(who, {})
+            if "fidelity_colour" in cell:
+                lines.append(f"- {n}, {who}: " + " / ".join(f"{cell[f'fidelity_{f}'][0]:.2f}"
+                                                            for f in ("colour", "shape", "position")))
+    lines += ["", f"Time: {results['seconds']}", "", "![metric vs step](study.png)", ""]
+    return "\n".join(lines)
+
+
+LETTER_COLOURS = {"A": (214, 39, 40), "B": (31, 119, 180), "C": (44, 160, 44), "D": (148, 103, 189),
+                  "E": (255, 127, 14), "teacher": (40, 40, 40)}
+
+
+def plot_study(results: dict):
+    """A grid of line charts: rows = prompt sets, columns = metrics; x = training step; one line per student."""
+    from PIL import Image
+
+    from distill.evaluate import line_plot
+
+    p = results["plan"]
+    names = [n for n in SETS if n in results["summary"]]
+    panels = []
+    for n in names:
+        row = []
+        for m, (label, _) in METRICS.items():
+            series = {}
+            for who in list(p["letters"]) + (["teacher"] if m == "fidelity" else []):
+                ys = [results["summary"][n].get(str(s), {}).get(who, {}).get(m, [float("nan")])[0]
+                      for s in p["eval_steps"]]
+                if any(math.isfinite(y) for y in ys):
+                    series[who] = ys
+            row.append(line_plot(p["eval_steps"], series, title=f"{n.replace('_', '-')}: {label}",
+                                 xlabel="training step", ylabel="mean over seeds", colours=LETTER_COLOURS,
+                                 size=(440, 300)))
+        panels.append(row)
+    w, h = panels[0][0].size
+    out = Image.new("RGB", (w * len(METRICS), h * len(panels)), "white")
+    for i, row in enumerate(panels):
+        for j, im in enumerate(row):
+            out.paste(im, (j * w, i * h))
+    return out
+
+
+__all__ = ["StudyPlan", "quick_plan", "run_study", "letter_overrides", "check_claims", "summarise",
+           "render_table", "plot_study", "eval_prompt_sets", "LETTERS", "DESCRIPTIONS"]

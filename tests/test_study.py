@@ -1,0 +1,116 @@
+"""The toy-world study (`cli.py study`): students A-E, their recipes, the claims check, a quick run."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from data.pipeline import needs_images
+from data.toy import parse_caption
+from distill import study
+from distill.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+HELD = ["red circle", "green square", "blue triangle", "yellow diamond"]
+
+
+@pytest.mark.parametrize("letter", study.LETTERS)
+def test_every_student_recipe_resolves_and_differs_only_in_its_losses(letter, tmp_path):
+    prompts = study.write_prompt_file(tmp_path / "p.txt", n=50)
+    base = load_recipe(study.STUDY_RECIPE)
+    r = load_recipe(study.STUDY_RECIPE, study.letter_overrides(letter, str(prompts)))
+    lo = r.losses
+    # Same data, student, optimizer and budget as every other letter.
+    for section in ("data", "student", "optimizer", "training", "sampling"):
+        assert r[section] == base[section], section
+    assert list(r.data.toy.exclude_combos) == HELD
+    expected = {"A": (1.0, 0.0, 0.0, 0.0), "B": (1.0, 1.0, 0.0, 0.0), "C": (1.0, 1.0, 1.0, 0.0),
+                "D": (0.0, 0.0, 1.0, 0.0), "E": (1.0, 1.0, 1.0, 0.5)}[letter]
+    assert (lo.eps, lo.teacher, lo.perturb, lo.feature) == expected
+    assert needs_images(r) == (letter != "D")  # D is data-free: trajectories only
+    assert lo.perturbations.trajectory.enabled == (letter == "D")
+    assert lo.perturbations.prompt_file.enabled == (letter in "CE")
+
+
+def test_prompt_sets_split_seen_and_held_out_combinations():
+    sets = study.eval_prompt_sets(HELD, 40)
+    held = {tuple(c.split()) for c in HELD}
+    seen = [parse_caption(p) for p in sets["seen"]]
+    out = [parse_caption(p) for p in sets["held_out"]]
+    assert len(seen) == len(out) == 40
+    assert not any((c["colour"], c["shape"]) in held for c in seen)
+    assert {(c["colour"], c["shape"]) for c in out} == held  # every held-out combination is represented
+
+
+def test_prompt_file_covers_the_whole_world(tmp_path):
+    lines = [ln for ln in study.write_prompt_file(tmp_path / "p.txt", n=400).read_text().splitlines()
+             if not ln.startswith("#")]
+    combos = {(c["colour"], c["shape"]) for c in map(parse_caption, lines)}
+    assert {tuple(c.split()) for c in HELD} <= combos and len(combos) == 24
+
+
+def _results(values: dict) -> dict:
+    """A results dict with one seed, one step; values: {set: {who: {metric: v}}}."""
+    r = {"plan": {"letters": list("ABCD"), "eval_steps": [10], "seeds": [0]}, "by_seed": {"0": {"10": values}}}
+    r["summary"] = study.summarise(r)
+    return r
+
+
+def test_claims_follow_the_numbers():
+    good = {name: {"A": {"noise_mse": 0.5, "latent_mse": 0.9, "fidelity": 0.1},
+                   "B": {"noise_mse": 0.2, "latent_mse": 0.5, "fidelity": 0.3},
+                   "C": {"noise_mse": 0.1, "latent_mse": 0.4, "fidelity": 0.4},
+                   "D": {"noise_mse": 0.3, "latent_mse": 0.6, "fidelity": 0.3},
+                   "teacher": {"fidelity": 0.5}} for name in study.SETS}
+    claims = study.check_claims(_results(good))
+    assert [c["holds"] for c in claims] == [True, True, True]
+    assert "60 %" in claims[2]["detail"]
+    bad = json.loads(json.dumps(good))
+    bad["held_out"]["B"]["fidelity"] = 0.05  # B worse than A on one metric, and better than C there
+    bad["held_out"]["C"]["fidelity"] = 0.04
+    bad["seen"]["D"]["fidelity"] = 0.1       # 20 % of the teacher
+    claims = study.check_claims(_results(bad))
+    assert [c["holds"] for c in claims] == [False, False, False]
+    assert "B not better" in claims[0]["detail"] and "C not better" in claims[1]["detail"]
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    r = {"plan": {"letters": ["A"], "eval_steps": [5], "seeds": [0, 1, 2]},
+         "by_seed": {str(s): {"5": {"seen": {"A": {"noise_mse": v}}}} for s, v in enumerate((1.0, 2.0, 6.0))}}
+    mean, std = study.summarise(r)["seen"]["5"]["A"]["noise_mse"]
+    assert mean == pytest.approx(3.0) and std == pytest.approx(math.sqrt(7.0))
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_quick_study_trains_evaluates_and_reports_every_student(tiny_teachers, tmp_path, capsys):
+    out = tmp_path / "study"
+    plan = study.quick_plan(overrides=[f"teacher.source={tiny_teachers['sd15']}"])
+    results = study.run_study(out, plan)
+    assert results["plan"]["eval_steps"] == [1, 2]
+    for step in ("1", "2"):
+        for name in study.SETS:
+            cell = results["by_seed"]["0"][step][name]
+            for k in study.LETTERS:
+                assert all(math.isfinite(cell[k][m]) for m in study.METRICS), (step, name, k)
+            assert "fidelity" in cell["teacher"]
+    for k in study.LETTERS:  # ordinary training runs, one checkpoint per evaluation step
+        run = out / "runs" / "seed0" / k
+        assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+        assert json.loads((run / "summary.json").read_text())["steps"] == 2
+    assert (out / "eval" / "seed0" / "step000002" / "held_out" / "report.md").is_file()
+    # Students were trained with their own losses (read back from the recipe each run saved).
+    d = load_recipe(next((out / "runs" / "seed0" / "D").glob("checkpoint-2")) / "recipe.yaml")
+    assert d.losses.eps == 0 and d.losses.perturbations.trajectory.prompts == "prompt_file"
+    table = (out / "results.md").read_text()
+    for k in study.LETTERS:
+        assert f"| {k}: {study.DESCRIPTIONS[k]} |" in table
+    assert "## The expected results" in table
+    plot = Image.open(out / "study.png")
+    assert plot.size[0] > plot.size[1] > 0
+    # A second run reuses every finished run and report: nothing is trained again.
+    capsys.readouterr()
+    again = study.run_study(out, plan)
+    assert "training" not in capsys.readouterr().out
+    assert again["by_seed"] == results["by_seed"]
