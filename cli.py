@@ -166,7 +166,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     for key, value in given.items():
         setattr(plan, key, value)
     _quiet_libraries()
-    run_study(args.out, plan)
+    try:
+        run_study(args.out, plan)
+    except ValueError as e:  # a study folder of another plan, a bad letter in a recipe override...
+        return _fail(str(e), EXIT_USAGE)
     return 0
 
 

@@ -287,6 +287,30 @@ def _toy_targets(prompts: list[str]) -> list[dict] | None:
         return None
 
 
+@torch.no_grad()
+def toy_reconstruction_psnr(sides: dict[str, Any], prompts: list[str], *, height: int, width: int,
+                            batch_size: int = 8) -> dict[str, float]:
+    """PSNR (dB) of real toy images (drawn for the prompts) through each model's VAE, mode encode
+    then decode: the teacher's frozen VAE, or a student's own after the end-to-end stage. Models
+    sharing one VAE object are computed once."""
+    from data.toy import draw, spec_from_caption
+    from distill.e2e import psnr as psnr_db  # per image, pixels in [-1, 1]
+
+    images = [np.asarray(draw(spec_from_caption(p, width=width, height=height, seed=i)))
+              for i, p in enumerate(prompts)]
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, 3, H, W)
+    done: dict[int, float] = {}
+    out = {}
+    for name, side in sides.items():
+        key = id(side.vae)
+        if key not in done:
+            per_image = [psnr_db(side.decode_latents(side.encode_images(chunk, sample=False)), chunk)
+                         for chunk in pixels.split(batch_size)]
+            done[key] = float(torch.cat(per_image).mean())
+        out[name] = done[key]
+    return out
+
+
 # --------------------------------------------------------------------------- the report
 
 @dataclass
@@ -335,11 +359,16 @@ def _samples(model_fn, teacher, prompts: list[str], st: EvalSettings) -> Tensor:
 
 def evaluate(teacher, students: dict[str, torch.nn.Module], prompts: list[str], st: EvalSettings,
              out_dir: str | Path, *, labels: dict[str, str] | None = None,
-             held_out_combos: Sequence[str] = (), sides: dict[str, Any] | None = None) -> dict[str, Any]:
+             held_out_combos: Sequence[str] = (), sides: dict[str, Any] | None = None,
+             teacher_samples: dict | None = None) -> dict[str, Any]:
     """Write the report for ``students`` ({"student": ..., "baseline": ...}) against ``teacher``.
 
     ``sides``: a student's own text encoders + VAE (``distill.e2e.load_student_side``) where the
     end-to-end stage trained them; a student without an entry uses the teacher's.
+
+    ``teacher_samples``: a dict kept by the caller across reports with the same teacher: the
+    teacher's latents are computed once per (prompts, settings) and reused (a study evaluating
+    many checkpoints on one prompt set samples the teacher once).
 
     Returns the metrics (also in ``metrics.json``)."""
     out = Path(out_dir)
@@ -352,7 +381,15 @@ def evaluate(teacher, students: dict[str, torch.nn.Module], prompts: list[str], 
     all_prompts = [p for _ in st.seeds for p in prompts]  # seed-major, like _samples
     all_seeds = [seed + i for seed in st.seeds for i in range(len(prompts))]
     side = {k: (sides or {}).get(k, teacher) for k in fns}  # encoders + VAE each model samples with
-    latents = {k: _samples(fn, side[k], prompts, st) for k, fn in fns.items()}
+    memo_key = (tuple(prompts), json.dumps(asdict(st), sort_keys=True))
+    latents = {}
+    for k, fn in fns.items():
+        if k == "teacher" and teacher_samples is not None and memo_key in teacher_samples:
+            latents[k] = teacher_samples[memo_key]
+        else:
+            latents[k] = _samples(fn, side[k], prompts, st)
+    if teacher_samples is not None:
+        teacher_samples[memo_key] = latents["teacher"]
     pixels = {k: torch.cat([side[k].decode_latents(z) for z in v.split(st.batch_size)]) for k, v in latents.items()}
     images = {k: to_pil(v) for k, v in pixels.items()}
 
@@ -407,6 +444,8 @@ def evaluate(teacher, students: dict[str, torch.nn.Module], prompts: list[str], 
         if idx:
             metrics["fidelity_held_out_combos"] = {k: fidelity([images[k][i] for i in idx], [targets[i] for i in idx])
                                                    for k in names}
+        metrics["recon_psnr"] = toy_reconstruction_psnr({k: side[k] for k in names}, prompts, height=st.height,
+                                                        width=st.width, batch_size=st.batch_size)
     metrics["clip_score"] = ({k: clip_score(images[k], all_prompts, st.clip_weights) for k in names}
                              if st.clip_weights else NOT_COMPUTED)
     if st.fid_weights:
@@ -433,9 +472,10 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 def results_table(metrics: dict[str, Any]) -> str:
     """The report's main table (markdown), one row per model."""
     fid = metrics.get("fidelity") or {}
+    recon = metrics.get("recon_psnr") or {}
     head = ("| model | latent MSE ↓ | PSNR dB ↑ | SSIM ↑ | eps MSE to teacher ↓ | toy fidelity all ↑ "
-            "| colour | shape | position |")
-    lines = [head, "|" + "---|" * 9]
+            "| colour | shape | position | VAE recon PSNR dB ↑ |")
+    lines = [head, "|" + "---|" * 10]
     for k in metrics["models"]:
         p = metrics["paired"].get(k)
         row = [k]
@@ -446,6 +486,7 @@ def results_table(metrics: dict[str, Any]) -> str:
             row += ["(reference)"] * 3 + ["—"]
         f = fid.get(k)
         row += [f"{f[c]:.2f}" for c in ("all", "colour", "shape", "position")] if f else ["—"] * 4
+        row.append(f"{recon[k]:.2f}" if k in recon else "—")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -463,7 +504,8 @@ def render_report(metrics: dict[str, Any], grids: list[str]) -> str:
               f"{st['height']}x{st['width']}, negative prompt {st['negative_prompt']!r}, {st['weights']} weights", "",
               "## Results", "",
               "Distances are to the teacher's sample of the same prompt and seed (pixels in [0, 1]); "
-              "toy fidelity is the grader's rate of images showing the prompt's colour, shape and position.", "",
+              "toy fidelity is the grader's rate of images showing the prompt's colour, shape and position; VAE recon PSNR "
+              "is real toy images through the VAE each model samples with (a student's own after the end-to-end stage).", "",
               results_table(metrics), ""]
     if metrics.get("fidelity_held_out_combos"):
         held = metrics["fidelity_held_out_combos"]

@@ -61,6 +61,11 @@ def perturb_input(x_t: Tensor, gamma: Union[float, Tensor], generator: torch.Gen
 
 # --------------------------------------------------------------------------- (b) condition
 
+def where_rows(mask: Tensor, a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Per-sample choice between two conditioning dicts: ``a`` where ``mask`` (N,), else ``b``."""
+    return {k: torch.where(mask.view(-1, *([1] * (a[k].ndim - 1))), a[k], b[k]) for k in a}
+
+
 def split_tags(caption: str, sep: str = TAG_SEPARATOR) -> list[str]:
     """'a, b ,c' -> ['a', 'b', 'c'] (empty pieces dropped)."""
     return [piece.strip() for piece in caption.split(sep) if piece.strip()]

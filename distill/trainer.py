@@ -35,7 +35,7 @@ from distill.ema import EMA
 from distill.features import FeatureProjector, capture, tokens_from_map
 from distill.losses import combine, eps_loss, feature_loss, sample_guidance_scale, teacher_loss
 from distill.perturb import (BATCH_PARTS, draw_prompts, jitter_timesteps, load_prompt_file, perturb_embeddings,
-                             perturb_input, recombine_captions)
+                             perturb_input, recombine_captions, where_rows)
 from distill.recipe import save_recipe, to_yaml
 from distill.timing import SectionTimer
 
@@ -57,11 +57,6 @@ class TrainState:
 
 def _cond_rows(cond: dict, rows: torch.Tensor) -> dict:
     return {k: v[rows] for k, v in cond.items()}
-
-
-def _where_rows(mask: torch.Tensor, a: dict, b: dict) -> dict:
-    """Per-sample choice between two conditioning dicts: a where mask, else b."""
-    return {k: torch.where(mask.view(-1, *([1] * (a[k].ndim - 1))), a[k], b[k]) for k in a}
 
 
 class Distiller:
@@ -230,7 +225,7 @@ class Distiller:
                 if e2e is not None and e2e.text_encoders:
                     # End-to-end: the student reads its own trainable encoders (with grad).
                     s_cond = e2e.conditioning(captions, drop, cond, terms, weights, extra, **self.size_kwargs(batch))
-                cond = _where_rows(drop, uncond, cond)
+                cond = where_rows(drop, uncond, cond)
                 s_cond = cond if s_cond is None else s_cond
 
             # 2. The noisy state, in the teacher's convention.
@@ -360,15 +355,15 @@ class Distiller:
         if any(p in parts for p in CAPTION_PARTS):
             changed = torch.tensor([a != b for a, b in zip(new_captions, captions)], device=dev)
             cond_new, _ = self.encode(new_captions, batch, cached=False)
-            cond_p = _where_rows(changed, cond_new, cond_p)
+            cond_p = where_rows(changed, cond_new, cond_p)
             if own:
-                s_p = _where_rows(changed, self.e2e.encode(new_captions, **self.size_kwargs(batch)), s_p)
+                s_p = where_rows(changed, self.e2e.encode(new_captions, **self.size_kwargs(batch)), s_p)
         if "embedding_noise" in parts:
             rows = part_of == parts.index("embedding_noise")
             noisy = perturb_embeddings(cond_p, lo.perturbations.embedding_noise.sigma, generator=g)
             if own:
-                s_p = _where_rows(rows, {k: s_p[k] + (noisy[k] - cond_p[k]) for k in s_p}, s_p)
-            cond_p = _where_rows(rows, noisy, cond_p)
+                s_p = where_rows(rows, {k: s_p[k] + (noisy[k] - cond_p[k]) for k in s_p}, s_p)
+            cond_p = where_rows(rows, noisy, cond_p)
         with self.timer("teacher"), torch.no_grad():
             target = self.teacher.predict_eps(x_p, t_p, cond_p)
         with self.timer("student_forward"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.perturb import draw_prompts, teacher_trajectory_states
+from distill.perturb import draw_prompts, teacher_trajectory_states, where_rows
 from distill.sampling import make_scheduler
 
 
@@ -54,9 +54,19 @@ class TrajectoryPool:
         order = torch.randperm(flat.shape[0], generator=d.gen, device=d.gen.device).to(flat.device)
         for chunk in order.split(n):
             if len(chunk) == n:
-                self.queue.append((flat[chunk], t[chunk], {k: v[which[chunk]] for k, v in cond.items()}))
+                self.queue.append((flat[chunk], t[chunk], {k: v[which[chunk]] for k, v in cond.items()},
+                                   {k: v[which[chunk]] for k, v in uncond.items()}))
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """A batch of states and their conditioning. The data's caption dropout applies here too
+        (a dropped row gets the unconditional input, and so the teacher's unconditional eps as
+        target): without it a data-free student never learns the branch that CFG subtracts."""
         if not self.queue:
             self.refill()
-        return self.queue.pop()
+        x, t, cond, uncond = self.queue.pop()
+        p = float(self.d.recipe.data.caption_dropout)
+        if p > 0:
+            g = self.d.gen
+            drop = torch.rand(len(t), generator=g, device=g.device).to(t.device) < p
+            cond = where_rows(drop, uncond, cond)
+        return x, t, cond

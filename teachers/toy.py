@@ -95,7 +95,7 @@ class ToyTeacherSettings:
     vae_lr: float = 3e-3
     vae_kl_weight: float = 1e-4
     vae_fg_weight: float = 4.0      # extra reconstruction weight on saturated (shape) pixels
-    unet_steps: int = 2000
+    unet_steps: int = 6000
     batch_size: int = 24
     lr: float = 1e-3
     warmup_steps: int = 100

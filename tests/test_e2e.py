@@ -3,6 +3,7 @@ default, full and LoRA modes train and checkpoint, stage 2 starts from a stage-1
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -126,9 +127,34 @@ def test_lora_mode_trains_adapters_only_and_resumes(tiny_teachers, tmp_path):
     assert again.maybe_resume() and again.state.step == 2
     for name, module in again.e2e.modules().items():
         assert not changed(params(parts[name]), module), name
-    # Sampling/export side: the adapters on copies of the teacher's parts.
+    # Sampling/export side: the adapters merged into copies of the teacher's parts (plain modules,
+    # the same function as base + adapter).
     side = load_student_side(latest, again.teacher)
-    assert side.vae is not again.teacher.vae and not changed(params(parts["vae"]), side.vae)
+    assert side.vae is not again.teacher.vae
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    ids = again.teacher.tokenizer(["a red circle", "a blue square"], padding="max_length", return_tensors="pt",
+                                  max_length=again.teacher.tokenizer.model_max_length).input_ids
+    with torch.no_grad():
+        for name, module in parts.items():
+            merged = getattr(side, name)
+            assert not any("lora_" in n for n, _ in merged.named_parameters()), name
+            if name == "vae":
+                want, got = module.eval().encode(pixels).latent_dist.mean, merged.encode(pixels).latent_dist.mean
+            else:
+                want, got = module.eval()(ids.to(torch.long))[0], merged(ids.to(torch.long))[0]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            assert not torch.equal(got, getattr(again.teacher, name)(ids)[0] if name != "vae" else
+                                   again.teacher.vae.encode(pixels).latent_dist.mean), name  # the adapter counts
+
+    # Export writes the merged parts as plain components; from_pretrained gives the same VAE back.
+    from distill.export import export_diffusers, resolve_checkpoint
+    from students.pipeline import SiTPipeline
+
+    out = export_diffusers(resolve_checkpoint(latest), tmp_path / "export")
+    pipe = SiTPipeline.from_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.vae.encode(pixels).latent_dist.mean, side.vae.encode(pixels).latent_dist.mean)
+        torch.testing.assert_close(pipe.text_encoder_2(ids)[0], side.text_encoder_2(ids)[0])
 
 
 def test_stage_two_starts_from_a_stage_one_checkpoint(tiny_teachers, tmp_path):
@@ -174,6 +200,17 @@ def test_stage_two_starts_from_a_stage_one_checkpoint(tiny_teachers, tmp_path):
                      "--num_inference_steps", "2", "--timestep_bins", "2"]) == 0
     metrics = json.loads((report / "metrics.json").read_text())
     assert len(metrics["noise_mse"]["student"]) == 2 and (report / "report.md").is_file()
+    # VAE reconstruction: the student's own VAE vs the teacher's, on the same drawn toy images.
+    from data.toy import draw, spec_from_caption
+    from distill.evaluate import toy_reconstruction_psnr
+
+    recon = metrics["recon_psnr"]
+    assert recon["student"] != recon["teacher"]
+    images = torch.stack([torch.from_numpy(np.asarray(draw(spec_from_caption(p, 64, 64, seed=i)))).permute(2, 0, 1)
+                          for i, p in enumerate(metrics["prompts"])]).float() / 127.5 - 1
+    assert recon["student"] == pytest.approx(reconstruction_psnr(side, images), rel=1e-5)
+    again = toy_reconstruction_psnr({"t": d.teacher}, metrics["prompts"], height=64, width=64, batch_size=1)
+    assert again["t"] == pytest.approx(recon["teacher"], rel=1e-5)
 
 
 @pytest.mark.parametrize("repa", [False, True])

@@ -119,6 +119,9 @@ def test_toy_world_report_has_all_its_files_and_figures(runs, tmp_path):
         assert len(m["noise_mse"][k]) == 4 and all(v > 0 for v in m["noise_mse"][k])
     assert set(m["fidelity"]) == {"teacher", "student", "baseline"} and m["fidelity"]["student"]["n"] == 4
     assert m["clip_score"] == "not computed (no local weights given)"
+    # Every model samples with the teacher's VAE here: one reconstruction figure, shared.
+    assert set(m["recon_psnr"]) == {"teacher", "student", "baseline"} and len(set(m["recon_psnr"].values())) == 1
+    assert m["recon_psnr"]["teacher"] > 0 and "VAE recon PSNR" in (out / "report.md").read_text()
     # Teacher and student share the noise of each (prompt, seed): the grid has 3 columns x 2 rows.
     from PIL import Image
 

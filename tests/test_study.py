@@ -30,7 +30,9 @@ def test_every_student_recipe_resolves_and_differs_only_in_its_losses(letter, tm
                 "D": (0.0, 0.0, 1.0, 0.0), "E": (1.0, 1.0, 1.0, 0.5)}[letter]
     assert (lo.eps, lo.teacher, lo.perturb, lo.feature) == expected
     assert needs_images(r) == (letter != "D")  # D is data-free: trajectories only
-    assert lo.perturbations.trajectory.enabled == (letter == "D")
+    assert lo.perturbations.trajectory.enabled == (letter in "CDE")
+    if letter in "CDE":
+        assert lo.perturbations.trajectory.prompts == "prompt_file" and lo.perturbations.prompt_file.path == str(prompts)
     assert lo.perturbations.prompt_file.enabled == (letter in "CE")
 
 
@@ -100,6 +102,10 @@ def test_quick_study_trains_evaluates_and_reports_every_student(tiny_teachers, t
         assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
         assert json.loads((run / "summary.json").read_text())["steps"] == 2
     assert (out / "eval" / "seed0" / "step000002" / "held_out" / "report.md").is_file()
+    # The teacher's samples (same prompts, seeds, sampler) are the same at every evaluated step.
+    teacher_png = [(out / "eval" / "seed0" / f"step00000{s}" / "held_out" / "images" / "teacher" / "0000-seed0.png")
+                   for s in (1, 2)]
+    assert teacher_png[0].read_bytes() == teacher_png[1].read_bytes()
     # Students were trained with their own losses (read back from the recipe each run saved).
     d = load_recipe(next((out / "runs" / "seed0" / "D").glob("checkpoint-2")) / "recipe.yaml")
     assert d.losses.eps == 0 and d.losses.perturbations.trajectory.prompts == "prompt_file"

@@ -134,3 +134,22 @@ def test_trajectory_part_beside_data_terms(tiny_teachers, tmp_path):
     assert {"loss/eps", "loss/teacher", "loss/perturb/trajectory"} <= logs.keys()
     x, t, cond = d.trajectory.next()
     assert x.shape[0] == 4 and t.dtype == torch.long and cond["encoder_hidden_states"].shape[0] == 4
+
+
+def test_trajectory_states_carry_caption_dropout_and_read_the_prompt_file(tiny_teachers, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# text only\na red circle at the top left\na blue square in the center\n")
+    pp = "losses.perturbations"
+    d = Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "run", "losses.eps=0", "losses.teacher=0",
+                              "losses.perturb=1", f"{pp}.trajectory.enabled=true", f"{pp}.trajectory.num_steps=2",
+                              f"{pp}.trajectory.prompts=prompt_file", f"{pp}.prompt_file.path={prompts}",
+                              "data.caption_dropout=0.5"))
+    assert not d.data.needs_images  # the prompt file feeds the trajectories; no batch part needs images
+    assert d.prompt_pool == ["a red circle at the top left", "a blue square in the center"]
+    uncond = d.teacher.encode_prompt([""] * 4, height=64, width=64)["encoder_hidden_states"]
+    dropped = kept = 0
+    for _ in range(6):
+        _, _, cond = d.trajectory.next()
+        is_uncond = [torch.equal(row, uncond[0]) for row in cond["encoder_hidden_states"]]
+        dropped, kept = dropped + sum(is_uncond), kept + len(is_uncond) - sum(is_uncond)
+    assert dropped > 0 and kept > 0  # both branches are served, so CFG's unconditional one is learnt
