@@ -34,7 +34,7 @@ import json
 import math
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -185,6 +185,9 @@ def _metrics_of(m: dict, letters: Sequence[str]) -> dict:
     return out
 
 
+_PROCESS_TEACHERS: dict[str, tuple[Any, dict]] = {}  # teacher source -> (teacher, its samples), per process
+
+
 def _eval_job(out: str, seed: int, letters: Sequence[str], steps: Sequence[int], prompt_sets: dict[str, list[str]],
               threads: int) -> dict:
     """Every checkpoint of one seed's students, on every prompt set -> {step: {set: metrics}}."""
@@ -196,7 +199,6 @@ def _eval_job(out: str, seed: int, letters: Sequence[str], steps: Sequence[int],
     torch.set_num_threads(threads)
     out_dir = Path(out)
     results: dict[str, Any] = {}
-    teacher, teacher_samples = None, {}  # the teacher's samples of a prompt set are the same at every step
     for step in steps:
         for name, prompts in prompt_sets.items():
             report = out_dir / "eval" / f"seed{seed}" / f"step{step:06d}" / name
@@ -207,8 +209,11 @@ def _eval_job(out: str, seed: int, letters: Sequence[str], steps: Sequence[int],
                 sources = {k: resolve_checkpoint(out_dir / "runs" / f"seed{seed}" / k / f"checkpoint-{step}")
                            for k in letters}
                 recipe = sources[letters[0]].recipe
-                if teacher is None:
-                    teacher = load_teacher_for(sources[letters[0]], "cpu")
+                source = str(recipe.teacher.source)
+                if source not in _PROCESS_TEACHERS:  # once per process: later jobs here reuse it
+                    _PROCESS_TEACHERS[source] = (load_teacher_for(sources[letters[0]], "cpu"), {})
+                # The teacher's samples of a prompt set are the same at every step: sampled once.
+                teacher, teacher_samples = _PROCESS_TEACHERS[source]
                 students = {k: load_student(s, weights="ema", teacher=teacher) for k, s in sources.items()}
                 st = settings_from_recipe(recipe, seeds=[seed], prompt_source=f"study, {name} combinations")
                 m = evaluate(teacher, students, prompts, st, report,
@@ -220,13 +225,52 @@ def _eval_job(out: str, seed: int, letters: Sequence[str], steps: Sequence[int],
 
 # --------------------------------------------------------------------------- the study
 
-def _map(jobs: list[tuple], workers: int) -> list:
-    """Run ``(fn, *args)`` jobs in ``workers`` processes (in this process when workers == 1)."""
+# Relative cost of one training step of each student (recipes/study.yaml, one CPU thread): the
+# longest runs start first, so that the last ones do not leave a process idle.
+STEP_COST = {"A": 1.0, "B": 1.5, "C": 5.1, "D": 2.6, "E": 5.2}
+
+
+def _run_jobs(train: list[tuple[int, str, tuple]], evals: dict[int, list[tuple]], workers: int) -> tuple[dict, dict]:
+    """Training jobs ``(seed, name, args)`` and each seed's evaluation jobs -> (summaries by name,
+    {seed: {step: metrics}}). In ``workers`` processes (in this one when workers == 1), a seed's
+    evaluations are queued as soon as its students are trained, so they fill the processes that the
+    last training runs leave idle."""
+    summaries: dict[str, dict] = {}
+    results: dict[int, dict] = {seed: {} for seed in evals}
     if workers <= 1:
-        return [fn(*args) for fn, *args in jobs]
+        for _, name, args in train:
+            summaries[name] = _train_job(*args)
+        for seed, jobs in evals.items():
+            for args in jobs:
+                results[seed].update(_eval_job(*args))
+        return summaries, results
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(fn, *args) for fn, *args in jobs]
-        return [f.result() for f in futures]
+        pending: dict[Future, tuple[str, int, str | None]] = {}
+        left = {seed: 0 for seed in evals}
+
+        def queue_evals(seed: int) -> None:
+            for args in evals[seed]:
+                pending[pool.submit(_eval_job, *args)] = ("eval", seed, None)
+
+        for seed, name, args in train:
+            pending[pool.submit(_train_job, *args)] = ("train", seed, name)
+            left[seed] += 1
+        for seed in evals:
+            if left[seed] == 0:
+                queue_evals(seed)
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                kind, seed, name = pending.pop(future)
+                value = future.result()  # a failed job stops the study with its own error
+                if kind == "eval":
+                    results[seed].update(value)
+                    continue
+                summaries[name] = value
+                left[seed] -= 1
+                if left[seed] == 0:
+                    queue_evals(seed)
+    return summaries, results
 
 
 def run_study(out: str | Path, plan: StudyPlan, log=print) -> dict:
@@ -255,7 +299,7 @@ def run_study(out: str | Path, plan: StudyPlan, log=print) -> dict:
         f"evaluated at {eval_steps}; {base.data.toy.num_images} images, held out: {', '.join(held_out) or 'none'}")
 
     threads = _threads(plan.workers)
-    jobs, names = [], []
+    train = []
     for seed in plan.seeds:
         for k in plan.letters:
             run_dir = out / "runs" / f"seed{seed}" / k
@@ -267,29 +311,25 @@ def run_study(out: str | Path, plan: StudyPlan, log=print) -> dict:
                                  "belongs to a longer study; choose another --out")
             ov = common + letter_overrides(k, str(prompt_file)) + [
                 f"training.seed={seed}", f"output.dir={run_dir}", f"name=study-{k}-seed{seed}", "training.resume=latest"]
-            jobs.append((_train_job, plan.recipe, ov, threads))
-            names.append(f"seed {seed} {k}")
-    if jobs:
-        log(f"training {len(jobs)} students in {plan.workers} process(es) of {threads} thread(s): {', '.join(names)}")
-    t0 = time.perf_counter()
-    summaries = _map(jobs, plan.workers)
-    train_s = time.perf_counter() - t0
-    for name, s in zip(names, summaries):
-        log(f"  {name}: {s['steps']} steps in {s['seconds']} s")
-
+            train.append((seed, f"seed {seed} {k}", (plan.recipe, ov, threads)))
+    train.sort(key=lambda job: -STEP_COST.get(job[1][-1], 1.0))  # longest first (stable: seeds stay in order)
+    if train:
+        log(f"training {len(train)} students in {plan.workers} process(es) of {threads} thread(s): "
+            f"{', '.join(name for _, name, _ in train)}")
     sets = eval_prompt_sets(held_out, plan.eval_prompts)
-    t0 = time.perf_counter()
-    per_seed = _map([(_eval_job, str(out), seed, list(plan.letters), eval_steps, sets, threads)
-                     for seed in plan.seeds], plan.workers)
-    eval_s = time.perf_counter() - t0
+    evals = {seed: [(str(out), seed, list(plan.letters), [step], sets, threads) for step in eval_steps]
+             for seed in plan.seeds}
+    summaries, per_seed = _run_jobs(train, evals, plan.workers)
+    for name, s in summaries.items():
+        log(f"  {name}: {s['steps']} steps in {s['seconds']} s")
     results = {"plan": {**asdict(plan), "steps": steps, "eval_steps": eval_steps, "held_out": held_out,
                         "num_images": int(base.data.toy.num_images), "teacher": teacher_source,
                         "descriptions": DESCRIPTIONS},
-               "by_seed": {str(s): r for s, r in zip(plan.seeds, per_seed)}}
+               "by_seed": {str(s): dict(sorted(per_seed[s].items(), key=lambda kv: int(kv[0]))) for s in plan.seeds}}
     results["summary"] = summarise(results)
     results["claims"] = check_claims(results)
-    results["seconds"] = {"train": round(train_s, 1), "eval": round(eval_s, 1),
-                          "total": round(time.perf_counter() - t_start, 1)}
+    results["seconds"] = {"training_runs": round(sum(s["seconds"] for s in summaries.values()), 1),
+                          "total": round(time.perf_counter() - t_start, 1), "workers": plan.workers}
     (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     (out / "results.md").write_text(render_results(results), encoding="utf-8")
     plot_study(results).save(out / "study.png")
@@ -342,6 +382,17 @@ def _final(results: dict, name: str, who: str, metric: str) -> float | None:
     return None if v is None else v[0]
 
 
+def _spread_note(results: dict, name: str, x: str, y: str, metric: str) -> str:
+    """", within the seeds' spread" when the two means differ by less than the larger standard
+    deviation (a difference the seeds do not separate), else ""."""
+    step = str(results["plan"]["eval_steps"][-1])
+    cell = results["summary"].get(name, {}).get(step, {})
+    vx, vy = cell.get(x, {}).get(metric), cell.get(y, {}).get(metric)
+    if not vx or not vy or len(results["by_seed"]) < 2:
+        return ""
+    return ", within the seeds' spread" if abs(vx[0] - vy[0]) < max(vx[1], vy[1]) else ""
+
+
 def _better(a: float, b: float, lower: bool) -> bool:
     return a < b if lower else a > b
 
@@ -363,7 +414,8 @@ def check_claims(results: dict) -> list[dict]:
                     continue
                 win = _better(b, a, lower)
                 ok &= win
-                parts.append(f"{name} {label}: B {b:.4g} vs A {a:.4g} ({'B better' if win else 'B not better'})")
+                parts.append(f"{name} {label}: B {b:.4g} vs A {a:.4g} ({'B better' if win else 'B not better'}"
+                             f"{_spread_note(results, name, 'A', 'B', metric)})")
         add("B (eps + teacher) is better than A (eps only) on every metric", ok if parts else None, "; ".join(parts))
     if "B" in letters and "C" in letters:
         parts, ok = [], True
@@ -373,7 +425,8 @@ def check_claims(results: dict) -> list[dict]:
                 continue
             win = _better(c, b, lower)
             ok &= win
-            parts.append(f"{label}: C {c:.4g} vs B {b:.4g} ({'C better' if win else 'C not better'})")
+            parts.append(f"{label}: C {c:.4g} vs B {b:.4g} ({'C better' if win else 'C not better'}"
+                         f"{_spread_note(results, 'held_out', 'B', 'C', metric)})")
         add("C (+ perturbation) is better than B on held-out combinations", ok if parts else None, "; ".join(parts))
     if "D" in letters:
         d, t = _final(results, "seen", "D", "fidelity"), _final(results, "seen", "teacher", "fidelity")

@@ -120,3 +120,28 @@ def test_quick_study_trains_evaluates_and_reports_every_student(tiny_teachers, t
     again = study.run_study(out, plan)
     assert "training" not in capsys.readouterr().out
     assert again["by_seed"] == results["by_seed"]
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_study_runs_in_two_processes(tiny_teachers, tmp_path):
+    """The process-pool path: training jobs, then each seed's evaluations queued behind them."""
+    plan = study.quick_plan(letters=("A", "D"), overrides=[f"teacher.source={tiny_teachers['sd15']}"])
+    plan.steps, plan.eval_every, plan.workers = 1, 1, 2
+    results = study.run_study(tmp_path / "study", plan)
+    assert results["plan"]["eval_steps"] == [1] and results["seconds"]["workers"] == 2
+    for name in study.SETS:
+        assert set(results["by_seed"]["0"]["1"][name]) == {"A", "D", "teacher"}
+    assert (tmp_path / "study" / "results.md").is_file()
+
+
+def test_claims_say_when_a_difference_is_within_the_seeds_spread():
+    by_seed = {str(s): {"10": {"seen": {"A": {"noise_mse": a}, "B": {"noise_mse": b}}}}
+               for s, (a, b) in enumerate([(0.50, 0.30), (0.52, 0.31), (0.48, 0.29)])}
+    r = {"plan": {"letters": ["A", "B"], "eval_steps": [10], "seeds": [0, 1, 2]}, "by_seed": by_seed}
+    r["summary"] = study.summarise(r)
+    assert "within the seeds' spread" not in study.check_claims(r)[0]["detail"]  # 0.2 apart, std 0.02
+    for seed, (a, b) in zip(by_seed, [(0.50, 0.45), (0.40, 0.47), (0.45, 0.40)]):
+        by_seed[seed]["10"]["seen"] = {"A": {"noise_mse": a}, "B": {"noise_mse": b}}
+    r["summary"] = study.summarise(r)
+    claim = study.check_claims(r)[0]
+    assert claim["holds"] and "B better, within the seeds' spread" in claim["detail"]
