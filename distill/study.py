@@ -405,29 +405,25 @@ def check_claims(results: dict) -> list[dict]:
     def add(text: str, holds: bool | None, detail: str) -> None:
         claims.append({"claim": text, "holds": holds, "detail": detail})
 
-    if "A" in letters and "B" in letters:
+    def compare(new: str, old: str, sets: Sequence[str], claim: str) -> None:
+        """``new`` better than ``old`` on every metric of every set in ``sets``, final-step means."""
         parts, ok = [], True
-        for name in SETS:
+        for name in sets:
             for metric, (label, lower) in METRICS.items():
-                a, b = _final(results, name, "A", metric), _final(results, name, "B", metric)
+                a, b = _final(results, name, old, metric), _final(results, name, new, metric)
                 if a is None or b is None:
                     continue
                 win = _better(b, a, lower)
                 ok &= win
-                parts.append(f"{name} {label}: B {b:.4g} vs A {a:.4g} ({'B better' if win else 'B not better'}"
-                             f"{_spread_note(results, name, 'A', 'B', metric)})")
-        add("B (eps + teacher) is better than A (eps only) on every metric", ok if parts else None, "; ".join(parts))
+                where = f"{name} " if len(sets) > 1 else ""
+                parts.append(f"{where}{label}: {new} {b:.4g} vs {old} {a:.4g} ({new} {'better' if win else 'not better'}"
+                             f"{_spread_note(results, name, old, new, metric)})")
+        add(claim, ok if parts else None, "; ".join(parts))
+
+    if "A" in letters and "B" in letters:
+        compare("B", "A", SETS, "B (eps + teacher) is better than A (eps only) on every metric")
     if "B" in letters and "C" in letters:
-        parts, ok = [], True
-        for metric, (label, lower) in METRICS.items():
-            b, c = _final(results, "held_out", "B", metric), _final(results, "held_out", "C", metric)
-            if b is None or c is None:
-                continue
-            win = _better(c, b, lower)
-            ok &= win
-            parts.append(f"{label}: C {c:.4g} vs B {b:.4g} ({'C better' if win else 'C not better'}"
-                         f"{_spread_note(results, 'held_out', 'B', 'C', metric)})")
-        add("C (+ perturbation) is better than B on held-out combinations", ok if parts else None, "; ".join(parts))
+        compare("C", "B", ["held_out"], "C (+ perturbation) is better than B on held-out combinations")
     if "D" in letters:
         d, t = _final(results, "seen", "D", "fidelity"), _final(results, "seen", "teacher", "fidelity")
         dh, th = _final(results, "held_out", "D", "fidelity"), _final(results, "held_out", "teacher", "fidelity")
