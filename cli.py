@@ -161,8 +161,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     given = {k: v for k, v in (("seeds", tuple(args.seeds) if args.seeds else None), ("steps", args.steps),
                                ("eval_every", args.eval_every), ("eval_prompts", args.eval_prompts),
                                ("workers", args.workers)) if v is not None}
-    plan = (quick_plan if args.quick else StudyPlan)(recipe=args.recipe, letters=tuple(args.students),
-                                                       overrides=overrides)
+    kw = {"recipe": args.recipe} if args.recipe else {}
+    plan = (quick_plan if args.quick else StudyPlan)(letters=tuple(args.students), overrides=overrides, **kw)
     for key, value in given.items():
         setattr(plan, key, value)
     _quiet_libraries()
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "results.md (table, claims), results.json and study.png. Finished runs are reused.")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every student")
     p.add_argument("--out", default="runs/study", help="study folder (default runs/study)")
-    p.add_argument("--recipe", default="recipes/study.yaml", help="the students' base recipe (student B)")
+    p.add_argument("--recipe", help="the students' base recipe, which is student B (default: recipes/study.yaml)")
     p.add_argument("--teacher", help="teacher source (default: the recipe's, toy:sd15)")
     p.add_argument("--students", nargs="+", default=list("ABCDE"), metavar="LETTER")
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2)")

@@ -123,9 +123,9 @@ def write_prompt_file(path: Path, n: int = 2000) -> Path:
 
 
 def eval_prompt_sets(held_out: Sequence[str], n: int) -> dict[str, list[str]]:
-    """Short toy captions (one per prompt), for combinations seen in training and held-out ones.
-
-    The held-out set cycles through every held-out combination so each is represented."""
+    """Toy captions for combinations seen in training and for held-out ones: each set draws its
+    colour x shape pairs uniformly from its own combinations, with seeds the training data and the
+    prompt list do not use."""
     from data.toy import ToyWorld, all_combos
 
     held = [tuple(c.split()) for c in held_out]
@@ -284,8 +284,10 @@ def run_study(out: str | Path, plan: StudyPlan, log=print) -> dict:
     t_start = time.perf_counter()
     prompt_file = write_prompt_file(out / PROMPT_FILE)
     base = load_recipe(plan.recipe, list(plan.overrides))
-    steps = int(plan.steps or base.training.max_steps)
-    every = int(plan.eval_every or base.training.checkpoint_every)
+    steps = int(base.training.max_steps if plan.steps is None else plan.steps)
+    every = int(base.training.checkpoint_every if plan.eval_every is None else plan.eval_every)
+    if steps < 1 or every < 1:
+        raise ValueError(f"the study needs at least 1 step and an evaluation every >= 1 steps (got {steps}, {every})")
     eval_steps = sorted({*range(every, steps + 1, every), steps})
     # The toy teacher is built here, once, before any worker starts (workers would race to build it).
     teacher_source = resolve_teacher_source(str(base.teacher.source))

@@ -145,3 +145,24 @@ def test_claims_say_when_a_difference_is_within_the_seeds_spread():
     r["summary"] = study.summarise(r)
     claim = study.check_claims(r)[0]
     assert claim["holds"] and "B better, within the seeds' spread" in claim["detail"]
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_cli_study_command(tiny_teachers, tmp_path, capsys):
+    import cli
+
+    assert cli.main(["study", "--students", "A", "X"]) == 2  # a bad letter: one line, nothing run
+    assert "unknown X" in capsys.readouterr().err
+    out = tmp_path / "study"
+    assert cli.main(["study", "--quick", "--teacher", str(tiny_teachers["sd15"]), "--students", "A", "B",
+                     "--steps", "1", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["plan"]["letters"] == ["A", "B"] and results["plan"]["eval_steps"] == [1]
+    assert results["plan"]["teacher"] == str(tiny_teachers["sd15"])
+    # Bad plans and a folder of a longer study are refused (exit 2), not silently mixed.
+    base = ["study", "--quick", "--teacher", str(tiny_teachers["sd15"]), "--students", "A", "--out", str(out)]
+    assert cli.main(base + ["--steps", "0"]) == 2
+    assert cli.main(base + ["--steps", "2"]) == 0
+    (out / "runs" / "seed0" / "A" / "summary.json").unlink()  # as if that run had been interrupted
+    assert cli.main(base + ["--steps", "1"]) == 2
+    assert "belongs to a longer study" in capsys.readouterr().err
