@@ -56,12 +56,19 @@ def toy_data_folder(data_cfg: DictConfig) -> Path:
     try:
         ToyWorld(exclude_combos=excluded).write_folder(tmp, toy.num_images, toy.seed)
         (tmp / "COMPLETE").write_text("")
-        if out.exists():  # a half folder from a killed build
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # Several processes (ranks, study workers) may draw the same folder at once. A finished
+        # folder is never replaced: another process may be reading it (the drawing is a pure
+        # function of the key, so either copy is the same).
+        if not (out / "COMPLETE").is_file():
+            if out.exists():  # a half folder from a killed build
+                shutil.rmtree(out)
+            try:
+                os.replace(tmp, out)
+            except OSError:  # another process renamed its finished copy into place first
+                if not (out / "COMPLETE").is_file():
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename; else a spare copy
     return out
 
 

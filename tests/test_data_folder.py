@@ -268,3 +268,29 @@ def test_default_header_cache_lives_in_project_cache(folder, tmp_path, monkeypat
     files = list((tmp_path / "cache").rglob("*.json"))
     assert len(files) == 1 and str(folder.resolve()) not in files[0].name
     assert len(json.loads(files[0].read_text())["entries"]) == 5 + 4  # images with good side files
+
+
+def test_a_finished_toy_folder_is_never_replaced_by_a_later_writer(tmp_path, monkeypatch):
+    """Two processes drawing the same toy folder: the one that finishes second keeps the first's
+    finished copy (a rank may be reading it) and leaves no temporary folder behind."""
+    from omegaconf import OmegaConf
+
+    from data import pipeline
+    from data.toy import ToyWorld
+
+    monkeypatch.setenv("SITDISTILL_CACHE", str(tmp_path / "cache"))
+    cfg = OmegaConf.create({"toy": {"num_images": 6, "seed": 0, "exclude_combos": []}})
+    real_write = ToyWorld.write_folder
+    other = {}
+
+    def other_process_finishes_meanwhile(self, out_dir, n, seed, metadata=True):
+        monkeypatch.setattr(ToyWorld, "write_folder", real_write)
+        other["folder"] = pipeline.toy_data_folder(cfg)  # the other process: draws, renames, reads
+        (other["folder"] / "read-by-the-other-process").write_text("")
+        return real_write(self, out_dir, n, seed, metadata)  # this process goes on with its own copy
+
+    monkeypatch.setattr(ToyWorld, "write_folder", other_process_finishes_meanwhile)
+    mine = pipeline.toy_data_folder(cfg)
+    assert mine == other["folder"] and (mine / "read-by-the-other-process").is_file()  # kept, not swapped
+    assert (mine / "COMPLETE").is_file() and len(list(mine.glob("*.png"))) == 6
+    assert not [p for p in mine.parent.iterdir() if p.name.startswith(".tmp-")]
