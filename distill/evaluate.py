@@ -294,7 +294,7 @@ def toy_reconstruction_psnr(sides: dict[str, Any], prompts: list[str], *, height
     then decode: the teacher's frozen VAE, or a student's own after the end-to-end stage. Models
     sharing one VAE object are computed once."""
     from data.toy import draw, spec_from_caption
-    from distill.e2e import psnr as psnr_db  # per image, pixels in [-1, 1]
+    from distill.e2e import reconstruction_psnr
 
     images = [np.asarray(draw(spec_from_caption(p, width=width, height=height, seed=i)))
               for i, p in enumerate(prompts)]
@@ -304,9 +304,8 @@ def toy_reconstruction_psnr(sides: dict[str, Any], prompts: list[str], *, height
     for name, side in sides.items():
         key = id(side.vae)
         if key not in done:
-            per_image = [psnr_db(side.decode_latents(side.encode_images(chunk, sample=False)), chunk)
-                         for chunk in pixels.split(batch_size)]
-            done[key] = float(torch.cat(per_image).mean())
+            chunks = pixels.split(batch_size)  # chunk means weighted by size: the mean over all images
+            done[key] = sum(reconstruction_psnr(side, c) * len(c) for c in chunks) / len(pixels)
         out[name] = done[key]
     return out
 
