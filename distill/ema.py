@@ -15,9 +15,17 @@ initialisation for ~1/(1-decay) steps. `warmup=False` gives DiT's constant decay
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 from torch import nn
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a weight sharded with FSDP; the tensor itself otherwise. (No DTensor
+    exists before its module is imported, so unsharded runs do not pay for that import.)"""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor.DTensor) else t
 
 
 class EMA:
@@ -46,11 +54,14 @@ class EMA:
     def update(self, model: nn.Module, step: int) -> None:
         """Move the shadow towards `model` (same architecture, unwrapped from DDP/compile)."""
         weight = 1.0 - self.decay_at(step)
+        for m in (self.model, model):  # sharded (FSDP): a forward outside training leaves its root gathered
+            getattr(m, "reshard", lambda: None)()
         pairs = self._pairs(model)
         # Same device and dtype (the usual case): one multi-tensor lerp over all trained weights,
         # a fraction of the per-tensor loop's cost; otherwise (shadow on the CPU, bf16 model) each
         # weight is brought to the shadow's device and dtype first.
-        trained = [(s, p.detach()) for s, p in pairs if p.requires_grad]
+        # Sharded (FSDP) shadow and model: each process averages its own shard.
+        trained = [(local(s), local(p.detach())) for s, p in pairs if p.requires_grad]
         if trained and all(s.device == p.device and s.dtype == p.dtype for s, p in trained):
             torch._foreach_lerp_([s for s, _ in trained], [p for _, p in trained], weight)
         else:
@@ -58,7 +69,7 @@ class EMA:
                 s.lerp_(p.to(s), weight)
         for s, p in pairs:
             if not p.requires_grad:
-                s.copy_(p.detach())  # frozen parts follow the model (diffusers' EMAModel does the same)
+                local(s).copy_(local(p.detach()))  # frozen parts follow the model (diffusers' EMAModel does the same)
         # Buffers (e.g. norm statistics) are copied, not averaged.
         for s, b in zip(self.model.buffers(), model.buffers()):
             s.copy_(b)  # copy_ casts dtype and moves device

@@ -234,6 +234,9 @@ class TrainingConfig:
     use_ema: bool = True
     ema_decay: float = 0.9999
     ema_on_cpu: bool = False
+    # Shard the student (and its EMA) over the processes with FSDP2, one unit per SiT block, for
+    # students that do not fit one GPU (3b). Launch with `accelerate launch --multi_gpu`; see the README.
+    fsdp: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     resume: Optional[str] = None  # "latest" or a checkpoint folder

@@ -37,6 +37,7 @@ from distill.losses import combine, eps_loss, feature_loss, sample_guidance_scal
 from distill.perturb import (BATCH_PARTS, draw_prompts, jitter_timesteps, load_prompt_file, perturb_embeddings,
                              perturb_input, recombine_captions, where_rows)
 from distill.recipe import save_recipe, to_yaml
+from distill.sharding import GatheredModel, GatheredOptimizer, all_finite, check_fsdp, full, shard_model
 from distill.timing import SectionTimer
 
 CAPTION_PARTS = ("caption_mix", "prompt_file")  # perturbation parts that re-encode prompts
@@ -78,6 +79,7 @@ class Distiller:
         self.device = acc.device
         self.run_dir = Path(r.output.dir)
         self.log = acc.print
+        self.fsdp = check_fsdp(r, acc)
 
         # Frozen teacher; the student is built to take its conditioning sizes.
         check_names(r)
@@ -96,7 +98,6 @@ class Distiller:
             self.log(self.e2e.describe())
 
         self.projector = None
-        params = [{"params": [p for p in student.parameters() if p.requires_grad]}]
         if r.losses.feature:
             f = r.losses.features
             if len(f.student_blocks) != len(f.teacher_modules) or not f.student_blocks:
@@ -104,15 +105,27 @@ class Distiller:
             dims = self.teacher_feature_dims(list(f.teacher_modules))
             self.projector = torch.nn.ModuleList(
                 FeatureProjector(student.config.hidden_size, d, f.projector_hidden) for d in dims)
+
+        self.total_steps = self.planned_steps()
+        # FSDP: the EMA is copied from the whole student, then both are sharded (distill.sharding).
+        ema_device = "cpu" if t.ema_on_cpu and not self.fsdp else None
+        self.ema = EMA(student, decay=t.ema_decay, device=ema_device) if t.use_ema else None
+        if self.fsdp:
+            shard_model(student, self.device, t.mixed_precision)
+            if self.ema is not None:
+                shard_model(self.ema.model, self.device, offload=t.ema_on_cpu)
+            for proj in self.projector or []:
+                shard_model(proj, self.device, t.mixed_precision)
+        params = [{"params": [p for p in student.parameters() if p.requires_grad]}]
+        if self.projector is not None:
             params.append({"params": list(self.projector.parameters())})
         if self.e2e is not None:
             params += self.e2e.param_groups(r.optimizer)  # their own learning rates
-
-        self.total_steps = self.planned_steps()
         self.optimizer = build_optimizer(params, r.optimizer, self.device)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, r.optimizer, self.total_steps)
-        self.ema = EMA(student, decay=t.ema_decay, device="cpu" if t.ema_on_cpu else None) if t.use_ema else None
-        if self.projector is not None:
+        if self.fsdp:  # sharded above; accelerate only wraps the optimizer
+            self.optimizer = acc.prepare(self.optimizer)
+        elif self.projector is not None:
             student, self.projector, self.optimizer = acc.prepare(student, self.projector, self.optimizer)
         else:
             student, self.optimizer = acc.prepare(student, self.optimizer)
@@ -297,7 +310,7 @@ class Distiller:
             if e2e is not None:
                 e2e.sync_gradients(acc)
             with timer("optimizer"):
-                grad_norm = acc.clip_grad_norm_(self.trainable, r.training.max_grad_norm)
+                grad_norm = full(acc.clip_grad_norm_(self.trainable, r.training.max_grad_norm))
                 if not torch.isfinite(grad_norm):
                     self.optimizer.zero_grad(set_to_none=True)
                     return self.bad_step(logs)
@@ -449,20 +462,35 @@ class Distiller:
                 models[f"projector_{i}"] = proj
         if self.e2e is not None:
             models.update(self.e2e.checkpoint_models())
+        if self.fsdp:  # sharded: saved and loaded through full (gathered) weights
+            models = {name: GatheredModel(m) for name, m in models.items()}
         return models
+
+    def checkpoint_optimizer(self):
+        """The optimizer as the checkpoint sees it (under FSDP: full state keyed by parameter name)."""
+        if not self.fsdp:
+            return self.optimizer
+        owners = {"student": self.student, **{f"projector_{i}": p for i, p in enumerate(self.projector or [])}}
+        return GatheredOptimizer(torch.nn.ModuleDict(owners), getattr(self.optimizer, "optimizer", self.optimizer))
 
     def save(self) -> Path | None:
         acc = self.accelerator
         student = acc.unwrap_model(self.student)
-        if not all(torch.isfinite(p).all() for p in student.parameters()) or (self.e2e and not self.e2e.all_finite()):
+        finite = all_finite(student) if self.fsdp else all(torch.isfinite(p).all() for p in student.parameters())
+        if not finite or (self.e2e and not self.e2e.all_finite()):
             raise TrainingStopped("non-finite student weights: not saved; the last checkpoint is intact")
         models = self.checkpoint_models()
+        optimizer = self.checkpoint_optimizer()
+        if self.fsdp:  # every process takes part in the gathers; the main process writes
+            for part in (*models.values(), optimizer):
+                part.gather()
         rng = ckpt.capture_rng_state({"train": self.gen})
         rng_states = acc.gather_for_metrics([rng], use_gather_object=True) if acc.num_processes > 1 else [rng]
         state = asdict(self.state)
         state["sampler"] = self.data.sampler_state(self.state.epoch, self.state.batch_in_epoch)
+        state["fsdp"] = self.fsdp  # the optimizer file's layout
         path = ckpt.save_checkpoint(
-            self.run_dir, self.state.step, models=models, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+            self.run_dir, self.state.step, models=models, optimizer=optimizer, lr_scheduler=self.lr_scheduler,
             train_state=state, recipe_yaml=to_yaml(self.recipe), rng_states=rng_states,
             keep_last=self.recipe.training.keep_checkpoints, is_main_process=acc.is_main_process,
         )
@@ -476,8 +504,13 @@ class Distiller:
                 self.init_from(self.recipe.training.init_from)
             return False
         acc = self.accelerator
-        state = ckpt.load_checkpoint(path, models=self.checkpoint_models(), optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
-                                     generators={"train": self.gen}, rank=acc.process_index)
+        saved = json.loads((path / ckpt.TRAIN_STATE_FILE).read_text(encoding="utf-8"))
+        if saved.get("fsdp", False) != self.fsdp:
+            raise ValueError(f"{path} was saved with training.fsdp={saved.get('fsdp', False)}; "
+                             f"resume it with the same setting (this run has training.fsdp={self.fsdp})")
+        state = ckpt.load_checkpoint(path, models=self.checkpoint_models(), optimizer=self.checkpoint_optimizer(),
+                                     lr_scheduler=self.lr_scheduler, generators={"train": self.gen},
+                                     rank=acc.process_index)
         sampler = state.pop("sampler", None)
         self.state = TrainState(**{k: state[k] for k in asdict(TrainState()) if k in state})
         if sampler is not None:
@@ -542,14 +575,20 @@ class Distiller:
             cond = {k: v.to(xs["x_t"].device) for k, v in cond.items()}
             out["teacher_mse_ema"] = float(teacher_loss(ema(xs["x_t"], xs["t"], **cond).float(), xs["eps"]).mean())
         student.train(was_training)
+        if self.fsdp:  # FSDP keeps the root unit gathered after a forward without backward
+            for model in (student, self.ema.model if self.ema is not None else None):
+                getattr(model, "reshard", lambda: None)()
         return out
 
     def sample_grid(self, step: int, writer) -> None:
         from distill.samples import teacher_student_grid
 
+        model = self.ema.model if self.ema is not None else self.accelerator.unwrap_model(self.student)
+        if self.fsdp:  # every process gathers; the main process draws with a plain copy
+            model = GatheredModel(model).gather().unsharded()
         if not self.accelerator.is_main_process:
             return
-        model = self.ema.model if self.ema is not None else self.accelerator.unwrap_model(self.student)
+        model = model.to(self.device)
         side = self.e2e.side if self.e2e is not None else None  # the student's own encoders + VAE
         grid = teacher_student_grid(self.teacher, model, self.recipe, self.data.example_pixel_hw, student_side=side)
         out = self.run_dir / "samples" / f"step-{step:07d}.png"

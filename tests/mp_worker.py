@@ -1,5 +1,6 @@
 """Run by tests/test_multiprocess.py under `accelerate launch`: train a few steps, then every rank
-writes a digest of its student weights so the test can compare the ranks."""
+writes what the test compares (a digest of its student weights; with `--resume-from STEP`, the
+run is also continued from that checkpoint into `<output.dir>-resumed`)."""
 
 import hashlib
 import json
@@ -7,22 +8,31 @@ import sys
 from pathlib import Path
 
 from distill.recipe import load_recipe
+from distill.sharding import local
 from distill.trainer import Distiller
 
 
 def main() -> None:
-    out, recipe, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    args = sys.argv[1:]
+    resume_from = None
+    if args[0] == "--resume-from":
+        resume_from, args = int(args[1]), args[2:]
+    out, recipe, overrides = Path(args[0]), args[1], args[2:]
     d = Distiller(load_recipe(recipe, overrides))
     d.fit()
     student = d.accelerator.unwrap_model(d.student)
     h = hashlib.sha256()
-    for name, p in sorted(student.state_dict().items()):
+    for name, p in sorted(student.state_dict().items()):  # under FSDP: this rank's shard
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        h.update(local(p.detach()).cpu().contiguous().numpy().tobytes())
     rank = d.accelerator.process_index
     (out / f"rank{rank}.json").write_text(json.dumps({
         "rank": rank, "world": d.accelerator.num_processes, "digest": h.hexdigest(), "step": d.state.step,
-        "batches": d.data.batches_per_epoch}))
+        "batches": d.data.batches_per_epoch, "fsdp": d.fsdp}))
+    if resume_from is not None:
+        run = Path(d.recipe.output.dir)
+        again = [*overrides, f"output.dir={run}-resumed", f"training.resume={run / f'checkpoint-{resume_from}'}"]
+        Distiller(load_recipe(recipe, again)).fit()
 
 
 if __name__ == "__main__":
