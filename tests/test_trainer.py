@@ -153,3 +153,30 @@ def test_trajectory_states_carry_caption_dropout_and_read_the_prompt_file(tiny_t
         is_uncond = [torch.equal(row, uncond[0]) for row in cond["encoder_hidden_states"]]
         dropped, kept = dropped + sum(is_uncond), kept + len(is_uncond) - sum(is_uncond)
     assert dropped > 0 and kept > 0  # both branches are served, so CFG's unconditional one is learnt
+
+
+@pytest.mark.parametrize("extra, message", [
+    ((), "launch with `accelerate launch --multi_gpu"),  # one process: nothing to shard over
+    (("training.mixed_precision=fp16",), "set training.mixed_precision=bf16"),
+    (("training.train_vae=true",), "the end-to-end stage"),
+])
+def test_fsdp_refuses_what_it_cannot_do(tmp_path, extra, message):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from distill.recipe import RecipeError
+    from distill.sharding import check_fsdp
+
+    r = tiny_recipe(tmp_path / "teacher", tmp_path / "run", "training.fsdp=true", *extra)
+    world = 1 if not extra else 2
+    acc = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=world)
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(")):
+        check_fsdp(r, acc)
+    # accelerate's own FSDP plugin would shard the student behind the EMA's and checkpoint's back
+    plugin = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2)
+    with pytest.raises(RecipeError, match="training.fsdp=true"):
+        check_fsdp(tiny_recipe(tmp_path / "teacher", tmp_path / "run"), plugin)
+    assert check_fsdp(tiny_recipe(tmp_path / "teacher", tmp_path / "run"), acc) is False
+    ok = tiny_recipe(tmp_path / "teacher", tmp_path / "run", "training.fsdp=true", "training.mixed_precision=bf16")
+    assert check_fsdp(ok, SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, num_processes=8)) is True
