@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -65,30 +66,59 @@ def module_fingerprint(module: torch.nn.Module, extra: dict | None = None) -> st
 
 
 class TensorCache:
-    """`get`/`put` safetensors entries by key under `root/<kind>-v<format>-<fingerprint>/`."""
+    """`get`/`put` safetensors entries by key under `root/<kind>-v<format>-<fingerprint>/`.
 
-    def __init__(self, root: str | os.PathLike, kind: str, fingerprint: str):
+    Entries read or written are also kept in memory, most recently used first, up to
+    `memory_bytes` (a small data set then costs no file read after its first epoch). A key names
+    its content and everything that produced it, so a remembered entry never goes stale. Callers
+    must not modify the tensors they get (the trainer stacks them into a new batch)."""
+
+    def __init__(self, root: str | os.PathLike, kind: str, fingerprint: str, memory_bytes: int = 512 * 2**20):
         self.dir = Path(root) / f"{kind}-v{CACHE_FORMAT}-{fingerprint}"
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.memory_bytes = memory_bytes
+        self._memory: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._held = 0
 
     def _file(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.safetensors"
 
+    def _remember(self, key: str, entry: dict[str, torch.Tensor]) -> None:
+        size = sum(v.numel() * v.element_size() for v in entry.values())
+        if size > self.memory_bytes:
+            return
+        old = self._memory.pop(key, None)
+        if old is not None:
+            self._held -= sum(v.numel() * v.element_size() for v in old.values())
+        self._memory[key] = entry
+        self._held += size
+        while self._held > self.memory_bytes:
+            _, dropped = self._memory.popitem(last=False)
+            self._held -= sum(v.numel() * v.element_size() for v in dropped.values())
+
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        entry = self._memory.get(key)
+        if entry is not None:
+            self._memory.move_to_end(key)
+            return entry
         f = self._file(key)
         if not f.is_file():
             return None
         try:
-            return load_file(f)
+            entry = load_file(f)
         except Exception:  # a damaged entry is rebuilt, never trusted
             return None
+        self._remember(key, entry)
+        return entry
 
     def put(self, key: str, entry: dict[str, torch.Tensor]) -> None:
         f = self._file(key)
         f.parent.mkdir(parents=True, exist_ok=True)
         tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}")
-        save_file({k: v.detach().cpu().contiguous() for k, v in entry.items()}, str(tmp))
+        entry = {k: v.detach().cpu().contiguous() for k, v in entry.items()}
+        save_file(entry, str(tmp))
         os.replace(tmp, f)
+        self._remember(key, entry)
 
     def __len__(self) -> int:
         return sum(1 for _ in self.dir.glob("*/*.safetensors"))

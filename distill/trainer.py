@@ -31,7 +31,7 @@ from distill import checkpoint as ckpt
 from distill.build import (build_lr_scheduler, build_optimizer, build_student_from_recipe, check_names,
                            load_teacher_from_recipe)
 from distill.e2e import EndToEnd, check_recipe as check_e2e_recipe, resolve_init
-from distill.ema import EMA
+from distill.ema import EMA, local
 from distill.features import FeatureProjector, capture, tokens_from_map
 from distill.losses import combine, eps_loss, feature_loss, sample_guidance_scale, teacher_loss
 from distill.perturb import (BATCH_PARTS, draw_prompts, jitter_timesteps, load_prompt_file, perturb_embeddings,
@@ -58,6 +58,58 @@ class TrainState:
 
 def _cond_rows(cond: dict, rows: torch.Tensor) -> dict:
     return {k: v[rows] for k, v in cond.items()}
+
+
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of plain (unsharded) gradients, as a 0-d float32 tensor on their device. On
+    the CPU a BLAS dot product per tensor (about 1.5x faster than torch's per-tensor norms)."""
+    if grads[0].device.type == "cpu":
+        return torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)).float() for g in grads]).sum().sqrt()
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+
+
+def clip_gradients(accelerator, params: list[torch.Tensor], max_norm: float,
+                   fold: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Clip the gradients' global L2 norm to `max_norm` (torch's rule: scale by
+    max_norm / (norm + 1e-6) when that is below 1); returns (norm before clipping, divisor).
+
+    `fold=True` (a fused optimizer, see `step_optimizer`) leaves the gradients alone and returns the
+    divisor for the optimizer to apply inside its fused kernel: the same clipping without a pass of
+    its own over every gradient, and without a host sync. Otherwise the gradients are scaled here
+    and the divisor is None; sharded (FSDP) gradients go through torch's `clip_grad_norm_`.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or any(local(g) is not g for g in grads):
+        return full(accelerator.clip_grad_norm_(params, max_norm)), None
+    accelerator.unscale_gradients()
+    norm = grad_norm(grads)
+    divisor = torch.clamp((norm + 1e-6) / max_norm, min=1.0)
+    if fold:
+        return norm, divisor
+    torch._foreach_mul_(grads, 1.0 / divisor)
+    return norm, None
+
+
+def foldable(optimizer, accelerator) -> bool:
+    """Whether clipping can be folded into the optimizer step: a fused torch optimizer (which
+    divides the gradients by its `grad_scale` inside the kernel, the protocol torch's GradScaler
+    uses) and no fp16 loss scaler of accelerate's that would set it too."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return (bool(inner.defaults.get("fused")) and getattr(inner, "_step_supports_amp_scaling", False)
+            and getattr(accelerator, "scaler", None) is None)
+
+
+def step_optimizer(optimizer, divisor: torch.Tensor | None) -> None:
+    """`optimizer.step()`, with the gradients divided by `divisor` inside a fused kernel."""
+    if divisor is None:
+        optimizer.step()
+        return
+    inner = getattr(optimizer, "optimizer", optimizer)
+    inner.grad_scale = divisor
+    try:
+        optimizer.step()
+    finally:
+        del inner.grad_scale
 
 
 class Distiller:
@@ -130,6 +182,7 @@ class Distiller:
         else:
             student, self.optimizer = acc.prepare(student, self.optimizer)
         self.student = student
+        self.fold_clip = not self.fsdp and foldable(self.optimizer, acc)  # clipping inside the fused AdamW
         # Every parameter the optimizer updates (student, projectors, student-side encoders): clipped together.
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         # One generator per process for every random draw of the step (noise, t, dropout, parts).
@@ -310,11 +363,11 @@ class Distiller:
             if e2e is not None:
                 e2e.sync_gradients(acc)
             with timer("optimizer"):
-                grad_norm = full(acc.clip_grad_norm_(self.trainable, r.training.max_grad_norm))
-                if not torch.isfinite(grad_norm):
+                norm, divisor = clip_gradients(acc, self.trainable, r.training.max_grad_norm, fold=self.fold_clip)
+                if not torch.isfinite(norm):
                     self.optimizer.zero_grad(set_to_none=True)
                     return self.bad_step(logs)
-                self.optimizer.step()
+                step_optimizer(self.optimizer, divisor)
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             with timer("ema"):
@@ -322,7 +375,7 @@ class Distiller:
                     self.ema.update(acc.unwrap_model(self.student), self.state.step)
             self.state.step += 1
             self.state.bad_in_row = 0
-            logs["grad_norm"] = grad_norm.detach()
+            logs["grad_norm"] = norm.detach()
         logs["lr"] = self.lr_scheduler.get_last_lr()[0]
         logs.update(extra)
         return {k: float(v) for k, v in logs.items()}

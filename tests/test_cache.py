@@ -29,8 +29,28 @@ def test_entries_round_trip_and_damaged_ones_are_rebuilt(tmp_path):
     cache.put("ab" * 20, {"x": torch.arange(4.0)})
     assert torch.equal(cache.get("ab" * 20)["x"], torch.arange(4.0))
     cache._file("ab" * 20).write_bytes(b"garbage")
-    assert cache.get("ab" * 20) is None
+    # This process still holds the entry it wrote; a reader without it sees the damage.
+    assert torch.equal(cache.get("ab" * 20)["x"], torch.arange(4.0))
+    assert TensorCache(tmp_path, "latents", "fp").get("ab" * 20) is None
     assert not list(cache.dir.glob("*/.*tmp*"))
+
+
+def test_entries_are_remembered_in_memory_within_a_byte_budget(tmp_path):
+    cache = TensorCache(tmp_path, "latents", "fp", memory_bytes=3 * 16)  # three 4-float entries
+    keys = [f"{i:02d}" * 20 for i in range(4)]
+    for i, k in enumerate(keys):
+        cache.put(k, {"x": torch.full((4,), float(i))})
+    for f in cache.dir.glob("*/*.safetensors"):
+        f.unlink()  # from now on only memory can answer
+    assert cache.get(keys[0]) is None  # the oldest was dropped to stay within the budget
+    assert [float(cache.get(k)["x"][0]) for k in keys[1:]] == [1.0, 2.0, 3.0]
+    assert cache._held == 3 * 16
+    cache.put(keys[0], {"x": torch.zeros(4)})  # evicts the least recently used: keys[1]
+    assert cache.get(keys[1]) is None and cache.get(keys[2]) is not None
+    small = TensorCache(tmp_path, "latents", "fp", memory_bytes=8)
+    small.put(keys[3], {"x": torch.ones(4)})  # 16 bytes: written, not held
+    small._file(keys[3]).unlink()
+    assert small.get(keys[3]) is None and small._held == 0
 
 
 def test_fingerprint_follows_weights_and_dtype():

@@ -180,3 +180,43 @@ def test_fsdp_refuses_what_it_cannot_do(tmp_path, extra, message):
     assert check_fsdp(tiny_recipe(tmp_path / "teacher", tmp_path / "run"), acc) is False
     ok = tiny_recipe(tmp_path / "teacher", tmp_path / "run", "training.fsdp=true", "training.mixed_precision=bf16")
     assert check_fsdp(ok, SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, num_processes=8)) is True
+
+
+@pytest.mark.parametrize("scale", [0.01, 10.0])  # under and over the limit
+def test_clipping_matches_torch_and_folds_into_the_fused_step(scale):
+    from accelerate import Accelerator
+
+    from distill.trainer import clip_gradients, foldable, step_optimizer
+
+    acc = Accelerator(cpu=True)
+    g = torch.Generator().manual_seed(0)
+    shapes = ((7, 5), (300,), (2, 3, 4))
+    grads = [torch.randn(s, generator=g) * scale for s in shapes]
+
+    def params():
+        ps = [torch.nn.Parameter(torch.ones(s)) for s in shapes]
+        for p, gr in zip(ps, grads):
+            p.grad = gr.clone()
+        return ps
+
+    ours, ref = params(), params()
+    norm, divisor = clip_gradients(acc, ours, 1.0)
+    torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(ref, 1.0))
+    assert divisor is None  # applied here
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.grad, b.grad)
+
+    # Folded: the gradients are left alone and the fused AdamW divides them in its kernel.
+    folded, plain = params(), params()
+    opt_f = torch.optim.AdamW(folded, lr=0.1, fused=True)
+    opt_p = torch.optim.AdamW(plain, lr=0.1, fused=True)
+    assert foldable(opt_f, acc) and not foldable(torch.optim.AdamW(params(), lr=0.1), acc)
+    _, div = clip_gradients(acc, folded, 1.0, fold=True)
+    assert torch.equal(folded[0].grad, grads[0]) and bool(div > 1) == (scale > 1)
+    step_optimizer(opt_f, div)
+    assert not hasattr(opt_f, "grad_scale")
+    clip_gradients(acc, plain, 1.0)
+    step_optimizer(opt_p, None)
+    for a, b in zip(folded, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(folded[0], torch.ones(shapes[0]))
