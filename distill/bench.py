@@ -81,7 +81,13 @@ def bench_config(name: str, workdir: Path, steps: int, warmup: int) -> dict[str,
     d = Distiller(recipe, teacher=teacher)
     for batch in d.data.epoch_batches(0):  # one pass fills the latent and text caches
         d.encode(list(batch["caption"]), batch)
-    batches = iter(d.data.epoch_batches(1))
+    def endless():  # as many steps as asked, over as many epochs as that takes
+        epoch = 1
+        while True:
+            yield from d.data.epoch_batches(epoch)
+            epoch += 1
+
+    batches = endless()
 
     def one_step() -> float:
         start = time.perf_counter()

@@ -76,8 +76,9 @@ def shard_model(model: nn.Module, device: torch.device, mixed_precision: str = "
     kwargs: dict[str, Any] = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=compute,
                                                                              reduce_dtype=torch.float32)}
     if offload and device.type != "cpu":
-        kwargs["offload_policy"] = CPUOffloadPolicy()
-    model.to(device)
+        kwargs["offload_policy"] = CPUOffloadPolicy()  # the shards stay in host memory
+    else:
+        model.to(device)
     units = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if module is not model and type(module).__name__ in units:

@@ -624,7 +624,9 @@ class Distiller:
                                                  probe["eps"]).mean())}
         if self.ema is not None:
             ema = self.ema.model
-            xs = {k: v.to(next(ema.parameters()).device) for k, v in probe.items() if torch.is_tensor(v)}
+            # (a sharded EMA computes on the accelerator even when its shard is kept on the CPU)
+            dev = self.device if self.fsdp else next(ema.parameters()).device
+            xs = {k: v.to(dev) for k, v in probe.items() if torch.is_tensor(v)}
             cond = {k: v.to(xs["x_t"].device) for k, v in cond.items()}
             out["teacher_mse_ema"] = float(teacher_loss(ema(xs["x_t"], xs["t"], **cond).float(), xs["eps"]).mean())
         student.train(was_training)
