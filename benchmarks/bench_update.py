@@ -105,8 +105,10 @@ def main() -> None:
         r = bench(preset, args.repeats)
         print(f"{r['preset']:>6} {r['params_M']:>9.1f} {r['plain_ms']:>9.1f} {r['ours_ms']:>8.1f} {r['ratio']:>6.2f} "
               f"{r['max_weight_diff']:>9.1e} {r['max_ema_diff']:>10.1e}")
+        if max(r["max_weight_diff"], r["max_ema_diff"]) > 1e-5:
+            raise SystemExit(f"{preset}: the two updates ended with different weights")
     print(f"device: {r['device']}; clip + AdamW + EMA per step, medians of {args.repeats} interleaved runs; "
-          "ratio = plain / ours; max |dw|, |dema|: largest weight difference at the end")
+          "ratio = plain / ours; max |dw|, |dema|: largest weight difference at the end (must be < 1e-5)")
 
 
 if __name__ == "__main__":

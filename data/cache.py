@@ -115,7 +115,8 @@ class TensorCache:
         f = self._file(key)
         f.parent.mkdir(parents=True, exist_ok=True)
         tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}")
-        entry = {k: v.detach().cpu().contiguous() for k, v in entry.items()}
+        # Own copies: a row of a batch would keep the whole batch's storage alive in memory.
+        entry = {k: v.detach().to("cpu", copy=True, memory_format=torch.contiguous_format) for k, v in entry.items()}
         save_file(entry, str(tmp))
         os.replace(tmp, f)
         self._remember(key, entry)

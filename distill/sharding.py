@@ -12,11 +12,11 @@ accelerate's FSDP plugin, because the parts around the student need to know the 
   float32 shadow costs 12 GB / world size per GPU, not 12 GB);
 - checkpoints hold *full* weights: every rank takes part in the gather, the main process writes the
   usual `save_pretrained` folders (so `from_pretrained` and `cli.py sample` load them as always) and
-  a full, parameter-name-keyed optimizer state. A sharded run therefore resumes on any number of
-  processes, as long as it is sharded again.
+  a full, parameter-name-keyed optimizer state (not per-process shards).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +77,8 @@ def shard_model(model: nn.Module, device: torch.device, mixed_precision: str = "
                                                                              reduce_dtype=torch.float32)}
     if offload and device.type != "cpu":
         kwargs["offload_policy"] = CPUOffloadPolicy()  # the shards stay in host memory
-    else:
-        model.to(device)
+    # (fully_shard moves each unit's parameters and buffers to the mesh's device as it shards them,
+    # so the whole model never sits on one GPU)
     units = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if module is not model and type(module).__name__ in units:
@@ -110,7 +110,10 @@ class GatheredModel:
     `load_state_dict` (all processes, full weights) puts a saved folder back into the shards."""
 
     def __init__(self, model: nn.Module):
+        from torch.distributed.fsdp import FSDPModule
+
         self.model = model
+        self.model_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
         self.weights: dict[str, torch.Tensor] | None = None
 
     def gather(self) -> "GatheredModel":
@@ -125,18 +128,30 @@ class GatheredModel:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_config(path)
+        # FSDP's wrapper class (FSDPSiT) would be recorded as the class: record the model's own.
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        config["_class_name"] = self.model_class.__name__
+        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         save_file({k: v.contiguous() for k, v in self.weights.items()}, path / WEIGHTS_NAME, metadata={"format": "pt"})
 
     def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        return set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+        # Checked here: with full state dicts torch fills keys missing from `state` with the
+        # model's current values, so it would never report them.
+        missing = sorted(set(self.model.state_dict()) - set(state))
+        result = set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        unexpected = sorted(set(result.unexpected_keys))
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"weights do not match {self.model_class.__name__}: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     def unsharded(self) -> nn.Module | None:
         """A plain copy with the gathered weights (main process), e.g. to draw a sample grid."""
         if not self.weights:
             return None
-        plain = type(self.model).from_config(self.model.config)
+        plain = self.model_class.from_config(self.model.config)
         plain.load_state_dict(self.weights)
         return plain
 

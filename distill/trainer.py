@@ -159,8 +159,9 @@ class Distiller:
                 FeatureProjector(student.config.hidden_size, d, f.projector_hidden) for d in dims)
 
         self.total_steps = self.planned_steps()
-        # FSDP: the EMA is copied from the whole student, then both are sharded (distill.sharding).
-        ema_device = "cpu" if t.ema_on_cpu and not self.fsdp else None
+        # The shadow goes where the student will train (accelerate moves the student only later),
+        # or to the CPU. FSDP: copied from the whole student, then both are sharded (distill.sharding).
+        ema_device = None if self.fsdp else ("cpu" if t.ema_on_cpu else self.device)
         self.ema = EMA(student, decay=t.ema_decay, device=ema_device) if t.use_ema else None
         if self.fsdp:
             shard_model(student, self.device, t.mixed_precision)
@@ -357,6 +358,9 @@ class Distiller:
         if finite.item() < 1.0:
             self.optimizer.zero_grad(set_to_none=True)
             return self.bad_step(logs)
+        if self.fsdp:  # accumulate unreduced gradients; reduce-scatter on the last micro-batch only
+            for model in (self.student, *(self.projector or [])):
+                model.set_requires_gradient_sync(acc.sync_gradients)
         with timer("backward"):
             acc.backward(loss)
         if acc.sync_gradients:
@@ -641,9 +645,9 @@ class Distiller:
         model = self.ema.model if self.ema is not None else self.accelerator.unwrap_model(self.student)
         if self.fsdp:  # every process gathers; the main process draws with a plain copy
             model = GatheredModel(model).gather().unsharded()
+            model = model.to(self.device) if model is not None else None
         if not self.accelerator.is_main_process:
             return
-        model = model.to(self.device)
         side = self.e2e.side if self.e2e is not None else None  # the student's own encoders + VAE
         grid = teacher_student_grid(self.teacher, model, self.recipe, self.data.example_pixel_hw, student_side=side)
         out = self.run_dir / "samples" / f"step-{step:07d}.png"

@@ -29,6 +29,19 @@ def main() -> None:
     (out / f"rank{rank}.json").write_text(json.dumps({
         "rank": rank, "world": d.accelerator.num_processes, "digest": h.hexdigest(), "step": d.state.step,
         "batches": d.data.batches_per_epoch, "fsdp": d.fsdp}))
+    if d.fsdp:  # a folder missing a weight is refused, not filled in from the current model
+        from safetensors.torch import load_file
+
+        from distill.sharding import WEIGHTS_NAME, GatheredModel
+
+        state = load_file(Path(d.recipe.output.dir) / f"checkpoint-{d.state.step}" / "student" / WEIGHTS_NAME)
+        state.pop("final_layer.linear.weight")
+        try:
+            GatheredModel(student).load_state_dict(state)
+            refused = False
+        except RuntimeError as e:
+            refused = "final_layer.linear.weight" in str(e)
+        (out / f"rank{rank}-missing.json").write_text(json.dumps({"refused": refused}))
     if resume_from is not None:
         run = Path(d.recipe.output.dir)
         again = [*overrides, f"output.dir={run}-resumed", f"training.resume={run / f'checkpoint-{resume_from}'}"]

@@ -47,6 +47,9 @@ def test_entries_are_remembered_in_memory_within_a_byte_budget(tmp_path):
     assert cache._held == 3 * 16
     cache.put(keys[0], {"x": torch.zeros(4)})  # evicts the least recently used: keys[1]
     assert cache.get(keys[1]) is None and cache.get(keys[2]) is not None
+    batch = torch.zeros(16, 4)
+    cache.put(keys[0], {"x": batch[3]})  # a row of a batch: held as its own 16 bytes, not the batch's 256
+    assert cache.get(keys[0])["x"].untyped_storage().nbytes() == 16
     small = TensorCache(tmp_path, "latents", "fp", memory_bytes=8)
     small.put(keys[3], {"x": torch.ones(4)})  # 16 bytes: written, not held
     small._file(keys[3]).unlink()

@@ -30,7 +30,8 @@ def launch(tmp: Path, teacher: Path, run: Path, port: int, *extra: str, worker_a
            "training.batch_size=4", "training.max_steps=4", "training.checkpoint_every=2",
            "training.sample_every=0", "losses.perturb=0.5", "losses.perturbations.input_noise.enabled=true",
            # weights that move, and clipping that acts (the sharded grad norm is a gathered one)
-           "optimizer.lr=3e-3", "optimizer.warmup_steps=0", "training.max_grad_norm=0.05", *extra]
+           "optimizer.lr=3e-3", "optimizer.warmup_steps=0", "training.max_grad_norm=0.05",
+           "training.gradient_accumulation_steps=2", *extra]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
 
@@ -95,3 +96,6 @@ def test_fsdp_trains_like_ddp_saves_full_weights_and_resumes_exactly(ddp_run, tm
     opt = torch.load(run / "checkpoint-4" / "optimizer.pt", weights_only=True)
     assert all(k.startswith("student.") for k in opt["state"])
     assert json.loads((run / "checkpoint-4" / "train_state.json").read_text())["fsdp"] is True
+    for part in ("student", "ema"):  # the model's own class, not FSDP's wrapper class
+        assert json.loads((run / "checkpoint-4" / part / "config.json").read_text())["_class_name"] == "SiT"
+    assert all(json.loads((tmp_path / f"rank{r}-missing.json").read_text())["refused"] for r in (0, 1))
