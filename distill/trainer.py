@@ -634,9 +634,6 @@ class Distiller:
             cond = {k: v.to(xs["x_t"].device) for k, v in cond.items()}
             out["teacher_mse_ema"] = float(teacher_loss(ema(xs["x_t"], xs["t"], **cond).float(), xs["eps"]).mean())
         student.train(was_training)
-        if self.fsdp:  # FSDP keeps the root unit gathered after a forward without backward
-            for model in (student, self.ema.model if self.ema is not None else None):
-                getattr(model, "reshard", lambda: None)()
         return out
 
     def sample_grid(self, step: int, writer) -> None:
