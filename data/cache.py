@@ -65,6 +65,10 @@ def module_fingerprint(module: torch.nn.Module, extra: dict | None = None) -> st
     return h.hexdigest()[:32]
 
 
+def _nbytes(entry: dict[str, torch.Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in entry.values())
+
+
 class TensorCache:
     """`get`/`put` safetensors entries by key under `root/<kind>-v<format>-<fingerprint>/`.
 
@@ -84,17 +88,14 @@ class TensorCache:
         return self.dir / key[:2] / f"{key}.safetensors"
 
     def _remember(self, key: str, entry: dict[str, torch.Tensor]) -> None:
-        size = sum(v.numel() * v.element_size() for v in entry.values())
+        size = _nbytes(entry)
         if size > self.memory_bytes:
             return
         old = self._memory.pop(key, None)
-        if old is not None:
-            self._held -= sum(v.numel() * v.element_size() for v in old.values())
+        self._held += size - (_nbytes(old) if old is not None else 0)
         self._memory[key] = entry
-        self._held += size
         while self._held > self.memory_bytes:
-            _, dropped = self._memory.popitem(last=False)
-            self._held -= sum(v.numel() * v.element_size() for v in dropped.values())
+            self._held -= _nbytes(self._memory.popitem(last=False)[1])
 
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
         entry = self._memory.get(key)

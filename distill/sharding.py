@@ -17,6 +17,7 @@ accelerate's FSDP plugin, because the parts around the student need to know the 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from torch import nn
 
 from distill.ema import local
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # the file diffusers' from_pretrained reads
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME as WEIGHTS_NAME  # the file from_pretrained reads
 
 
 def check_fsdp(recipe, accelerator) -> bool:
@@ -53,9 +54,9 @@ def check_fsdp(recipe, accelerator) -> bool:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
+    """Whether `model` is an FSDP unit (no import for runs that never loaded FSDP)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -97,9 +98,12 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def all_finite(model: nn.Module) -> bool:
-    """Whether every weight of a sharded model is finite, agreed by all processes."""
-    ok = torch.tensor(float(all(torch.isfinite(local(p)).all() for p in model.parameters())),
-                      device=next(local(p) for p in model.parameters()).device)
+    """Whether every weight is finite; for a sharded model, agreed by all processes (each checks
+    its own shards)."""
+    finite = all(torch.isfinite(local(p)).all() for p in model.parameters())
+    if not is_sharded(model):
+        return finite
+    ok = torch.tensor(float(finite), device=next(local(p) for p in model.parameters()).device)
     torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
     return bool(ok.item())
 

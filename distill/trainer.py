@@ -90,11 +90,16 @@ def clip_gradients(accelerator, params: list[torch.Tensor], max_norm: float,
     return norm, None
 
 
+def torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer behind accelerate's `AcceleratedOptimizer` wrapper (or itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def foldable(optimizer, accelerator) -> bool:
     """Whether clipping can be folded into the optimizer step: a fused torch optimizer (which
     divides the gradients by its `grad_scale` inside the kernel, the protocol torch's GradScaler
     uses) and no fp16 loss scaler of accelerate's that would set it too."""
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = torch_optimizer(optimizer)
     return (bool(inner.defaults.get("fused")) and getattr(inner, "_step_supports_amp_scaling", False)
             and getattr(accelerator, "scaler", None) is None)
 
@@ -104,7 +109,7 @@ def step_optimizer(optimizer, divisor: torch.Tensor | None) -> None:
     if divisor is None:
         optimizer.step()
         return
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = torch_optimizer(optimizer)
     inner.grad_scale = divisor
     try:
         optimizer.step()
@@ -528,13 +533,12 @@ class Distiller:
         if not self.fsdp:
             return self.optimizer
         owners = {"student": self.student, **{f"projector_{i}": p for i, p in enumerate(self.projector or [])}}
-        return GatheredOptimizer(torch.nn.ModuleDict(owners), getattr(self.optimizer, "optimizer", self.optimizer))
+        return GatheredOptimizer(torch.nn.ModuleDict(owners), torch_optimizer(self.optimizer))
 
     def save(self) -> Path | None:
         acc = self.accelerator
         student = acc.unwrap_model(self.student)
-        finite = all_finite(student) if self.fsdp else all(torch.isfinite(p).all() for p in student.parameters())
-        if not finite or (self.e2e and not self.e2e.all_finite()):
+        if not all_finite(student) or (self.e2e and not self.e2e.all_finite()):
             raise TrainingStopped("non-finite student weights: not saved; the last checkpoint is intact")
         models = self.checkpoint_models()
         optimizer = self.checkpoint_optimizer()

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME as WEIGHTS
 from safetensors.torch import load_file
 
 from tiny_models import make_tiny_sd15
 
 ROOT = Path(__file__).resolve().parent.parent
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def launch(tmp: Path, teacher: Path, run: Path, port: int, *extra: str, worker_args=()) -> None:
