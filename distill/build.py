@@ -24,14 +24,17 @@ def check_names(recipe: DictConfig) -> None:
     """
     from distill.recipe import RecipeError
     from distill.sampling import SCHEDULERS
-    from distill.schedule import TIMESTEP_SAMPLERS
+    from distill.schedule import LOSS_WEIGHTINGS, TIMESTEP_SAMPLERS
     from students import PRESETS
 
     for key, value, valid in (("student.preset", recipe.student.preset, PRESETS),
                               ("sampling.scheduler", recipe.sampling.scheduler, SCHEDULERS),
-                              ("losses.timestep_sampling", recipe.losses.timestep_sampling, TIMESTEP_SAMPLERS)):
+                              ("losses.timestep_sampling", recipe.losses.timestep_sampling, TIMESTEP_SAMPLERS),
+                              ("losses.teacher_weighting", recipe.losses.teacher_weighting, LOSS_WEIGHTINGS)):
         if value not in valid:
             raise RecipeError(f"'{key}' is {value!r}; choose one of {', '.join(valid)}")
+    if recipe.losses.teacher_weighting == "min_snr" and recipe.losses.min_snr_gamma is None:
+        raise RecipeError("'losses.teacher_weighting' is 'min_snr', which needs losses.min_snr_gamma (e.g. 5)")
 
 
 def resolve_teacher_source(source: str) -> str:
@@ -59,10 +62,11 @@ def build_student_from_recipe(cfg: DictConfig, teacher) -> torch.nn.Module:
     from students import SiT, build_student
 
     overrides = {k: cfg[k] for k in ("hidden_size", "depth", "num_heads", "mlp_ratio") if cfg[k] is not None}
-    overrides.update(in_channels=teacher.latent_channels, prediction_type=cfg.prediction_type, qk_norm=cfg.qk_norm)
+    overrides.update(in_channels=teacher.latent_channels, prediction_type=cfg.prediction_type, qk_norm=cfg.qk_norm,
+                     text_pool=cfg.text_pool)
     if cfg.init and str(cfg.init).endswith((".pt", ".pth", ".ckpt")):
         dims = build_student(cfg.preset, cond_dims=teacher.cond_dims, **overrides).config
-        keep = ("text_dim", "pooled_dim", "time_ids_dim", "in_channels", "prediction_type", "qk_norm")
+        keep = ("text_dim", "pooled_dim", "time_ids_dim", "in_channels", "prediction_type", "qk_norm", "text_pool")
         student = SiT.from_official_checkpoint(cfg.init, num_classes=0, learn_sigma=False,
                                                **{k: dims[k] for k in keep})
     elif cfg.init:

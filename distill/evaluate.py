@@ -310,6 +310,36 @@ def toy_reconstruction_psnr(sides: dict[str, Any], prompts: list[str], *, height
     return out
 
 
+@torch.no_grad()
+def toy_fidelity(teacher, models: dict[str, Callable], prompts: Sequence[str], *, scheduler: str, steps: int,
+                 guidance_scale: float, seed: int = 0, batch_size: int = 16,
+                 sides: dict[str, Any] | None = None) -> dict[str, dict]:
+    """Toy-grader rates (colour, shape, position, all three) of every model on the same prompts,
+    seeds and sampler. ``models``: name -> eps function ``fn(x, t, cond)``. Each prompt is drawn at
+    a resolution of the toy world's (cycled over ``data.toy.RESOLUTIONS``, so every aspect ratio is
+    graded), image ``i`` from seed ``seed + i``. ``sides``: a model's own encoders + VAE."""
+    from data.toy import RESOLUTIONS, fidelity, parse_caption
+
+    prompts = list(prompts)
+    targets = [parse_caption(p) for p in prompts]
+    sizes = [RESOLUTIONS[i % len(RESOLUTIONS)] for i in range(len(prompts))]
+    out = {}
+    for name, fn in models.items():
+        side = (sides or {}).get(name, teacher)
+        images: list = [None] * len(prompts)
+        for wh in sorted(set(sizes)):
+            idx = [i for i, s in enumerate(sizes) if s == wh]
+            for start in range(0, len(idx), batch_size):
+                chunk = idx[start:start + batch_size]
+                z = sample_latents(fn, side, [prompts[i] for i in chunk], height=wh[1], width=wh[0],
+                                   scheduler=scheduler, steps=steps, guidance_scale=guidance_scale,
+                                   generator=[torch.Generator().manual_seed(seed + i) for i in chunk])
+                for i, im in zip(chunk, to_pil(side.decode_latents(z))):
+                    images[i] = im
+        out[name] = fidelity(images, targets)
+    return out
+
+
 # --------------------------------------------------------------------------- the report
 
 @dataclass

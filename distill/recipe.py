@@ -64,6 +64,9 @@ class StudentConfig:
     init: Optional[str] = None  # an official SiT/DiT .pt checkpoint, or a student folder
     prediction_type: str = _choice("epsilon", ("epsilon", "v_prediction"))
     qk_norm: bool = False
+    # Mean of the projected text tokens added to the timestep embedding (a global text signal for
+    # the adaLN modulation, like SDXL's pooled embeds; the student computes it, any teacher).
+    text_pool: bool = False
     gradient_checkpointing: bool = False
     # Optional overrides of the preset's shape (null keeps the preset's value).
     hidden_size: Optional[int] = None
@@ -199,6 +202,9 @@ class LossesConfig:
     perturb: float = 0.0
     feature: float = 0.0
     min_snr_gamma: Optional[float] = None  # min-SNR-gamma weighting of the data noise loss
+    # Weighting of the terms whose target is the teacher (teacher, perturbation, trajectory):
+    # a key of distill.schedule.LOSS_WEIGHTINGS ("min_snr" uses min_snr_gamma).
+    teacher_weighting: str = "none"
     timestep_sampling: str = "uniform"  # a key of distill.schedule.TIMESTEP_SAMPLERS
     guided_teacher: bool = False  # target the teacher's CFG prediction (scale drawn per sample)
     guidance_range: list[float] = _list(1.0, 7.5)
@@ -300,6 +306,9 @@ class EvaluationConfig:
     seeds: list[int] = _list(0)
     baseline: Optional[str] = None  # a checkpoint trained without teacher, shown beside
     timestep_bins: int = 10
+    # Toy-world runs: grade this many held-out prompts for the teacher and the student (EMA) at the
+    # end of training, same sampler, guidance and seeds (the `sampling` section); 0 = off.
+    at_end: int = 0
     fid_weights: Optional[str] = None  # local weights only: nothing is downloaded
     clip_weights: Optional[str] = None
 

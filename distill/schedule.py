@@ -28,6 +28,10 @@ from diffusers import DDPMScheduler
 Tensor = torch.Tensor
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Loss weightings of an eps-space MSE (``NoiseSchedule.loss_weight``), by the x0-space weight each gives.
+LOSS_WEIGHTINGS = {"none": "SNR (plain eps MSE)", "min_snr": "min(SNR, gamma)", "v": "SNR + 1 (v MSE)"}
+# Cap of the eps-space weight (SNR + 1) / SNR near zero SNR (zero-terminal-SNR schedules).
+MAX_EPS_WEIGHT = 1000.0
 
 
 def _expand_like(coef: Tensor, x: Tensor) -> Tensor:
@@ -182,6 +186,31 @@ class NoiseSchedule:
         if prediction_type == "sample":
             return clipped
         raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+    def loss_weight(self, t: Tensor, kind: str = "none", gamma: float | None = None) -> Tensor:
+        """Per-sample weights (N,) for an eps-space MSE, by ``kind`` (keys of ``LOSS_WEIGHTINGS``).
+
+        An eps-space MSE is SNR times the x0-space MSE, so plain eps regression barely cares how
+        wrong the implied image is at high noise (SNR ~ 0.005 at t = 999 on SD's schedule), which
+        is where layout and shape are decided; samplers then multiply those eps errors by
+        1/sqrt(SNR) when they form x0. Each kind names its x0-space weight:
+
+        * ``none``: SNR (plain eps MSE, weight 1);
+        * ``min_snr``: min(SNR, gamma) (Hang et al. 2023): low-noise steps down-weighted;
+        * ``v``: SNR + 1, i.e. the MSE of the v (or, up to a factor, of the EDM-weighted x0)
+          implied by the two eps: high-noise steps weighted like any other. Capped at
+          ``MAX_EPS_WEIGHT`` where SNR is (near) zero.
+        """
+        if kind == "none":
+            return torch.ones_like(self.snr(t))
+        if kind == "min_snr":
+            if gamma is None:
+                raise ValueError("loss weighting 'min_snr' needs gamma")
+            return self.min_snr_weight(t, gamma, "epsilon")
+        if kind == "v":
+            snr = self.snr(t)
+            return torch.clamp((snr + 1) / snr.clamp(min=1.0 / MAX_EPS_WEIGHT), max=MAX_EPS_WEIGHT)
+        raise ValueError(f"unknown loss weighting {kind!r}; choose from {list(LOSS_WEIGHTINGS)}")
 
     def __repr__(self) -> str:
         return (f"NoiseSchedule(num_train_timesteps={self.num_train_timesteps}, "

@@ -270,6 +270,13 @@ class Distiller:
             return self.teacher.predict_eps_cfg(x_t, t, cond, uncond, scale)
         return self.teacher.predict_eps(x_t, t, cond)
 
+    def teacher_weight(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample weights of the teacher-target terms (`losses.teacher_weighting`)."""
+        lo = self.recipe.losses
+        if lo.teacher_weighting == "none":
+            return None
+        return self.schedule.loss_weight(t, lo.teacher_weighting, lo.min_snr_gamma)
+
     def student_eps(self, x_t, t, cond, blocks=None):
         with self.accelerator.autocast():
             if blocks:
@@ -332,7 +339,7 @@ class Distiller:
                 w = sched.min_snr_weight(t, lo.min_snr_gamma) if lo.min_snr_gamma else None
                 terms["eps"], weights["eps"] = eps_loss(s_eps, noise, w), lo.eps
             if lo.teacher:
-                terms["teacher"], weights["teacher"] = teacher_loss(s_eps, t_eps), lo.teacher
+                terms["teacher"], weights["teacher"] = teacher_loss(s_eps, t_eps, self.teacher_weight(t)), lo.teacher
             if lo.feature:
                 projected = [proj(f) for proj, f in zip(self.projector, s_feats)]
                 # A guided teacher ran one batch [uncond, cond]: align to the conditional half.
@@ -350,7 +357,7 @@ class Distiller:
             with timer("teacher"), torch.no_grad():
                 target = self.teacher.predict_eps(xs, ts, cs)
             with timer("student_forward"):
-                terms["perturb/trajectory"] = teacher_loss(self.student_eps(xs, ts, cs), target)
+                terms["perturb/trajectory"] = teacher_loss(self.student_eps(xs, ts, cs), target, self.teacher_weight(ts))
             weights["perturb/trajectory"] = lo.perturb * lo.perturbations.trajectory.weight
 
         loss, logs = combine(terms, weights)
@@ -442,7 +449,8 @@ class Distiller:
         with self.timer("teacher"), torch.no_grad():
             target = self.teacher.predict_eps(x_p, t_p, cond_p)
         with self.timer("student_forward"):
-            per_sample = teacher_loss(self.student_eps(x_p, t_p, s_p if own else cond_p), target)  # (N,)
+            per_sample = teacher_loss(self.student_eps(x_p, t_p, s_p if own else cond_p), target,
+                                      self.teacher_weight(t_p))  # (N,)
         for i, part in enumerate(parts):
             rows = part_of == i
             if rows.any():
@@ -494,7 +502,7 @@ class Distiller:
             if writer is not None:
                 writer.close()
         after = self.agreement(probe)
-        summary = self.summarize(before, after)
+        summary = self.summarize(before, after, self.final_fidelity())
         return summary
 
     # ------------------------------------------------------------------ run helpers
@@ -659,7 +667,39 @@ class Distiller:
 
             writer.add_image("samples/teacher_student", np.asarray(grid), step, dataformats="HWC")
 
-    def summarize(self, before: dict | None, after: dict | None) -> dict[str, Any]:
+    @torch.no_grad()
+    def final_fidelity(self) -> dict[str, Any] | None:
+        """Toy-world runs with `evaluation.at_end`: the toy grader's rates for the teacher and the
+        student (EMA) on held-out prompts, same sampler, guidance and seeds; None otherwise."""
+        r = self.recipe
+        n = int(r.evaluation.at_end)
+        if not n or r.data.root is not None or not self.accelerator.is_main_process:
+            return None
+        from distill.evaluate import toy_fidelity, toy_prompts
+        from distill.samples import student_fn
+
+        model = self.ema.model if self.ema is not None else self.accelerator.unwrap_model(self.student)
+        if self.fsdp:
+            return None  # (a gathered copy would be needed; `cli.py eval` grades a sharded run's checkpoint)
+        was_training = model.training
+        model.eval()
+        s = r.sampling
+        t0 = time.perf_counter()
+        try:
+            rates = toy_fidelity(self.teacher, {"teacher": self.teacher.predict_eps, "student": student_fn(model)},
+                                 toy_prompts(r, n), scheduler=s.scheduler, steps=s.num_inference_steps,
+                                 guidance_scale=s.guidance_scale, seed=s.seed,
+                                 sides={"student": self.e2e.side} if self.e2e is not None else None)
+        finally:
+            model.train(was_training)
+        teacher_all = rates["teacher"]["all"]
+        rates["ratio_all"] = rates["student"]["all"] / teacher_all if teacher_all else None
+        rates["prompts"] = n
+        rates["sampler"] = f"{s.scheduler}, {s.num_inference_steps} steps, guidance {s.guidance_scale}"
+        rates["seconds"] = round(time.perf_counter() - t0, 1)
+        return rates
+
+    def summarize(self, before: dict | None, after: dict | None, fidelity: dict | None = None) -> dict[str, Any]:
         summary = {"steps": self.state.step, "bad_steps": self.state.bad_steps, "run_dir": str(self.run_dir),
                    "agreement_before": before, "agreement_after": after}
         if before and after:
@@ -670,6 +710,15 @@ class Distiller:
             if "teacher_mse_ema" in after:
                 line += f"; EMA {after['teacher_mse_ema']:.4f}"
             self.log(line)
+        if fidelity is not None:
+            summary["fidelity"] = fidelity
+            for who in ("teacher", "student"):
+                f = fidelity[who]
+                self.log(f"{who} prompt fidelity on {fidelity['prompts']} held-out prompts ({fidelity['sampler']}): "
+                         f"colour {f['colour']:.2f}, shape {f['shape']:.2f}, position {f['position']:.2f}, "
+                         f"all three {f['all']:.2f}")
+            if fidelity["ratio_all"] is not None:
+                self.log(f"student / teacher, all three right: {fidelity['ratio_all']:.2f}")
         if self.accelerator.is_main_process:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary

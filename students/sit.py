@@ -356,6 +356,7 @@ class SiT(ModelMixin, ConfigMixin):
         qk_norm: bool = False,
         prediction_type: str = "epsilon",
         timestep_scale: float = 1.0,       # t is multiplied by this before the sinusoid
+        text_pool: bool = False,           # mean of the projected text tokens added to the adaLN input
     ):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
@@ -372,6 +373,10 @@ class SiT(ModelMixin, ConfigMixin):
             nn.Sequential(nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size))
             if text_dim else None
         )
+        # A global text signal for every modulation (the role SDXL's pooled embeds play), computed by
+        # the student itself from the text tokens, so it works for teachers without pooled embeds.
+        self.text_pooler = (nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+                            if text_pool and text_dim else None)
         self.blocks = nn.ModuleList(
             [SiTBlock(hidden_size, num_heads, mlp_ratio, cross_attention=text_dim > 0, qk_norm=qk_norm) for _ in range(depth)]
         )
@@ -399,6 +404,8 @@ class SiT(ModelMixin, ConfigMixin):
         zero += [block.cross_attn.proj for block in self.blocks if block.cross_attn is not None]
         if self.add_embedder is not None:
             zero.append(self.add_embedder.mlp[-1])
+        if self.text_pooler is not None:
+            zero.append(self.text_pooler[-1])
         for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -449,6 +456,14 @@ class SiT(ModelMixin, ConfigMixin):
         keep = keep | ~keep.any(dim=-1, keepdim=True)
         return keep[:, None, None, :]
 
+    @staticmethod
+    def _pool_text(ctx: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Mean over the text tokens (N, L, D) -> (N, D), over the kept ones when a mask is given."""
+        if mask is None:
+            return ctx.mean(dim=1)
+        keep = mask[:, 0, 0, :, None].to(ctx.dtype)                                   # (N, L, 1)
+        return (ctx * keep).sum(dim=1) / keep.sum(dim=1)
+
     # ---- forward ---------------------------------------------------------------------------
 
     def forward(
@@ -489,6 +504,8 @@ class SiT(ModelMixin, ConfigMixin):
         if self.text_embedder is not None:
             ctx = self.text_embedder(encoder_hidden_states.to(self.text_embedder[0].weight.dtype))   # (N, L, D)
         ctx_mask = self._cross_attention_mask(encoder_attention_mask)
+        if self.text_pooler is not None:
+            c = c + self.text_pooler(self._pool_text(ctx, ctx_mask).float())   # (N, D)
 
         if return_features is True:
             return_features = list(range(len(self.blocks)))

@@ -101,7 +101,8 @@ class ToyTeacherSettings:
     warmup_steps: int = 100
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
-    snr_gamma: float | None = 5.0   # min-SNR-gamma loss weighting (Hang et al. 2023); None: plain MSE
+    loss_weighting: str = "min_snr"  # a key of distill.schedule.LOSS_WEIGHTINGS
+    snr_gamma: float | None = 5.0   # gamma of min-SNR-gamma (Hang et al. 2023)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -407,10 +408,9 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
         x_t = noise_scheduler.add_noise(latents, noise, t)
         pred = unet(x_t, t, **cond).sample  # epsilon prediction, like SD
         per_sample = (pred - noise).square().mean(dim=(1, 2, 3))  # (B,)
-        if settings.snr_gamma is not None:
-            # min-SNR-gamma: the many easy low-noise steps stop dominating, so layout and shape
-            # (decided at high noise) are learnt in fewer steps.
-            per_sample = per_sample * schedule.min_snr_weight(t, settings.snr_gamma, "epsilon")
+        # The loss weighting decides how much the high-noise steps, where layout and shape are
+        # decided, count (distill.schedule.NoiseSchedule.loss_weight).
+        per_sample = per_sample * schedule.loss_weight(t, settings.loss_weighting, settings.snr_gamma)
         loss = per_sample.mean()
         for pg in opt.param_groups:
             pg["lr"] = settings.lr * _lr_factor(step, settings.unet_steps, settings.warmup_steps)

@@ -110,6 +110,26 @@ def test_min_snr_weights_golden(sd):
         sd.min_snr_weight(t, gamma, "x0")
 
 
+def test_v_loss_weight_turns_an_eps_mse_into_the_v_mse(sd):
+    """weighting 'v': eps-space MSE x weight == MSE of the v implied by the two eps, at every t;
+    'none' is 1, 'min_snr' is min_snr_weight; the weight is capped where SNR is zero."""
+    t = torch.tensor([0, 100, 500, 900, 999])
+    g = torch.Generator().manual_seed(0)
+    x_t, eps_a, eps_b = (torch.randn(5, 4, 3, 3, generator=g) for _ in range(3))
+    eps_mse = (eps_a - eps_b).square().flatten(1).mean(1)
+    v_mse = (sd.v_from_eps(x_t, eps_a, t) - sd.v_from_eps(x_t, eps_b, t)).square().flatten(1).mean(1)
+    torch.testing.assert_close(eps_mse * sd.loss_weight(t, "v"), v_mse, rtol=1e-4, atol=0)
+    assert sd.loss_weight(t, "v")[-1].item() == pytest.approx(214.6, rel=1e-3)  # 1 / abar_999 on SD's schedule
+    torch.testing.assert_close(sd.loss_weight(t, "none"), torch.ones(5))
+    torch.testing.assert_close(sd.loss_weight(t, "min_snr", 5.0), sd.min_snr_weight(t, 5.0))
+    with pytest.raises(ValueError, match="gamma"):
+        sd.loss_weight(t, "min_snr")
+    with pytest.raises(ValueError, match="unknown loss weighting"):
+        sd.loss_weight(t, "x0")
+    zsnr = NoiseSchedule.from_config(OTHER_CONFIGS[2])
+    assert zsnr.loss_weight(torch.tensor([999]), "v").item() == pytest.approx(1000.0)
+
+
 def test_min_snr_weight_finite_at_zero_terminal_snr():
     zsnr = NoiseSchedule.from_config(OTHER_CONFIGS[2])
     t = torch.tensor([999])

@@ -170,6 +170,31 @@ def test_padding_mask_hides_tokens():
     torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
 
 
+def test_text_pool_starts_at_zero_then_gives_every_block_the_text():
+    """text_pool: a fresh pooler adds nothing; trained, the pooled text reaches the adaLN input, so
+    the output depends on the text even with cross-attention silenced; masked tokens stay out."""
+    sd15 = {"encoder_hidden_states": 24}
+    plain = randomize_(tiny_student(sd15)).eval()
+    pooled = tiny_student(sd15, text_pool=True).eval()
+    missing, unexpected = pooled.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("text_pooler.") for k in missing)
+    x, t, ehs = torch.randn(2, 4, 8, 8), torch.tensor([5, 500]), torch.randn(2, 6, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(pooled(x, t, encoder_hidden_states=ehs), plain(x, t, encoder_hidden_states=ehs),
+                                   atol=0, rtol=0)
+        randomize_(pooled.text_pooler, seed=5)
+        for block in pooled.blocks:
+            block.cross_attn.proj.weight.zero_()
+            block.cross_attn.proj.bias.zero_()
+        a = pooled(x, t, encoder_hidden_states=ehs)
+        assert not torch.allclose(a, pooled(x, t, encoder_hidden_states=ehs + 1.0))
+        mask = torch.tensor([[1, 1, 1, 0, 0, 0]] * 2)
+        garbage = ehs.clone()
+        garbage[:, 3:] = 100.0
+        torch.testing.assert_close(pooled(x, t, encoder_hidden_states=ehs, encoder_attention_mask=mask),
+                                   pooled(x, t, encoder_hidden_states=garbage, encoder_attention_mask=mask))
+
+
 def test_class_conditional_null_label_is_the_unconditional_branch():
     model = randomize_(build_student("S/2", None, num_classes=10, **TINY)).eval()
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])

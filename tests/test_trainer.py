@@ -220,3 +220,45 @@ def test_clipping_matches_torch_and_folds_into_the_fused_step(scale):
     for a, b in zip(folded, plain):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert not torch.equal(folded[0], torch.ones(shapes[0]))
+
+
+def test_run_ends_with_prompt_fidelity_of_teacher_and_student(tiny_teachers, tmp_path):
+    """evaluation.at_end: the summary (and the console) give both grader rates and their ratio."""
+    import json
+
+    r = tiny_recipe(tiny_teachers["sd15"], tmp_path / "run", "evaluation.at_end=3",
+                    "sampling.num_inference_steps=2")
+    d = Distiller(r)
+    summary = d.fit()
+    fid = json.loads((tmp_path / "run" / "summary.json").read_text())["fidelity"]
+    assert fid == json.loads(json.dumps(summary["fidelity"]))
+    for who in ("teacher", "student"):
+        assert fid[who]["n"] == 3 and set(fid[who]) >= {"colour", "shape", "position", "all"}
+        assert all(0.0 <= fid[who][k] <= 1.0 for k in ("colour", "shape", "position", "all"))
+    if fid["teacher"]["all"]:
+        assert fid["ratio_all"] == pytest.approx(fid["student"]["all"] / fid["teacher"]["all"])
+    else:
+        assert fid["ratio_all"] is None
+    assert fid["prompts"] == 3 and fid["sampler"].startswith("ddim, 2 steps")
+
+
+def test_toy_fidelity_grades_every_model_on_the_same_prompts_seeds_and_sampler(tiny_teachers):
+    """The same eps function under two names gets the same images, hence the same rates; another
+    seed draws other images."""
+    from distill.evaluate import toy_fidelity
+    from teachers import load_teacher
+
+    teacher = load_teacher(str(tiny_teachers["sd15"]))
+    prompts = ["a red circle at the top left", "a large blue square in the center on a plain background",
+               "a green triangle at the bottom right", "a yellow diamond at the top right"]
+    kw = dict(scheduler="ddim", steps=2, guidance_scale=3.0)
+    calls = []
+
+    def counting(x, t, cond):
+        calls.append(tuple(x.shape[-2:]))
+        return teacher.predict_eps(x, t, cond)
+
+    rates = toy_fidelity(teacher, {"a": teacher.predict_eps, "b": counting}, prompts, **kw)
+    assert rates["a"] == rates["b"] and rates["a"]["n"] == 4
+    # every toy aspect ratio is sampled (latent grids of 64x64, 64x48 and 48x64 images)
+    assert {s for s in calls} == {(16, 16), (12, 16), (16, 12)}
