@@ -317,13 +317,17 @@ def toy_fidelity(teacher, models: dict[str, Callable], prompts: Sequence[str], *
     """Toy-grader rates (colour, shape, position, all three) of every model on the same prompts,
     seeds and sampler. ``models``: name -> eps function ``fn(x, t, cond)``. Each prompt is drawn at
     a resolution of the toy world's (cycled over ``data.toy.RESOLUTIONS``, so every aspect ratio is
-    graded), image ``i`` from seed ``seed + i``. ``sides``: a model's own encoders + VAE."""
-    from data.toy import RESOLUTIONS, fidelity, parse_caption
+    graded), image ``i`` from seed ``seed + i``. ``sides``: a model's own encoders + VAE.
+
+    When ``models`` has a "teacher", every other model also gets ``agreement``: how often the
+    grader sees the same colour, shape and position in its sample as in the teacher's sample of
+    the same prompt and seed (does the student draw what the teacher draws, right or wrong)."""
+    from data.toy import RESOLUTIONS, analyse, fidelity, parse_caption
 
     prompts = list(prompts)
     targets = [parse_caption(p) for p in prompts]
     sizes = [RESOLUTIONS[i % len(RESOLUTIONS)] for i in range(len(prompts))]
-    out = {}
+    out, seen = {}, {}
     for name, fn in models.items():
         side = (sides or {}).get(name, teacher)
         images: list = [None] * len(prompts)
@@ -337,7 +341,22 @@ def toy_fidelity(teacher, models: dict[str, Callable], prompts: Sequence[str], *
                 for i, im in zip(chunk, to_pil(side.decode_latents(z))):
                     images[i] = im
         out[name] = fidelity(images, targets)
+        seen[name] = [analyse(im) for im in images]
+    if "teacher" in seen:
+        for name in out:
+            if name != "teacher":
+                out[name]["agreement"] = fidelity_of_analyses(seen[name], seen["teacher"])
     return out
+
+
+def fidelity_of_analyses(seen: Sequence[dict], reference: Sequence[dict]) -> dict[str, float]:
+    """Rates at which grader analyses match reference analyses (None never matches)."""
+    keys = ("colour", "shape", "position")
+    hits = [{k: s[k] is not None and s[k] == r[k] for k in keys} for s, r in zip(seen, reference)]
+    n = max(1, len(hits))
+    rates = {k: sum(h[k] for h in hits) / n for k in keys}
+    rates["all"] = sum(all(h.values()) for h in hits) / n
+    return rates
 
 
 # --------------------------------------------------------------------------- the report

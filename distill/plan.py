@@ -21,6 +21,8 @@ def _student_line(r: DictConfig) -> str:
     shape = {k: s[k] for k in ("hidden_size", "depth", "num_heads", "mlp_ratio") if s[k] is not None}
     if shape:
         line += ", overrides " + ", ".join(f"{k}={v}" for k, v in shape.items())
+    if s.text_pool:
+        line += ", pooled text in the adaLN input"
     if s.init:
         line += f", initialised from {s.init}"
     family = r.teacher.family  # toy teachers' sizes are known only once they are built
@@ -41,6 +43,9 @@ def _losses_line(r: DictConfig) -> list[str]:
     lines = ["losses:      " + (" + ".join(terms) or "none (every weight is 0)")]
     if lo.min_snr_gamma is not None:
         lines.append(f"             eps weighted by min-SNR-gamma {lo.min_snr_gamma:g}")
+    if lo.teacher_weighting != "none":
+        lines.append(f"             teacher-target terms weighted {lo.teacher_weighting}"
+                     + (f" (gamma {lo.min_snr_gamma:g})" if lo.teacher_weighting == "min_snr" else ""))
     if lo.guided_teacher:
         lines.append(f"             teacher target guided, scale drawn in {list(lo.guidance_range)}")
     parts = [name for name, cfg in lo.perturbations.items() if cfg.enabled]
@@ -83,5 +88,9 @@ def describe_plan(r: DictConfig) -> str:
     if t.train_vae or t.train_text_encoder:
         what = " and ".join(n for n, on in (("VAE", t.train_vae), ("text encoders", t.train_text_encoder)) if on)
         lines.append(f"end to end:  student-side {what} trainable; the teacher keeps its frozen copies")
+    if r.evaluation.at_end and d.root is None:
+        s = r.sampling
+        lines.append(f"at the end:  teacher and student graded on {r.evaluation.at_end} held-out toy prompts "
+                     f"({s.scheduler}, {s.num_inference_steps} steps, guidance {s.guidance_scale:g})")
     lines.append(f"output:      {r.output.dir}")
     return "\n".join(lines)

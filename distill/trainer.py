@@ -717,6 +717,9 @@ class Distiller:
                 self.log(f"{who} prompt fidelity on {fidelity['prompts']} held-out prompts ({fidelity['sampler']}): "
                          f"colour {f['colour']:.2f}, shape {f['shape']:.2f}, position {f['position']:.2f}, "
                          f"all three {f['all']:.2f}")
+            a = fidelity["student"]["agreement"]
+            self.log(f"the student draws what the teacher draws (same prompt and seed): colour {a['colour']:.2f}, "
+                     f"shape {a['shape']:.2f}, position {a['position']:.2f}, all three {a['all']:.2f}")
             if fidelity["ratio_all"] is not None:
                 self.log(f"student / teacher, all three right: {fidelity['ratio_all']:.2f}")
         if self.accelerator.is_main_process:

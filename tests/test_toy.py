@@ -73,6 +73,27 @@ def test_grader_is_right_on_real_toy_images():
                                                                                    position=True)
 
 
+def test_grader_is_fair_on_blurred_drawings_and_not_loose_on_wrong_ones():
+    """Samples are blurrier than drawings: a Gaussian blur of 1 px still grades right; a drawing of
+    another shape, position or colour than the caption asks is graded wrong, blurred or not."""
+    import dataclasses
+
+    from PIL import ImageFilter
+
+    specs = toy.ToyWorld().sample(120, seed=21)
+    blurred = toy.fidelity([toy.draw(s).filter(ImageFilter.GaussianBlur(1)) for s in specs], specs)
+    assert blurred["all"] >= 0.95, blurred
+    rng = np.random.default_rng(0)
+    for factor, table in (("shape", toy.SHAPES), ("position", list(toy.POSITIONS)), ("colour", list(toy.COLOURS))):
+        wrong = []
+        for s in specs:
+            other = [v for v in table if v != getattr(s, factor)]
+            wrong.append(toy.draw(dataclasses.replace(s, **{factor: other[rng.integers(len(other))]})))
+        assert toy.fidelity(wrong, specs)[factor] == 0.0, factor
+        soft = [w.filter(ImageFilter.GaussianBlur(2)) for w in wrong]
+        assert toy.fidelity(soft, specs)[factor] <= 0.15, factor
+
+
 def test_grader_is_near_chance_on_noise_images():
     specs = toy.ToyWorld().sample(300, seed=12)
     rng = np.random.default_rng(0)
@@ -143,6 +164,30 @@ def test_tiny_sdxl_teacher_loads_in_diffusers_and_runs(tiny_teachers):
     pos, neg, pooled, neg_pooled = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=True)
     torch.testing.assert_close(ours["encoder_hidden_states"], torch.cat([pos, neg]))
     torch.testing.assert_close(ours["text_embeds"], torch.cat([pooled, neg_pooled]))
+
+
+def test_sd15_teacher_with_pooled_text_and_four_levels_is_still_an_sd15_pipeline(tmp_path):
+    """text_pool (diffusers' addition_embed_type="text") and a fourth UNet level: the SD pipeline
+    runs it with no extra input, on every toy aspect ratio, and the project loads it as SD1.5."""
+    from diffusers import StableDiffusionPipeline
+
+    from teachers import load_teacher
+
+    settings = {**TINY, "text_pool": True, "unet_levels": 4}
+    folder = toy_teacher.ensure_toy_teacher("sd15", cache_dir=tmp_path, **settings)
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    assert pipe.unet.config.addition_embed_type == "text" and len(pipe.unet.config.down_block_types) == 4
+    for h, w in ((32, 32), (32, 16), (16, 32)):
+        out = pipe("a red circle at the top left", num_inference_steps=2, height=h, width=w, output_type="np").images
+        assert out.shape == (1, h, w, 3) and np.isfinite(out).all()
+    teacher = load_teacher(str(folder))
+    assert teacher.family == "sd15" and set(teacher.cond_dims) == {"encoder_hidden_states"}
+    cond = teacher.encode_prompt(["a blue square in the center", "a red circle at the top left"])
+    x = torch.randn(1, 4, 8, 8).repeat(2, 1, 1, 1)  # the same x_t for both prompts
+    eps = teacher.predict_eps(x, torch.tensor([500, 500]), cond)
+    assert not torch.allclose(eps[0], eps[1])  # the prompt reaches the UNet
+    with pytest.raises(ValueError, match="levels"):
+        toy_teacher.build_unet("tiny", "sd15", 16, levels=5)
 
 
 def test_cache_returns_the_same_folder_without_rebuilding(tiny_teachers, monkeypatch):

@@ -16,13 +16,18 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("private_cache")  # tiny_teachers: tests/conftest.py
 
 
-def tiny_recipe(teacher: Path, out: Path, *overrides: str):
+# The loss set-up these tests were written for (data term, teacher term, no feature alignment),
+# pinned so that they do not follow the shipped toy recipe's choices; `shipped=True` keeps those.
+PINNED = ("losses.eps=1.0", "losses.teacher=1.0", "losses.feature=0", "optimizer.lr=3e-4", "evaluation.at_end=0")
+
+
+def tiny_recipe(teacher: Path, out: Path, *overrides: str, shipped: bool = False):
     return load_recipe(ROOT / "recipes" / "toy.yaml", [
         f"teacher.source={teacher}", f"output.dir={out}",
         "student.hidden_size=32", "student.depth=2", "student.num_heads=2",
         "data.toy.num_images=24", "training.batch_size=4", "training.max_steps=2",
         "training.checkpoint_every=1000", "training.sample_every=0", "training.log_every=1",
-        "optimizer.warmup_steps=0", *overrides,
+        "optimizer.warmup_steps=0", *(() if shipped else PINNED), *overrides,
     ])
 
 
@@ -227,11 +232,14 @@ def test_run_ends_with_prompt_fidelity_of_teacher_and_student(tiny_teachers, tmp
     import json
 
     r = tiny_recipe(tiny_teachers["sd15"], tmp_path / "run", "evaluation.at_end=3",
-                    "sampling.num_inference_steps=2")
+                    "sampling.num_inference_steps=2", "losses.features.projector_hidden=16", shipped=True)
     d = Distiller(r)
+    assert r.losses.feature and not r.losses.eps  # the shipped toy recipe's losses
     summary = d.fit()
+    assert d.projector is not None  # feature alignment ran
     fid = json.loads((tmp_path / "run" / "summary.json").read_text())["fidelity"]
     assert fid == json.loads(json.dumps(summary["fidelity"]))
+    assert set(fid["student"]["agreement"]) == {"colour", "shape", "position", "all"}
     for who in ("teacher", "student"):
         assert fid[who]["n"] == 3 and set(fid[who]) >= {"colour", "shape", "position", "all"}
         assert all(0.0 <= fid[who][k] <= 1.0 for k in ("colour", "shape", "position", "all"))
@@ -258,7 +266,20 @@ def test_toy_fidelity_grades_every_model_on_the_same_prompts_seeds_and_sampler(t
         calls.append(tuple(x.shape[-2:]))
         return teacher.predict_eps(x, t, cond)
 
-    rates = toy_fidelity(teacher, {"a": teacher.predict_eps, "b": counting}, prompts, **kw)
-    assert rates["a"] == rates["b"] and rates["a"]["n"] == 4
+    rates = toy_fidelity(teacher, {"teacher": teacher.predict_eps, "b": counting}, prompts, **kw)
+    agreement = rates["b"].pop("agreement")
+    assert rates["teacher"] == rates["b"] and rates["teacher"]["n"] == 4
+    assert set(agreement) == {"colour", "shape", "position", "all"}
     # every toy aspect ratio is sampled (latent grids of 64x64, 64x48 and 48x64 images)
     assert {s for s in calls} == {(16, 16), (12, 16), (16, 12)}
+
+
+def test_agreement_counts_matching_analyses_and_never_matches_nothing():
+    from distill.evaluate import fidelity_of_analyses
+
+    nothing = {"colour": None, "shape": None, "position": None}
+    seen = [{"colour": "red", "shape": "circle", "position": "center"}, nothing,
+            {"colour": "blue", "shape": "square", "position": "top left"}]
+    ref = [{"colour": "red", "shape": "square", "position": "center"}, nothing,
+           {"colour": "blue", "shape": "square", "position": "top left"}]
+    assert fidelity_of_analyses(seen, ref) == {"colour": 2 / 3, "shape": 1 / 3, "position": 2 / 3, "all": 1 / 3}
