@@ -105,3 +105,15 @@ class FeatureProjector(ModelMixin, ConfigMixin):
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.net(tokens)  # (N, T, teacher_dim)
+
+
+class FeatureProjectors(nn.ModuleList):
+    """One projector per aligned block, called as one module: ``projectors(features) -> list``.
+
+    A single forward is what lets accelerate's DDP wrapper (which is not iterable) serve all the
+    projectors, and synchronise their gradients across processes."""
+
+    def forward(self, features: list[Tensor]) -> list[Tensor]:
+        if len(features) != len(self):
+            raise ValueError(f"{len(features)} feature maps for {len(self)} projectors")
+        return [proj(f) for proj, f in zip(self, features)]

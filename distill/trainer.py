@@ -32,7 +32,7 @@ from distill.build import (build_lr_scheduler, build_optimizer, build_student_fr
                            load_teacher_from_recipe)
 from distill.e2e import EndToEnd, check_recipe as check_e2e_recipe, resolve_init
 from distill.ema import EMA, local
-from distill.features import FeatureProjector, capture, tokens_from_map
+from distill.features import FeatureProjector, FeatureProjectors, capture, tokens_from_map
 from distill.losses import combine, eps_loss, feature_loss, sample_guidance_scale, teacher_loss
 from distill.perturb import (BATCH_PARTS, draw_prompts, jitter_timesteps, load_prompt_file, perturb_embeddings,
                              perturb_input, recombine_captions, where_rows)
@@ -160,7 +160,7 @@ class Distiller:
             if len(f.student_blocks) != len(f.teacher_modules) or not f.student_blocks:
                 raise ValueError("losses.features: student_blocks and teacher_modules need the same non-zero length")
             dims = self.teacher_feature_dims(list(f.teacher_modules))
-            self.projector = torch.nn.ModuleList(
+            self.projector = FeatureProjectors(
                 FeatureProjector(student.config.hidden_size, d, f.projector_hidden) for d in dims)
 
         self.total_steps = self.planned_steps()
@@ -341,7 +341,7 @@ class Distiller:
             if lo.teacher:
                 terms["teacher"], weights["teacher"] = teacher_loss(s_eps, t_eps, self.teacher_weight(t)), lo.teacher
             if lo.feature:
-                projected = [proj(f) for proj, f in zip(self.projector, s_feats)]
+                projected = self.projector(s_feats)  # one call: the DDP wrapper syncs their gradients
                 # A guided teacher ran one batch [uncond, cond]: align to the conditional half.
                 targets = [tokens_from_map(t_feats[p][-n:], grid) for p in lo.features.teacher_modules]
                 terms["feature"] = feature_loss(projected, targets, kind=lo.features.kind)

@@ -75,3 +75,16 @@ def test_projector_aligns_student_tokens_and_round_trips(tmp_path):
     proj.save_pretrained(tmp_path / "projector")
     again = FeatureProjector.from_pretrained(tmp_path / "projector")
     assert torch.equal(again(student_tokens), proj(student_tokens))
+
+
+def test_projectors_are_one_module_for_all_aligned_blocks():
+    """One forward serves every projector (what lets a DDP wrapper sync their gradients)."""
+    from distill.features import FeatureProjector, FeatureProjectors
+
+    projs = FeatureProjectors([FeatureProjector(8, 4, 16), FeatureProjector(8, 6, 16)])
+    feats = [torch.randn(2, 5, 8), torch.randn(2, 5, 8)]
+    out = projs(feats)
+    assert [o.shape for o in out] == [(2, 5, 4), (2, 5, 6)]
+    torch.testing.assert_close(out[1], projs[1](feats[1]))
+    with pytest.raises(ValueError, match="2 projectors"):
+        projs(feats[:1])

@@ -94,7 +94,9 @@ def test_fsdp_trains_like_ddp_saves_full_weights_and_resumes_exactly(ddp_run, tm
     assert torch.equal(model.state_dict()["final_layer.linear.weight"],
                        weights(run / "checkpoint-4", "student")["final_layer.linear.weight"])
     opt = torch.load(run / "checkpoint-4" / "optimizer.pt", weights_only=True)
-    assert all(k.startswith("student.") for k in opt["state"])
+    # (the shipped toy recipe aligns features: its projector's state is keyed by name too)
+    assert all(k.startswith(("student.", "projector_0.")) for k in opt["state"])
+    assert any(k.startswith("student.") for k in opt["state"]) and any(k.startswith("projector_0.") for k in opt["state"])
     assert json.loads((run / "checkpoint-4" / "train_state.json").read_text())["fsdp"] is True
     for part in ("student", "ema"):  # the model's own class, not FSDP's wrapper class
         assert json.loads((run / "checkpoint-4" / part / "config.json").read_text())["_class_name"] == "SiT"
