@@ -1,7 +1,7 @@
 """`cli.py bench`: time the distillation step and break it down.
 
 Two configurations, measured in one run:
-- `toy`: `recipes/toy.yaml` as users run it (the SD1.5-style toy teacher, SiT-S/2, toy world);
+- `toy`: `recipes/toy.yaml` as users run it (the SD1.5-style toy teacher, its small SiT, toy world);
 - `mid`: SiT-B/2 on 32x32 latents (256 px) with an SD1.5-shaped, randomly initialised UNet teacher
   (860 M parameters; text encoder and VAE small, since with caching on they are out of the step).
 
