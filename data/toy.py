@@ -330,31 +330,45 @@ def analyse(image) -> dict:
     return {"colour": colour, "shape": _classify_shape(mask), "position": position}
 
 
+def _target(caption_or_spec: str | ToySpec | dict) -> dict:
+    if isinstance(caption_or_spec, ToySpec):
+        return {"colour": caption_or_spec.colour, "shape": caption_or_spec.shape,
+                "position": caption_or_spec.position}
+    if isinstance(caption_or_spec, dict):
+        return caption_or_spec
+    return parse_caption(caption_or_spec)
+
+
+def _matches(seen: dict, reference: dict) -> dict[str, bool]:
+    """Per attribute: did the grader see the reference's value (nothing seen never matches)?"""
+    return {k: seen[k] is not None and seen[k] == reference[k] for k in ("colour", "shape", "position")}
+
+
 def grade(image, caption_or_spec: str | ToySpec | dict) -> dict[str, bool]:
     """Does the image show the caption's colour, shape and position? -> dict of three bools."""
-    if isinstance(caption_or_spec, ToySpec):
-        target = {"colour": caption_or_spec.colour, "shape": caption_or_spec.shape,
-                  "position": caption_or_spec.position}
-    elif isinstance(caption_or_spec, dict):
-        target = caption_or_spec
-    else:
-        target = parse_caption(caption_or_spec)
-    seen = analyse(image)
-    return {k: seen[k] is not None and seen[k] == target[k] for k in ("colour", "shape", "position")}
+    return _matches(analyse(image), _target(caption_or_spec))
+
+
+def match_rates(seen: Sequence[dict], references: Sequence[dict]) -> dict[str, float]:
+    """Rates at which analyses (``analyse`` outputs) match references: colour, shape, position and
+    all three. References are targets (a caption's attributes) or other analyses (does one model
+    draw what another drew)."""
+    if len(seen) != len(references):
+        raise ValueError(f"{len(seen)} analyses but {len(references)} references")
+    hits = [_matches(s, r) for s, r in zip(seen, references)]
+    n = max(1, len(hits))
+    rates = {k: sum(h[k] for h in hits) / n for k in ("colour", "shape", "position")}
+    rates["all"] = sum(all(h.values()) for h in hits) / n
+    return rates
 
 
 def fidelity(images: Sequence, targets: Sequence[str | ToySpec | dict]) -> dict[str, float]:
     """Rates over a batch: colour, shape, position, all three together, and n."""
     if len(images) != len(targets):
         raise ValueError(f"{len(images)} images but {len(targets)} captions/specs")
-    grades = [grade(im, t) for im, t in zip(images, targets)]
-    n = max(1, len(grades))
-    rates = {k: sum(g[k] for g in grades) / n for k in ("colour", "shape", "position")}
-    rates["all"] = sum(all(g.values()) for g in grades) / n
-    rates["n"] = len(grades)
-    return rates
+    return {**match_rates([analyse(im) for im in images], [_target(t) for t in targets]), "n": len(images)}
 
 
 __all__ = ["COLOURS", "SHAPES", "POSITIONS", "SIZES", "BACKGROUNDS", "RESOLUTIONS", "ToySpec", "ToyWorld",
            "parse_caption", "spec_from_caption", "all_combos", "write_folder", "prompts", "draw", "grade",
-           "analyse", "fidelity", "to_uint8_hwc"]
+           "analyse", "fidelity", "match_rates", "to_uint8_hwc"]

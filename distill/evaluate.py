@@ -322,7 +322,7 @@ def toy_fidelity(teacher, models: dict[str, Callable], prompts: Sequence[str], *
     When ``models`` has a "teacher", every other model also gets ``agreement``: how often the
     grader sees the same colour, shape and position in its sample as in the teacher's sample of
     the same prompt and seed (does the student draw what the teacher draws, right or wrong)."""
-    from data.toy import RESOLUTIONS, analyse, fidelity, parse_caption
+    from data.toy import RESOLUTIONS, analyse, match_rates, parse_caption
 
     prompts = list(prompts)
     targets = [parse_caption(p) for p in prompts]
@@ -340,23 +340,13 @@ def toy_fidelity(teacher, models: dict[str, Callable], prompts: Sequence[str], *
                                    generator=[torch.Generator().manual_seed(seed + i) for i in chunk])
                 for i, im in zip(chunk, to_pil(side.decode_latents(z))):
                     images[i] = im
-        out[name] = fidelity(images, targets)
-        seen[name] = [analyse(im) for im in images]
+        seen[name] = [analyse(im) for im in images]  # each image analysed once, for both rates
+        out[name] = {**match_rates(seen[name], targets), "n": len(images)}
     if "teacher" in seen:
         for name in out:
             if name != "teacher":
-                out[name]["agreement"] = fidelity_of_analyses(seen[name], seen["teacher"])
+                out[name]["agreement"] = match_rates(seen[name], seen["teacher"])
     return out
-
-
-def fidelity_of_analyses(seen: Sequence[dict], reference: Sequence[dict]) -> dict[str, float]:
-    """Rates at which grader analyses match reference analyses (None never matches)."""
-    keys = ("colour", "shape", "position")
-    hits = [{k: s[k] is not None and s[k] == r[k] for k in keys} for s, r in zip(seen, reference)]
-    n = max(1, len(hits))
-    rates = {k: sum(h[k] for h in hits) / n for k in keys}
-    rates["all"] = sum(all(h.values()) for h in hits) / n
-    return rates
 
 
 # --------------------------------------------------------------------------- the report

@@ -202,7 +202,7 @@ class NoiseSchedule:
           ``MAX_EPS_WEIGHT`` where SNR is (near) zero.
         """
         if kind == "none":
-            return torch.ones_like(self.snr(t))
+            return torch.ones(torch.as_tensor(t).shape, device=torch.as_tensor(t).device)
         if kind == "min_snr":
             if gamma is None:
                 raise ValueError("loss weighting 'min_snr' needs gamma")

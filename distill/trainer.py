@@ -673,14 +673,13 @@ class Distiller:
         student (EMA) on held-out prompts, same sampler, guidance and seeds; None otherwise."""
         r = self.recipe
         n = int(r.evaluation.at_end)
-        if not n or r.data.root is not None or not self.accelerator.is_main_process:
+        # (sharded: a gathered copy would be needed; `cli.py eval` grades a sharded run's checkpoint)
+        if not n or r.data.root is not None or self.fsdp or not self.accelerator.is_main_process:
             return None
         from distill.evaluate import toy_fidelity, toy_prompts
         from distill.samples import student_fn
 
         model = self.ema.model if self.ema is not None else self.accelerator.unwrap_model(self.student)
-        if self.fsdp:
-            return None  # (a gathered copy would be needed; `cli.py eval` grades a sharded run's checkpoint)
         was_training = model.training
         model.eval()
         s = r.sampling

@@ -275,11 +275,11 @@ def test_toy_fidelity_grades_every_model_on_the_same_prompts_seeds_and_sampler(t
 
 
 def test_agreement_counts_matching_analyses_and_never_matches_nothing():
-    from distill.evaluate import fidelity_of_analyses
+    from data.toy import match_rates
 
     nothing = {"colour": None, "shape": None, "position": None}
     seen = [{"colour": "red", "shape": "circle", "position": "center"}, nothing,
             {"colour": "blue", "shape": "square", "position": "top left"}]
     ref = [{"colour": "red", "shape": "square", "position": "center"}, nothing,
            {"colour": "blue", "shape": "square", "position": "top left"}]
-    assert fidelity_of_analyses(seen, ref) == {"colour": 2 / 3, "shape": 1 / 3, "position": 2 / 3, "all": 1 / 3}
+    assert match_rates(seen, ref) == {"colour": 2 / 3, "shape": 1 / 3, "position": 2 / 3, "all": 1 / 3}
