@@ -72,13 +72,14 @@ def _run_recipe(recipe_path: str | None, overrides: list[str], dry_run: bool) ->
     from distill.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
-    from distill.build import check_names
+    from distill.validate import validate_recipe
 
-    check_names(recipe)
+    validate_recipe(recipe, recipe_source(recipe_path, overrides))
     if dry_run:
         print(describe_plan(recipe))
         print("dry run: nothing was trained or written.")
         return 0
+    from distill.checkpoint import CheckpointWriteError, UnsafeFileError
     from distill.trainer import TrainingStopped, train
 
     _quiet_libraries()
@@ -86,7 +87,17 @@ def _run_recipe(recipe_path: str | None, overrides: list[str], dry_run: bool) ->
         train(recipe)
     except TrainingStopped as e:
         return _fail(str(e), EXIT_FAILED)
+    except CheckpointWriteError as e:  # a full disk: the previous checkpoint is still the latest
+        return _fail(e.strerror, EXIT_FAILED)
+    except UnsafeFileError as e:  # a pickle named by the recipe (student.init, a teacher .ckpt)
+        return _fail(str(e), EXIT_USAGE)
     return 0
+
+
+def recipe_source(recipe_path: str | None, overrides: list[str]) -> str:
+    """How error messages name where a recipe's values came from."""
+    base = recipe_path or "the default recipe"
+    return f"{base} + command-line overrides" if overrides else base
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -116,6 +127,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_data_report(args: argparse.Namespace) -> int:
     from distill.data_report import data_report
 
+    if not Path(args.dir).is_dir():
+        return _fail(f"data-report: {args.dir} is not a folder", EXIT_USAGE)
     print(data_report(args.dir, args.recipe, args.overrides))
     return 0
 

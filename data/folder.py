@@ -8,8 +8,11 @@ Images: `.png .jpg .jpeg .webp` in any letter case, found recursively. Captions:
 `caption_extension`. Metadata: the same stem with `.json` (an object), kept in `ImageRecord.meta`.
 
 Bad files never stop a run. `scan_folder` skips them and lists each with a reason from
-SKIP_REASONS; an image that only fails when it is decoded for training is replaced by another
-item of the same bucket and reported in the sample's `load_errors`.
+SKIP_REASONS (dangling links, link loops and unreadable files included; images above the pixel
+budget `max_pixels` are skipped from their header, before anything is decoded). An image that only
+fails when it is decoded for training is replaced by another item of the same bucket and reported
+in the sample's `load_errors`; when no image of a bucket loads, the item comes back as a marker
+(`UNLOADABLE`) and the batch is refilled from another bucket (`data.pipeline.TrainData`).
 
 Image sizes come from headers and are cached (keyed by path, mtime and byte size), so a rescan of
 a large folder opens no image at all. With `verify_images` the scan also reads each image's data
@@ -18,10 +21,13 @@ DCT decode; WebP: a full decode); the outcome is cached as well.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import stat
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +42,9 @@ from data.buckets import (SMALL_BUCKET_POLICIES, Bucket, assign_bucket, bucket_h
 from data.captions import CaptionProcessor
 
 log = logging.getLogger(__name__)
+# The scan enforces its own pixel budget (data.max_pixels) from the header, before any decoding;
+# Pillow's warning for the same case would only repeat it.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MISSING_CAPTION_POLICIES = ("skip", "empty")
@@ -49,13 +58,19 @@ SKIP_REASONS = {
     "no_caption": "caption file missing (missing_caption: skip)",
     "bad_caption": "caption file is not UTF-8 text",
     "bad_metadata": ".json metadata unreadable or not an object",
+    "broken_link": "symbolic link to nothing (dangling) or a link loop",
+    "no_access": "permission denied or another file-system error",
+    "too_large": "more pixels than data.max_pixels (skipped before decoding)",
+    "float_pixels": "floating-point pixels (e.g. a float TIFF): no 0..255 range to train on",
 }
+DEFAULT_MAX_PIXELS = 64_000_000  # 64 MP: far above any training resolution, far below a decompression bomb
+FLOAT_MODES = ("F",)  # Pillow's 32-bit float mode (float TIFFs); it converts to RGB as black
+UNLOADABLE = "unloadable_bucket"  # the key of the marker item a dataset returns for a dead bucket
 
 EXIF_ORIENTATION = 0x0112
 ORIENTATIONS_SWAPPING_SIDES = (5, 6, 7, 8)  # transpose / rotate 90 / transverse / rotate 270
 SIXTEEN_TO_EIGHT_BIT = 257.0  # 65535 / 255
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-MAX_LOAD_ATTEMPTS = 8  # substitutes tried before the dataset gives up on a bucket
 CACHE_VERSION = 1
 DEFAULT_SCAN_WORKERS = min(8, os.cpu_count() or 1)
 
@@ -122,11 +137,15 @@ def _check_data(im: Image.Image) -> None:
         im.load()
 
 
-def read_image_size(path: str | os.PathLike, verify: bool = False) -> tuple[int, int]:
+def read_image_size(path: str | os.PathLike, verify: bool = False,
+                    max_pixels: int | None = None) -> tuple[int, int]:
     """(width, height) after EXIF orientation, from the header; with `verify`, also check the
-    image data (see _check_data). Raises _Skip("unreadable" | "truncated")."""
+    image data (see _check_data), unless the image has more than `max_pixels` (it will be skipped
+    for its size; nothing of it is decoded). Raises _Skip("unreadable" | "truncated" | ...)."""
     try:
         im = Image.open(path)
+    except Image.DecompressionBombError as e:  # Pillow's own limit, far above any max_pixels
+        raise _Skip("too_large", str(e)) from None
     except Exception as e:  # UnidentifiedImageError, DecompressionBombError, OSError, ...
         raise _Skip("unreadable", f"{type(e).__name__}: {e}") from None
     with im:
@@ -136,7 +155,9 @@ def read_image_size(path: str | os.PathLike, verify: bool = False) -> tuple[int,
                 w, h = h, w
         except Exception as e:  # a corrupt EXIF block
             raise _Skip("unreadable", f"{type(e).__name__}: {e}") from None
-        if verify:
+        if im.mode in FLOAT_MODES:
+            raise _Skip("float_pixels", f"{im.format} mode {im.mode}")
+        if verify and (max_pixels is None or w * h <= max_pixels):
             try:
                 _check_data(im)
             except Exception as e:
@@ -144,10 +165,11 @@ def read_image_size(path: str | os.PathLike, verify: bool = False) -> tuple[int,
     return w, h
 
 
-def _read_entry(path: Path, verify: bool) -> list:
+def _read_entry(path: Path, verify: bool, max_pixels: int | None) -> list:
     """[width, height, verified, reason, detail] for the header cache."""
     try:
-        return [*read_image_size(path, verify), verify, None, None]
+        w, h = read_image_size(path, verify, max_pixels)
+        return [w, h, verify and (max_pixels is None or w * h <= max_pixels), None, None]
     except _Skip as e:
         return [0, 0, verify, e.reason, e.detail]
 
@@ -195,11 +217,22 @@ class _HeaderCache:
         os.replace(tmp, self.file)  # atomic: a reader never sees half a file
 
 
-def _walk(root: Path, recursive: bool):
-    """(directory, sorted file names); hidden entries skipped, symlink loops visited once."""
+def _walk(root: Path, recursive: bool, problems: list | None = None):
+    """(directory, sorted file names); hidden entries skipped, symlink loops visited once.
+    Folders that cannot be listed or stat'ed are appended to `problems` as (path, error)."""
     seen = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)
+
+    def failed(error: OSError) -> None:
+        if problems is not None:
+            problems.append((error.filename or "?", f"{type(error).__name__}: {error.strerror or error}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=failed):
+        try:
+            st = os.stat(dirpath)
+        except OSError as e:
+            failed(e)
+            dirnames[:] = []
+            continue
         if (st.st_dev, st.st_ino) in seen:
             dirnames[:] = []
             continue
@@ -228,6 +261,20 @@ class _Found:
     caption_path: str | None
     meta: dict
     entry: list | None  # header cache entry, None until read
+
+
+def _stat_file(path: Path) -> os.stat_result:
+    """`stat` of an image path (links followed); raises _Skip for dangling links, loops, no access."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:  # listed by the walk, so a link whose target is gone
+        raise _Skip("broken_link", f"{path} -> {os.readlink(path) if path.is_symlink() else '?'}") from None
+    except OSError as e:  # ELOOP (a link loop), EACCES, ...
+        reason = "broken_link" if e.errno == errno.ELOOP else "no_access"
+        raise _Skip(reason, f"{type(e).__name__}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _Skip("unreadable", "not a regular file")
+    return st
 
 
 def _read_caption(path: Path) -> str:
@@ -265,7 +312,8 @@ def _read_side_files(directory: Path, stem: str, siblings: _Siblings, caption_ex
 def scan_folder(root: str | os.PathLike, *, recursive: bool = True,
                 caption_extension: str = ".txt", missing_caption: str = "skip",
                 min_size: int = 64, size_cache: bool | str | os.PathLike = True,
-                verify_images: bool = True, workers: int = DEFAULT_SCAN_WORKERS) -> ScanResult:
+                verify_images: bool = True, workers: int = DEFAULT_SCAN_WORKERS,
+                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ScanResult:
     """Find the usable images under `root`; list the others with their reason.
 
     `missing_caption`: "skip" leaves out an image without a caption file; "empty" keeps it with
@@ -273,6 +321,9 @@ def scan_folder(root: str | os.PathLike, *, recursive: bool = True,
     `size_cache`: True for the project cache dir, a file path, or False for none.
     `verify_images`: also read each image's data once to catch truncated files (cached).
     `workers`: threads for the header reads that are not cached.
+    `max_pixels`: images with more pixels than this are skipped ("too_large") from their header,
+    before any decoding (None: no limit). Dangling links, link loops and files or folders that
+    cannot be read are skipped with their reason; nothing in the folder stops the scan.
     """
     if missing_caption not in MISSING_CAPTION_POLICIES:
         raise ValueError(f"missing_caption must be one of {MISSING_CAPTION_POLICIES}, "
@@ -285,15 +336,16 @@ def scan_folder(root: str | os.PathLike, *, recursive: bool = True,
     cache = _HeaderCache(cache_file)
     result = ScanResult(records=[])
     found: list[_Found] = []  # images whose side files are fine, in walk order
-    for directory, names in _walk(root, recursive):
+    problems: list[tuple[str, str]] = []
+    for directory, names in _walk(root, recursive, problems):
         siblings = _Siblings(names)
         for name in names:
             stem, ext = os.path.splitext(name)
             if ext.lower() not in IMAGE_EXTENSIONS:
                 continue
             path = directory / name
-            st = path.stat()
             try:
+                st = _stat_file(path)
                 if st.st_size == 0:
                     raise _Skip("empty", "")
                 caption, caption_path, meta = _read_side_files(
@@ -309,14 +361,18 @@ def scan_folder(root: str | os.PathLike, *, recursive: bool = True,
     # GIL while it decodes, and a first scan of a large folder is dominated by the data check.
     todo = [f for f in found if f.entry is None]
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for f, entry in zip(todo, pool.map(lambda f: _read_entry(f.path, verify_images), todo)):
+        for f, entry in zip(todo, pool.map(lambda f: _read_entry(f.path, verify_images, max_pixels), todo)):
             f.entry = cache.store(f.rel, f.stat, entry)
     cache.save()
 
+    result.skipped.extend(Skipped(path, "no_access", detail) for path, detail in problems)
     for f in found:
         _, _, w, h, _, reason, detail = f.entry
         if reason is not None:
             result.skipped.append(Skipped(str(f.path), reason, detail))
+        elif max_pixels is not None and w * h > max_pixels:
+            result.skipped.append(Skipped(str(f.path), "too_large", f"{w}x{h} = {w * h / 1e6:.0f} MP > "
+                                          f"data.max_pixels {max_pixels / 1e6:g} MP"))
         elif min(w, h) < min_size:
             result.skipped.append(Skipped(str(f.path), "too_small", f"{w}x{h} < min_size {min_size}"))
         else:
@@ -403,22 +459,25 @@ class FolderDataset(torch.utils.data.Dataset):
     def histogram(self) -> list[tuple[Bucket, int]]:
         return bucket_histogram([self.buckets[b] for b in self.bucket_of_item])
 
-    def _substitute(self, index: int, rng: np.random.Generator) -> int:
+    def _substitute(self, index: int, rng: np.random.Generator) -> int | None:
+        """Another item of `index`'s bucket that has not failed, or None when none is left."""
         pool = [j for j in self.items_of_bucket[self.bucket_of_item[index]] if j not in self.failed]
-        if not pool:
-            bucket = self.buckets[self.bucket_of_item[index]]
-            raise RuntimeError(f"every image of bucket {bucket[0]}x{bucket[1]} failed to load")
-        return pool[int(rng.integers(len(pool)))]
+        return pool[int(rng.integers(len(pool)))] if pool else None
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """The sample of item `index`; a file that fails to decode is replaced by another image of
+        its bucket. When no image of the bucket loads, a marker ``{UNLOADABLE: bucket, ...}`` comes
+        back instead of raising (the batch is refilled from another bucket by the data pipeline)."""
         index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         rng = np.random.default_rng([self.seed, epoch, index])
         bucket = self.buckets[self.bucket_of_item[index]]
         errors: list[tuple[str, str]] = []
-        item = index
-        for _ in range(MAX_LOAD_ATTEMPTS):
+        item: int | None = index
+        while True:  # each failure removes one candidate, so this ends
             if item in self.failed:
                 item = self._substitute(index, rng)
+                if item is None:
+                    return {UNLOADABLE: bucket, "index": index, "load_errors": errors}
             record = self.records[item]
             try:
                 img, original = _open_rgb(record.path, cover=bucket)
@@ -428,8 +487,6 @@ class FolderDataset(torch.utils.data.Dataset):
                 log.warning("could not load %s (%s); using another image of the same bucket",
                             record.path, errors[-1][1])
                 self.failed.add(item)
-        else:
-            raise RuntimeError(f"{MAX_LOAD_ATTEMPTS} images in a row failed to load: {errors}")
         img, _, crop_top_left = resize_and_crop(img, bucket, self.crop, rng)
         pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (H, W, 3)
         pixels = pixels.permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W) in [-1, 1]
@@ -470,7 +527,8 @@ def build_folder_dataset(root: str | os.PathLike, *, recursive: bool = True,
                          bucket_no_upscale: bool = False, crop: str = "center",
                          small_bucket: str = "repeat", seed: int = 0,
                          size_cache: bool | str | os.PathLike = True,
-                         verify_images: bool = True) -> tuple[FolderDataset, ScanResult]:
+                         verify_images: bool = True,
+                         max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[FolderDataset, ScanResult]:
     """Scan `root` and build the dataset; the keywords are the recipe's `data` fields.
 
     `small_bucket` is the batch sampler's policy (BucketBatchSampler); it is checked here and
@@ -482,7 +540,7 @@ def build_folder_dataset(root: str | os.PathLike, *, recursive: bool = True,
                          f"got {small_bucket!r}")
     scan = scan_folder(root, recursive=recursive, caption_extension=caption_extension,
                        missing_caption=missing_caption, min_size=min_size,
-                       size_cache=size_cache, verify_images=verify_images)
+                       size_cache=size_cache, verify_images=verify_images, max_pixels=max_pixels)
     grid = (make_buckets(resolution, bucket_min_side, bucket_max_side, bucket_step)
             if bucket else [(resolution, resolution)])
     captions = CaptionProcessor(shuffle_tags=shuffle_tags, keep_tokens=keep_tokens,
@@ -495,11 +553,33 @@ def build_folder_dataset(root: str | os.PathLike, *, recursive: bool = True,
 
 
 BAR_WIDTH = 40
+FLAG_THUMBNAIL = 64  # side of the reduced decode that `flag_images` looks at
+
+
+def flag_images(records: Sequence[ImageRecord], workers: int = DEFAULT_SCAN_WORKERS) -> list[Skipped]:
+    """Usable images that are probably not what their owner meant to train on: ones that decode
+    to a single colour (e.g. a float or HDR file whose range 8-bit conversion flattens). Each is
+    decoded once, reduced; the reason of a returned entry is "constant". Kept in the data set."""
+    def check(record: ImageRecord) -> Skipped | None:
+        try:
+            with Image.open(record.path) as im:
+                im.draft("RGB", (FLAG_THUMBNAIL, FLAG_THUMBNAIL))
+                img = to_rgb(im)
+                img.thumbnail((FLAG_THUMBNAIL, FLAG_THUMBNAIL))
+                lo, hi = np.asarray(img).reshape(-1, 3).min(0), np.asarray(img).reshape(-1, 3).max(0)
+        except Exception as e:  # reported by training as a load failure; not a flag
+            return Skipped(record.path, "undecodable", f"{type(e).__name__}: {e}")
+        if (hi - lo).max() <= 1:
+            return Skipped(record.path, "constant", f"every pixel is RGB {tuple(int(v) for v in lo)}")
+        return None
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return [f for f in pool.map(check, records) if f is not None]
 
 
 def format_data_report(scan: ScanResult, histogram: Sequence[tuple[Bucket, int]], *,
                        batch_size: int | None = None, small_bucket: str | None = None,
-                       root: str | None = None) -> str:
+                       root: str | None = None, flagged: Sequence[Skipped] = ()) -> str:
     """The text `cli.py data-report` prints: summary, bucket histogram, skipped files.
 
     With `batch_size`, buckets smaller than a batch are marked, and under small_bucket="drop"
@@ -524,11 +604,17 @@ def format_data_report(scan: ScanResult, histogram: Sequence[tuple[Bucket, int]]
         order = list(SKIP_REASONS)
         for s in sorted(scan.skipped, key=lambda s: (order.index(s.reason), s.path)):
             lines.append(f"  {s.reason:<12} {s.path}" + (f"  ({s.detail})" if s.detail else ""))
+    if flagged:
+        lines.append("flagged files (used for training, but check them):")
+        for s in sorted(flagged, key=lambda s: (s.reason, s.path)):
+            lines.append(f"  {s.reason:<12} {s.path}  ({s.detail})")
     return "\n".join(lines)
 
 
 def data_report(root: str | os.PathLike, *, batch_size: int | None = None, **data_fields: Any) -> str:
-    """Scan and bucket `root` with the recipe's `data` fields; return the report text."""
+    """Scan and bucket `root` with the recipe's `data` fields; return the report text. Every usable
+    image is also decoded once, reduced, to flag the ones that are a single colour."""
     dataset, scan = build_folder_dataset(root, **data_fields)
     return format_data_report(scan, dataset.histogram(), batch_size=batch_size,
-                              small_bucket=data_fields.get("small_bucket"), root=str(root))
+                              small_bucket=data_fields.get("small_bucket"), root=str(root),
+                              flagged=flag_images(scan.records))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -29,10 +30,12 @@ from omegaconf import DictConfig
 
 from data.buckets import BucketBatchSampler, validate_step
 from data.cache import LatentCache, TextCache, cache_policy, module_fingerprint, text_cache_policy
-from data.folder import build_folder_dataset, collate
+from data.folder import UNLOADABLE, build_folder_dataset, collate
 from distill.paths import cache_dir
 from distill.perturb import BATCH_PARTS
-from distill.recipe import as_dict
+from distill.recipe import RecipeError, as_dict
+
+log = logging.getLogger(__name__)
 
 # Recipe `data` keys that are not keywords of `build_folder_dataset`.
 _NOT_FOLDER_KEYS = ("root", "toy", "num_workers", "cache_latents", "cache_dir")
@@ -83,6 +86,10 @@ def needs_images(recipe: DictConfig) -> bool:
     return bool(lo.eps or lo.teacher or lo.feature or (lo.perturb and batch_parts))
 
 
+class DataExhausted(RuntimeError):
+    """Every image of the data set failed to load during training."""
+
+
 @dataclass
 class TrainData:
     dataset: Any
@@ -98,6 +105,10 @@ class TrainData:
     seed: int = 0
     captions: list[str] = field(default_factory=list)  # every caption of the data set (trajectory prompts)
     notes: list[str] = field(default_factory=list)
+    # Files that failed to load during training (path -> error), and buckets none of whose images
+    # loads: each counted once, reported at the end of the run.
+    load_failures: dict[str, str] = field(default_factory=dict)
+    dead_buckets: set = field(default_factory=set)
 
     @property
     def example_latent_hw(self) -> tuple[int, int]:
@@ -132,8 +143,40 @@ class TrainData:
             groups = iter(loader)
         else:
             groups = ([self.dataset[key] for key in b] for b in batches)
-        for items in groups:
+        for position, items in enumerate(groups, start):
+            if any(UNLOADABLE in it for it in items):
+                items = self._refill(items, epoch, position)
+            for path, error in (e for it in items for e in it.get("load_errors", [])):
+                self.load_failures.setdefault(path, error)
             yield self._with_latents(items, epoch) if self.cache is not None else collate(items)
+
+    def _refill(self, items: list[dict], epoch: int, position: int) -> list[dict]:
+        """A batch whose bucket has no loadable image: the same number of items from another
+        bucket, drawn from (seed, epoch, position), so every rank takes the same steps and a
+        resumed run draws the same batch. Raises DataExhausted when no bucket loads at all."""
+        folder = getattr(self.dataset, "dataset", self.dataset)  # under CachedItems
+        errors = [e for it in items for e in it.get("load_errors", [])]
+        for it in items:
+            if UNLOADABLE in it and tuple(it[UNLOADABLE]) not in self.dead_buckets:
+                bucket = tuple(it[UNLOADABLE])
+                self.dead_buckets.add(bucket)
+                log.warning("bucket %dx%d: none of its images loads; its batches are filled from other "
+                            "buckets", *bucket)
+        rng = np.random.default_rng([self.seed, epoch, position, 1])
+        live = [b for b in range(len(folder.buckets)) if tuple(folder.buckets[b]) not in self.dead_buckets]
+        while live:
+            b = live[int(rng.integers(len(live)))]
+            members = folder.items_of_bucket[b]
+            picks = [members[int(j)] for j in rng.integers(len(members), size=len(items))]
+            new = [self.dataset[(i, epoch)] for i in picks]
+            errors += [e for it in new for e in it.get("load_errors", [])]
+            if not any(UNLOADABLE in it for it in new):
+                new[0] = {**new[0], "load_errors": errors + list(new[0].get("load_errors", []))}
+                return new
+            self.dead_buckets.add(tuple(folder.buckets[b]))
+            live.remove(b)
+        shown = "; ".join(f"{p} ({e})" for p, e in errors[:3])
+        raise DataExhausted(f"no image of the data set loads any more ({len(errors)} failed here, e.g. {shown})")
 
     # ------------------------------------------------------------------ caching
     def _with_latents(self, items: list[dict], epoch: int) -> dict:
@@ -185,6 +228,8 @@ class CachedItems(torch.utils.data.Dataset):
         entry = self.cache.get(cache_key)
         if entry is None:
             item = self.dataset[(index, epoch)]
+            if UNLOADABLE in item:  # no image of this bucket loads: the pipeline refills the batch
+                return item
             if item["path"] != record.path:  # a broken file was replaced by another image
                 cache_key = self.cache.key(item["path"], bucket)
             item.update(cache_key=cache_key, caption=self._caption(index, epoch))
@@ -212,7 +257,8 @@ def build_train_data(recipe: DictConfig, teacher, *, rank: int = 0, world_size: 
     dataset, scan = build_folder_dataset(root, **fields)
     notes = [scan.summary()]
     if len(dataset) == 0:
-        raise ValueError(f"no usable images in {root}: {scan.summary()}")
+        raise RecipeError(f"'data.root': no usable images in {root}: {scan.summary()} "
+                          "(`cli.py data-report` lists why)")
     captions = [rec.caption for rec in dataset.records]
     text_on, reason = text_cache_policy(d)
     if text_on and t.train_text_encoder:
@@ -226,8 +272,8 @@ def build_train_data(recipe: DictConfig, teacher, *, rank: int = 0, world_size: 
     sampler = BucketBatchSampler(dataset.bucket_of_item, t.batch_size, seed=t.seed, rank=rank,
                                  world_size=world_size, small_bucket=d.small_bucket)
     if len(sampler) == 0:
-        raise ValueError(f"no full batch of {t.batch_size} in any bucket of {root} "
-                         f"(data.small_bucket={d.small_bucket}); lower training.batch_size")
+        raise RecipeError(f"'training.batch_size': no full batch of {t.batch_size} in any bucket of {root} "
+                          f"(data.small_bucket={d.small_bucket}); lower training.batch_size")
     (w, h), _ = max(dataset.histogram(), key=lambda bn: bn[1])
     cache = None
     enabled, reason = cache_policy(d)

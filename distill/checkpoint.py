@@ -11,7 +11,8 @@ Layout of `run_dir/checkpoint-{step}/` (the diffusers/accelerate folder name):
                           one entry per process rank
     train_state.json      step, epoch, data position, ... (whatever the trainer passes; JSON types)
     recipe.yaml           the fully resolved recipe of the run
-    COMPLETE              written last: the marker `find_latest` looks for
+    COMPLETE              written last: the marker `find_latest` looks for; a JSON manifest
+                          holding the SHA-256 of every other file, verified on load
 
 Atomicity: everything is written into `run_dir/.tmp-checkpoint-{step}-XXXX/` and the folder is
 renamed to `checkpoint-{step}` only after the marker is in it. A rename within one file system is
@@ -20,12 +21,20 @@ finished: `find_latest` still returns the previous checkpoint. Leftover temporar
 removed by the next save. (This guards against a killed process, not against power loss: files
 are not fsync'ed.)
 
+Damage after the fact (a truncated file, a corrupt JSON, a missing folder) is caught on load:
+`load_checkpoint` verifies the manifest's checksums first and raises `CheckpointDamaged` naming
+the file. `move_aside` renames such a checkpoint to `damaged-checkpoint-{step}` (never deletes
+it), so that `find_latest` falls back to the previous one. A full disk during a save raises
+`CheckpointWriteError` saying so; the previous checkpoint stays the latest.
+
 Every `.pt` file holds only tensors and plain Python values and is read back with
 `torch.load(weights_only=True)`. Only the main process writes; the other processes pass
 `is_main_process=False` (and their RNG states through `rng_states`, gathered by the trainer).
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
@@ -52,7 +61,103 @@ RNG_FILE = "rng_state.pt"
 TRAIN_STATE_FILE = "train_state.json"
 RECIPE_FILE = "recipe.yaml"
 EXTRA_DIR = "state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: COMPLETE holds the files' SHA-256 (format 1 checkpoints load unverified)
+DAMAGED_PREFIX = "damaged-"
+HASH_CHUNK = 1 << 22
+
+
+class CheckpointDamaged(RuntimeError):
+    """A checkpoint that cannot be loaded as saved (the message names the file and the reason)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, ...); the previous checkpoint is untouched."""
+
+
+class UnsafeFileError(RuntimeError):
+    """A pickle file holding more than tensors and plain values, refused by `load_weights_only`."""
+
+
+def load_weights_only(path: str | os.PathLike, **kwargs):
+    """`torch.load(path, weights_only=True)`, with a refusal that names the file and says why.
+
+    A pickle that needs anything but tensors and plain Python values to load could run code, so it
+    is never loaded; the error does not suggest turning the protection off."""
+    import pickle
+
+    try:
+        return torch.load(str(path), map_location=kwargs.pop("map_location", "cpu"), weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        first = str(e).split("Please file an issue")[0]
+        needs = re.search(r"(Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+|unsupported [\w ]+)", first)
+        what = needs.group(1) if needs else "Python objects other than tensors"
+        raise UnsafeFileError(f"refused to load {path}: it is a pickle that needs {what} to load, and such a pickle "
+                              "can run code. Only tensors and plain values are read from .pt/.ckpt files; convert "
+                              "it to .safetensors where it came from, or use a source you trust that ships "
+                              "safetensors") from None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): file_sha256(p)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != COMPLETE}
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """The manifest of a complete checkpoint, after checking every file against its checksum.
+    Raises CheckpointDamaged naming the first bad file."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / COMPLETE).read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise CheckpointDamaged(f"{path / COMPLETE} is unreadable ({e})") from None
+    for rel, expected in (manifest.get("files") or {}).items():
+        file = path / rel
+        if not file.is_file():
+            raise CheckpointDamaged(f"{file} is missing")
+        if file_sha256(file) != expected:
+            raise CheckpointDamaged(f"{file} does not match its checksum (truncated or changed after the save)")
+    return manifest
+
+
+def move_aside(path: str | os.PathLike) -> Path:
+    """Rename a damaged checkpoint to `damaged-checkpoint-{step}[-k]` beside it; returns the new path."""
+    path = Path(path)
+    target = path.with_name(DAMAGED_PREFIX + path.name)
+    k = 1
+    while target.exists():
+        target = path.with_name(f"{DAMAGED_PREFIX}{path.name}-{k}")
+        k += 1
+    os.replace(path, target)
+    return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether a write error means the disk is full: ENOSPC, or the messages torch's and
+    safetensors' writers give for it."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return any(s in text for s in ("No space left", "os error 28", "unexpected pos", "file write failed"))
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 # --------------------------------------------------------------------------- RNG
@@ -193,6 +298,8 @@ def save_checkpoint(
     _remove_leftovers(run_dir)  # temporary folders of a save that was killed
     final = run_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{step}-", dir=run_dir))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a checkpoint folder is an ordinary folder
+    previous = find_latest(run_dir)
     try:
         for name, model in models.items():
             model.save_pretrained(tmp / name)
@@ -210,15 +317,23 @@ def save_checkpoint(
         (tmp / TRAIN_STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
         if recipe_yaml is not None:
             (tmp / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
-        manifest = {"format": FORMAT_VERSION, "step": step, "models": sorted(models)}
-        (tmp / COMPLETE).write_text(json.dumps(manifest), encoding="utf-8")  # last file written
+        manifest = {"format": FORMAT_VERSION, "step": step, "models": sorted(models), "files": _checksums(tmp)}
+        (tmp / COMPLETE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")  # last file written
         if final.exists():
             # Same step saved before (a run resumed from an older checkpoint): a directory rename
             # cannot replace a non-empty folder, so the old one is moved away first.
             _discard(final, run_dir)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
+        written = _tree_bytes(tmp) if tmp.exists() else 0
         _remove_tree(tmp)
+        if isinstance(e, Exception) and _disk_full(e):
+            free = shutil.disk_usage(run_dir).free
+            need = _tree_bytes(previous) if previous is not None else written
+            kept = f"{previous.name} is still the latest" if previous is not None else "no checkpoint was written yet"
+            raise CheckpointWriteError(
+                errno.ENOSPC, f"no space left on {run_dir} while saving {CHECKPOINT_PREFIX}{step} (a checkpoint "
+                f"takes about {need / 1e6:.0f} MB; {free / 1e6:.0f} MB free); {kept}") from None
         raise
     if keep_last is not None:
         rotate_checkpoints(run_dir, keep_last, protect=final)
@@ -243,7 +358,7 @@ def load_model_folder(model: nn.Module, folder: str | os.PathLike) -> None:
 
 
 def _torch_load(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_weights_only(path)
 
 
 def load_checkpoint(
@@ -265,23 +380,30 @@ def load_checkpoint(
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint")
-    for name, model in models.items():
-        if not (path / name).is_dir():
-            raise FileNotFoundError(f"checkpoint {path} has no model folder {name!r}")
-        load_model_folder(model, path / name)
-    for obj, file in ((optimizer, OPTIMIZER_FILE), (lr_scheduler, SCHEDULER_FILE)):
-        if obj is not None:
-            obj.load_state_dict(_torch_load(path / file))
-    for name, obj in (extra or {}).items():
-        obj.load_state_dict(_torch_load(path / EXTRA_DIR / f"{name}.pt"))
+    verify_checkpoint(path)
+    try:
+        train_state = json.loads((path / TRAIN_STATE_FILE).read_text(encoding="utf-8"))
+        for name, model in models.items():
+            if not (path / name).is_dir():
+                raise FileNotFoundError(f"checkpoint {path} has no model folder {name!r}")
+            load_model_folder(model, path / name)
+        for obj, file in ((optimizer, OPTIMIZER_FILE), (lr_scheduler, SCHEDULER_FILE)):
+            if obj is not None:
+                obj.load_state_dict(_torch_load(path / file))
+        for name, obj in (extra or {}).items():
+            obj.load_state_dict(_torch_load(path / EXTRA_DIR / f"{name}.pt"))
+        ranks = _torch_load(path / RNG_FILE)["ranks"] if restore_rng else None
+    except UnsafeFileError:
+        raise
+    except Exception as e:  # whatever a damaged file raises (safetensors, pickle, JSON, a missing file)
+        raise CheckpointDamaged(f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     if restore_rng:
-        ranks = _torch_load(path / RNG_FILE)["ranks"]
         if rank < len(ranks):
             restore_rng_state(ranks[rank], generators)
         else:
             # Giving this rank another rank's state would make both draw the same noise.
             warnings.warn(f"{path} holds RNG states for {len(ranks)} rank(s); rank {rank} keeps its own")
-    return json.loads((path / TRAIN_STATE_FILE).read_text(encoding="utf-8"))
+    return train_state
 
 
 def read_recipe(path: str | os.PathLike) -> str:

@@ -79,7 +79,7 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt.load_weights_only(path)
     for key in ("ema", "model", "state_dict"):  # training-state dicts keep the weights under a key
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             return state[key]

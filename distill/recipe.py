@@ -98,6 +98,8 @@ class DataConfig:
     tag_separator: str = ","
     caption_dropout: float = 0.0  # probability of an empty caption (classifier-free guidance)
     min_size: int = 64  # images whose shorter side is below this are skipped
+    # Images with more pixels than this are skipped from their header, before decoding (null: no limit).
+    max_pixels: Optional[int] = 64_000_000
     resolution: int = 512  # target area is resolution**2
     bucket: bool = True  # aspect-ratio buckets (the seed's --use_aspect_ratio_bucket)
     bucket_min_side: int = 256

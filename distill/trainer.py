@@ -36,7 +36,8 @@ from distill.features import FeatureProjector, FeatureProjectors, capture, token
 from distill.losses import combine, eps_loss, feature_loss, sample_guidance_scale, teacher_loss
 from distill.perturb import (BATCH_PARTS, draw_prompts, jitter_timesteps, load_prompt_file, perturb_embeddings,
                              perturb_input, recombine_captions, where_rows)
-from distill.recipe import save_recipe, to_yaml
+from data.pipeline import DataExhausted
+from distill.recipe import RecipeError, save_recipe, to_yaml
 from distill.sharding import GatheredModel, GatheredOptimizer, all_finite, check_fsdp, full, shard_model
 from distill.timing import SectionTimer
 
@@ -140,6 +141,10 @@ class Distiller:
 
         # Frozen teacher; the student is built to take its conditioning sizes.
         check_names(r)
+        if teacher is None:  # (a caller that brings its own teacher may use a placeholder source)
+            from distill.validate import validate_recipe
+
+            validate_recipe(r)
         torch.manual_seed(t.seed)  # the student's init is the same on every rank
         self.teacher = teacher if teacher is not None else load_teacher_from_recipe(r.teacher, self.device)
         self.schedule = self.teacher.schedule
@@ -396,6 +401,10 @@ class Distiller:
         logs.update(extra)
         return {k: float(v) for k, v in logs.items()}
 
+    def last_checkpoint_note(self) -> str:
+        latest = ckpt.find_latest(self.run_dir)
+        return f"the last checkpoint, {latest}, is intact" if latest is not None else "no checkpoint was written yet"
+
     def bad_step(self, logs: dict) -> dict[str, float]:
         self.state.bad_steps += 1
         self.state.bad_in_row += 1
@@ -404,7 +413,7 @@ class Distiller:
         if self.state.bad_in_row >= self.recipe.training.max_bad_steps:
             raise TrainingStopped(f"{self.state.bad_in_row} non-finite steps in a row "
                                   f"(training.max_bad_steps={self.recipe.training.max_bad_steps}); "
-                                  "the last checkpoint is intact")
+                                  + self.last_checkpoint_note())
         return {"bad_step": 1.0}
 
     def perturbation_terms(self, captions, x_t, t, cond, batch, terms, weights, s_cond=None) -> None:
@@ -467,7 +476,8 @@ class Distiller:
             save_recipe(r, self.run_dir / "recipe.yaml")
         writer = self.tensorboard()
         probe = self.probe_batch()
-        before = self.agreement(probe) if not resumed else None
+        before = self.agreement(probe) if not resumed else self.resumed_before
+        self.before = before
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not acc.is_main_process,
                    desc="distil", dynamic_ncols=True)
         samples, t0, window = 0, time.perf_counter(), []
@@ -497,6 +507,8 @@ class Distiller:
                 else:
                     self.state.epoch += 1
                     self.state.batch_in_epoch = 0
+        except DataExhausted as e:
+            raise TrainingStopped(f"{e}; {self.last_checkpoint_note()}") from None
         finally:
             bar.close()
             if writer is not None:
@@ -547,7 +559,7 @@ class Distiller:
         acc = self.accelerator
         student = acc.unwrap_model(self.student)
         if not all_finite(student) or (self.e2e and not self.e2e.all_finite()):
-            raise TrainingStopped("non-finite student weights: not saved; the last checkpoint is intact")
+            raise TrainingStopped("non-finite student weights: not saved; " + self.last_checkpoint_note())
         models = self.checkpoint_models()
         optimizer = self.checkpoint_optimizer()
         if self.fsdp:  # every process takes part in the gathers; the main process writes
@@ -558,6 +570,7 @@ class Distiller:
         state = asdict(self.state)
         state["sampler"] = self.data.sampler_state(self.state.epoch, self.state.batch_in_epoch)
         state["fsdp"] = self.fsdp  # the optimizer file's layout
+        state["agreement_before"] = getattr(self, "before", None)  # summary.json's "before" after a resume
         path = ckpt.save_checkpoint(
             self.run_dir, self.state.step, models=models, optimizer=optimizer, lr_scheduler=self.lr_scheduler,
             train_state=state, recipe_yaml=to_yaml(self.recipe), rng_states=rng_states,
@@ -567,25 +580,83 @@ class Distiller:
         return path
 
     def maybe_resume(self) -> bool:
-        path = ckpt.resolve_resume(self.run_dir, self.recipe.training.resume)
+        """Resume from `training.resume`. With "latest", a checkpoint that fails to load is moved
+        aside (never deleted) and the next older one is tried; when none loads, RecipeError."""
+        self.resumed_before = None
+        resume = self.recipe.training.resume
+        path = ckpt.resolve_resume(self.run_dir, resume)
         if path is None:
             if self.recipe.training.init_from:
                 self.init_from(self.recipe.training.init_from)
             return False
+        fallback = str(resume) == "latest"
+        failures = []
+        while path is not None:
+            try:
+                self.load_resume(path)
+                break
+            except ckpt.CheckpointDamaged as e:
+                if not fallback:
+                    raise RecipeError(f"'training.resume': {path} cannot be loaded: {e}") from None
+                failures.append(f"{path.name}: {e}")
+                self.log(f"checkpoint {path} cannot be loaded ({e}); moving it aside and trying the one before")
+                if self.accelerator.is_main_process:
+                    ckpt.move_aside(path)
+                self.accelerator.wait_for_everyone()
+                path = ckpt.find_latest(self.run_dir)
+        else:
+            raise RecipeError("'training.resume' is latest, and no checkpoint in " f"{self.run_dir} loads: "
+                              + "; ".join(failures))
+        self.log(f"resumed from {path} at step {self.state.step}")
+        return True
+
+    def load_resume(self, path: Path) -> None:
+        """Restore everything from one checkpoint; then the recipe's optimizer settings apply."""
         acc = self.accelerator
-        saved = json.loads((path / ckpt.TRAIN_STATE_FILE).read_text(encoding="utf-8"))
+        try:
+            saved = json.loads((path / ckpt.TRAIN_STATE_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ckpt.CheckpointDamaged(f"{path / ckpt.TRAIN_STATE_FILE}: {e}") from None
         if saved.get("fsdp", False) != self.fsdp:
-            raise ValueError(f"{path} was saved with training.fsdp={saved.get('fsdp', False)}; "
-                             f"resume it with the same setting (this run has training.fsdp={self.fsdp})")
+            raise RecipeError(f"'training.fsdp' is {self.fsdp} but {path} was saved with {saved.get('fsdp', False)}; "
+                              "resume it with the same setting")
+        wanted = self.optimizer_settings()
         state = ckpt.load_checkpoint(path, models=self.checkpoint_models(), optimizer=self.checkpoint_optimizer(),
                                      lr_scheduler=self.lr_scheduler, generators={"train": self.gen},
                                      rank=acc.process_index)
         sampler = state.pop("sampler", None)
+        self.resumed_before = state.get("agreement_before")
         self.state = TrainState(**{k: state[k] for k in asdict(TrainState()) if k in state})
         if sampler is not None:
             self.data.load_sampler_state(sampler)
-        self.log(f"resumed from {path} at step {self.state.step}")
-        return True
+        self.apply_optimizer_settings(wanted)
+
+    def optimizer_settings(self) -> list[dict]:
+        """Per parameter group: the recipe's peak lr, betas, weight decay and eps (as built)."""
+        return [{"lr": g.get("initial_lr", g["lr"]), "betas": tuple(g["betas"]), "weight_decay": g["weight_decay"],
+                 "eps": g["eps"]} for g in torch_optimizer(self.optimizer).param_groups]
+
+    def apply_optimizer_settings(self, wanted: list[dict]) -> None:
+        """After a resume: the recipe's optimizer settings replace the checkpoint's, with a notice.
+        The LR schedule keeps its step; its peak becomes the recipe's lr."""
+        groups = torch_optimizer(self.optimizer).param_groups
+        sched = self.lr_scheduler
+        changes = []
+        for i, (g, w) in enumerate(zip(groups, wanted)):
+            name = "" if len(groups) == 1 else f" (group {i})"
+            for key in ("betas", "weight_decay", "eps"):
+                old = tuple(g[key]) if key == "betas" else g[key]
+                if old != w[key]:
+                    changes.append(f"{key}{name} {old} -> {w[key]}")
+                    g[key] = w[key]
+            old_lr = sched.base_lrs[i]
+            if old_lr != w["lr"]:
+                changes.append(f"lr{name} {old_lr:g} -> {w['lr']:g}")
+                sched.base_lrs[i] = g["initial_lr"] = w["lr"]
+                g["lr"] = w["lr"] * sched.lr_lambdas[i](sched.last_epoch)
+        if changes:
+            sched._last_lr = [g["lr"] for g in groups]
+            self.log("resume: the recipe's optimizer settings replace the checkpoint's: " + ", ".join(changes))
 
     def init_from(self, source: str) -> None:
         """A new stage from an earlier run's checkpoint: weights only (the student, and the EMA,
@@ -701,6 +772,13 @@ class Distiller:
     def summarize(self, before: dict | None, after: dict | None, fidelity: dict | None = None) -> dict[str, Any]:
         summary = {"steps": self.state.step, "bad_steps": self.state.bad_steps, "run_dir": str(self.run_dir),
                    "agreement_before": before, "agreement_after": after}
+        failed = self.data.load_failures
+        if failed:
+            summary["load_failures"] = {"files": len(failed), "dropped_buckets": sorted(self.data.dead_buckets),
+                                        "errors": dict(sorted(failed.items()))}
+            self.log(f"{len(failed)} image(s) failed to load and were skipped (listed in summary.json):"
+                     + "".join(f"\n  {p}: {e}" for p, e in sorted(failed.items())[:5])
+                     + ("\n  ..." if len(failed) > 5 else ""))
         if before and after:
             ratio = before["teacher_mse"] / max(after["teacher_mse"], 1e-12)
             summary["closer_to_teacher_x"] = ratio

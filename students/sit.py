@@ -603,7 +603,9 @@ def load_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from distill.checkpoint import load_weights_only
+
+    state = load_weights_only(path)
     for key in ("ema", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             return state[key]

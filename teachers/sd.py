@@ -185,10 +185,14 @@ def _checkpoint_keys(path: str | Path) -> list[str]:
 
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
+    from distill.checkpoint import UnsafeFileError, load_weights_only
+
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        state = load_weights_only(path, mmap=True)
+    except UnsafeFileError:
+        raise
     except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = load_weights_only(path)
     return list(state.get("state_dict", state))
 
 

@@ -164,7 +164,8 @@ def test_stage_two_starts_from_a_stage_one_checkpoint(tiny_teachers, tmp_path):
     r = load_recipe(ROOT / "recipes" / "toy_e2e.yaml", [
         f"teacher.source={teacher}", f"output.dir={tmp_path / 'stage2'}", f"training.init_from={tmp_path / 'stage1'}",
         "student.hidden_size=32", "student.depth=2", "student.num_heads=2", "data.toy.num_images=24",
-        "training.batch_size=4", "training.max_steps=1", "optimizer.warmup_steps=0"])
+        "losses.features.student_blocks=[1]", "training.batch_size=4", "training.max_steps=1",
+        "optimizer.warmup_steps=0"])
     assert r.training.train_vae and r.training.train_text_encoder
     d = Distiller(r)
     assert not d.maybe_resume() and d.state.step == 0  # a new stage: fresh step and optimizer

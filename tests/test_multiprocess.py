@@ -27,6 +27,7 @@ def launch(tmp: Path, teacher: Path, run: Path, port: int, *extra: str, worker_a
            "--main_process_port", str(port), str(ROOT / "tests" / "mp_worker.py"), *worker_args, str(tmp),
            str(ROOT / "recipes" / "toy.yaml"), f"teacher.source={teacher}", f"output.dir={run}",
            "student.hidden_size=32", "student.depth=2", "student.num_heads=2", "data.toy.num_images=40",
+           "losses.features.student_blocks=[1]",
            "training.batch_size=4", "training.max_steps=4", "training.checkpoint_every=2",
            "training.sample_every=0", "losses.perturb=0.5", "losses.perturbations.input_noise.enabled=true",
            # weights that move, and clipping that acts (the sharded grad norm is a gathered one)

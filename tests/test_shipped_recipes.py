@@ -27,7 +27,8 @@ def test_shipped_recipe_builds(path, tiny_teachers, tmp_path, monkeypatch):
         monkeypatch.setenv("SITDISTILL_CACHE", str(tmp_path / "cache"))
         family = recipe.teacher.source.split(":", 1)[1]
         d = Distiller(load_recipe(path, [f"teacher.source={tiny_teachers[family]}", f"output.dir={tmp_path / 'run'}",
-                                         "data.toy.num_images=8", "training.batch_size=2"]))
+                                         "data.toy.num_images=8", "training.batch_size=2",
+                                         "training.init_from=null"]))  # (stage-2 recipes name stage 1's run)
         assert d.teacher.family == family
         out = d.student(torch.zeros(1, 4, 8, 8), torch.tensor([10]),
                         **d.teacher.encode_prompt(["a red circle in the center"]))

@@ -232,7 +232,8 @@ def test_run_ends_with_prompt_fidelity_of_teacher_and_student(tiny_teachers, tmp
     import json
 
     r = tiny_recipe(tiny_teachers["sd15"], tmp_path / "run", "evaluation.at_end=3",
-                    "sampling.num_inference_steps=2", "losses.features.projector_hidden=16", shipped=True)
+                    "sampling.num_inference_steps=2", "losses.features.projector_hidden=16",
+                    "losses.features.student_blocks=[1]", shipped=True)
     d = Distiller(r)
     assert r.losses.feature and not r.losses.eps  # the shipped toy recipe's losses
     summary = d.fit()
