@@ -172,7 +172,9 @@ class TextCache:
         encoders = [m for name, m in teacher.modules().items() if name.startswith("text_encoder")]
         tokenizers = [getattr(teacher, n).name_or_path for n in ("tokenizer", "tokenizer_2") if hasattr(teacher, n)]
         fp = hashlib.sha256("".join(module_fingerprint(e) for e in encoders).encode()
-                            + json.dumps([teacher.family, str(teacher.dtype), tokenizers]).encode()).hexdigest()[:32]
+                            + json.dumps([teacher.family, str(teacher.dtype), tokenizers]
+                                         + ([teacher.clip_skip] if getattr(teacher, "clip_skip", None) else [])
+                                         ).encode()).hexdigest()[:32]
         self.store = TensorCache(root, "text", fp)
         self._uncond: dict[str, torch.Tensor] | None = None
 

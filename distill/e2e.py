@@ -192,9 +192,10 @@ def load_student_side(checkpoint_dir: str | Path, teacher):
 
 
 def scaled(vae: nn.Module, z: Tensor) -> Tensor:
-    """Unscaled VAE latents -> the diffusion latents (interfaces: shift, then scaling factor)."""
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (z - shift) * vae.config.scaling_factor
+    """Unscaled VAE latents -> the diffusion latents (the teachers' rule, teachers.base.scale_latents)."""
+    from teachers.base import scale_latents
+
+    return scale_latents(vae, z)
 
 
 def reconstruction_loss(recon: Tensor, pixels: Tensor, kind: str) -> Tensor:

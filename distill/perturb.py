@@ -52,11 +52,20 @@ def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
 def perturb_input(x_t: Tensor, gamma: Union[float, Tensor], generator: torch.Generator | None = None) -> Tensor:
     """x~_t = x_t + gamma * xi with xi ~ N(0, I); gamma a float or per-sample (N,).
 
-    A per-sample gamma lets the caller scale the kick with the noise level, e.g.
-    `gamma * sqrt(1 - alpha_bar_t)` is the input perturbation of Ning et al. 2023
-    ("Input perturbation reduces exposure bias in diffusion models").
-    """
+    The trainer passes `input_noise_scale(...)`, the kick of DDPM-IP (below)."""
     return x_t + broadcast_per_sample(gamma, x_t) * _randn_like(x_t, generator)
+
+
+def input_noise_scale(alphas_cumprod: Tensor, t: Tensor, gamma: float) -> Tensor:
+    """Per-sample (N,) scale of the input perturbation of DDPM-IP (Ning et al. 2023, "Input
+    perturbation reduces exposure bias in diffusion models"): the noise is perturbed, not x_t,
+
+        x~_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) (eps + gamma xi)  =  x_t + gamma sqrt(1 - abar_t) xi,
+
+    so the kick is a fixed fraction gamma of the noise level at every t (an absolute gamma would be
+    several times the noise level at small t)."""
+    abar = alphas_cumprod.to(t.device)[t.long()]
+    return gamma * (1.0 - abar).sqrt()
 
 
 # --------------------------------------------------------------------------- (b) condition

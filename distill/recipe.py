@@ -52,10 +52,15 @@ class TeacherConfig:
     family: Optional[str] = _choice(None, (None, "sd15", "sdxl"), "auto-detected from the UNet when null")
     config: Optional[str] = None  # diffusers folder or hub id giving the configs of a single-file checkpoint
     vae: Optional[str] = None  # VAE override, e.g. madebyollin/sdxl-vae-fp16-fix
+    vae_variant: Optional[str] = None  # the override's own variant / revision (never the teacher's)
+    vae_revision: Optional[str] = None
     revision: Optional[str] = None
     variant: Optional[str] = None  # e.g. fp16 weights of a hub repo
     dtype: str = _choice("float32", ("float32", "float16", "bfloat16"))
     vae_fp32: bool = True  # the SDXL VAE overflows in fp16 unless it is the fp16-fix one
+    # Text-encoder layers to skip (diffusers' / kohya's clip skip; null = none): e.g. 2 for teachers
+    # trained that way (NovelAI-derived SD1.5 models). Used for training targets and sampling alike.
+    clip_skip: Optional[int] = None
 
 
 @dataclass
@@ -115,7 +120,8 @@ class DataConfig:
 
 @dataclass
 class InputNoiseConfig:
-    """(a) x~_t = x_t + gamma * xi: the teacher labels states just off the data manifold."""
+    """(a) DDPM-IP: x~_t = x_t + gamma * sqrt(1 - abar_t) * xi (the noise perturbed by gamma): the
+    teacher labels states just off the data manifold."""
 
     enabled: bool = False
     weight: float = 1.0
@@ -294,7 +300,9 @@ class SamplingConfig:
     scheduler: str = "euler"  # a key of distill.sampling.SCHEDULERS
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
-    negative_prompt: str = ""
+    # null: the pipeline's unconditional input (SDXL: zeros under force_zeros_for_empty_prompt);
+    # a string, "" included, is encoded as diffusers encodes it.
+    negative_prompt: Optional[str] = None
     height: Optional[int] = None  # null: the data resolution
     width: Optional[int] = None
     seed: int = 0

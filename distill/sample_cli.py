@@ -32,6 +32,8 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance_scale", type=float)
     p.add_argument("--scheduler", help="ddim, ddpm, euler, euler_a, dpm, unipc, heun, lms, pndm")
     p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH, help="prompts per forward batch")
+    p.add_argument("--clip_skip", type=int, help="text-encoder layers to skip (default: the teacher's, "
+                   "teacher.clip_skip of the recipe; 0 = none)")
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,6 +114,8 @@ def sample_command(args: argparse.Namespace) -> int:
     device = _device(args)
     pipe = build_pipeline(source, weights=args.weights, scheduler=args.scheduler, model_size=args.model_size,
                           device=device)
+    if getattr(args, "clip_skip", None) is not None:
+        pipe.register_to_config(clip_skip=args.clip_skip or None)
     dh, dw = pipe.default_hw()
     settings = dict(height=args.height or dh, width=args.width or dw,
                     num_inference_steps=args.num_inference_steps or s.num_inference_steps,
@@ -131,6 +135,7 @@ def sample_command(args: argparse.Namespace) -> int:
                 prompt=prompt, negative_prompt=negative, seed=seed, sampler=sampler,
                 steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
                 height=settings["height"], width=settings["width"], weights=args.weights,
+                clip_skip=pipe.config.clip_skip,
                 checkpoint=source.label))
             print(path)
     return 0
@@ -153,6 +158,8 @@ def eval_command(args: argparse.Namespace) -> int:
         return _error(str(e))
     device = _device(args)
     teacher = load_teacher_for(source, device)
+    if args.clip_skip is not None:  # the teacher's (and so the student's) prompt encoding
+        teacher.clip_skip = args.clip_skip or None
     students = {"student": load_student(source, weights=args.weights, teacher=teacher, model_size=args.model_size,
                                         device=device)}
     labels = {"teacher": str(recipe.teacher.source), "student": source.label}

@@ -75,28 +75,30 @@ def png_info(**fields: Any) -> PngInfo:
 def sample_latents(model_fn, teacher, prompts: Sequence[str], *, height: int, width: int, scheduler: Any,
                    steps: int, guidance_scale: float, seed: int | None = None,
                    generator: torch.Generator | list[torch.Generator] | None = None,
-                   negative_prompt: str | Sequence[str] | None = "") -> torch.Tensor:
+                   negative_prompt: str | Sequence[str] | None = None) -> torch.Tensor:
     """Latents (N, C, height/f, width/f) for `prompts` from any eps model, with the teacher's
     conditioning and schedule.
 
     scheduler: a name of ``distill.sampling.SCHEDULERS`` (built from ``teacher.scheduler_config``)
         or a ready diffusers scheduler predicting epsilon.
-    seed / generator: ``seed`` gives image i the generator ``seed + i``; or pass generators.
-    negative_prompt: one for all prompts or one per prompt; "" / None = the pipeline's default
-        unconditional input (zeros for SDXL under ``force_zeros_for_empty_prompt``).
+    seed / generator: ``seed`` gives image i the generator ``seed + i``; or pass generators; neither:
+        torch's global random state, like a diffusers pipeline called without a generator.
+    negative_prompt: one for all prompts or one per prompt. None = the pipeline's default
+        unconditional input (zeros for SDXL under ``force_zeros_for_empty_prompt``); an explicit ""
+        is encoded, as diffusers does.
     """
     prompts = list(prompts)
     f = teacher.vae_scale_factor
     if height % f or width % f:
         raise ValueError(f"height and width must be multiples of the VAE factor {f}, got {height}x{width}")
     if isinstance(negative_prompt, str):
-        negatives = [negative_prompt] * len(prompts) if negative_prompt else None
+        negatives = [negative_prompt] * len(prompts)
     else:
-        negatives = list(negative_prompt) if negative_prompt is not None and any(negative_prompt) else None
+        negatives = None if negative_prompt is None else list(negative_prompt)
     cond, uncond = teacher.encode_prompt(prompts, negatives, height, width, do_cfg=True)
     shape = (len(prompts), teacher.latent_channels, height // f, width // f)
-    if generator is None:
-        generator = generators(0 if seed is None else seed, len(prompts))
+    if generator is None and seed is not None:
+        generator = generators(seed, len(prompts))
     if isinstance(scheduler, str):
         scheduler = make_scheduler(scheduler, teacher.scheduler_config)
     return sample(model_fn, scheduler, cond=cond, uncond=uncond, shape=shape, guidance_scale=guidance_scale,

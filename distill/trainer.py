@@ -34,8 +34,8 @@ from distill.e2e import EndToEnd, check_recipe as check_e2e_recipe, resolve_init
 from distill.ema import EMA, local
 from distill.features import FeatureProjector, FeatureProjectors, capture, tokens_from_map
 from distill.losses import combine, eps_loss, feature_loss, sample_guidance_scale, teacher_loss
-from distill.perturb import (BATCH_PARTS, draw_prompts, jitter_timesteps, load_prompt_file, perturb_embeddings,
-                             perturb_input, recombine_captions, where_rows)
+from distill.perturb import (BATCH_PARTS, draw_prompts, input_noise_scale, jitter_timesteps, load_prompt_file,
+                             perturb_embeddings, perturb_input, recombine_captions, where_rows)
 from data.pipeline import DataExhausted
 from distill.recipe import RecipeError, save_recipe, to_yaml
 from distill.sharding import GatheredModel, GatheredOptimizer, all_finite, check_fsdp, full, shard_model
@@ -433,8 +433,9 @@ class Distiller:
         for i, part in enumerate(parts):
             rows = part_of == i
             cfg = lo.perturbations[part]
-            if part == "input_noise":
-                x_p[rows] = perturb_input(x_t[rows], cfg.gamma, generator=g)
+            if part == "input_noise":  # DDPM-IP: gamma times the noise level of each sample's t
+                scale = input_noise_scale(self.schedule.alphas_cumprod, t[rows], cfg.gamma)
+                x_p[rows] = perturb_input(x_t[rows], scale, generator=g)
             elif part == "timestep_jitter":
                 t_p[rows] = jitter_timesteps(t[rows], cfg.max_delta, self.schedule.num_train_timesteps, generator=g)
             elif part == "caption_mix":

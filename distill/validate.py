@@ -49,7 +49,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.caption_dropout": _PROB, "data.min_size": _GE1, "data.max_pixels": _GE1, "data.resolution": _GE1,
     "data.bucket_min_side": _GE1, "data.bucket_max_side": _GE1, "data.bucket_step": _GE1,
     "data.keep_tokens": _GE0, "data.num_workers": _GE0, "data.toy.num_images": _GE1,
-    "student.hidden_size": _GE1, "student.depth": _GE1, "student.num_heads": _GE1, "student.mlp_ratio": _POS,
+    "teacher.clip_skip": _GE0, "student.hidden_size": _GE1, "student.depth": _GE1, "student.num_heads": _GE1, "student.mlp_ratio": _POS,
     "losses.eps": _GE0, "losses.teacher": _GE0, "losses.perturb": _GE0, "losses.feature": _GE0,
     "losses.min_snr_gamma": _POS, "losses.features.projector_hidden": _GE1,
     "losses.perturbations.input_noise.gamma": _GE0, "losses.perturbations.embedding_noise.sigma": _GE0,

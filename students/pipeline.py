@@ -39,7 +39,7 @@ class _PartsOnly:
     """Teacher behaviour without a UNet: dtype, device and default size are given, not read off it."""
 
     def __init__(self, vae, scheduler_config: dict[str, Any], latent_channels: int, dtype: torch.dtype,
-                 default_hw: tuple[int, int]):
+                 default_hw: tuple[int, int], clip_skip: int | None = None):
         # Teacher.__init__ reads the UNet; these are the attributes it would have set.
         self.unet = None
         self.vae = vae
@@ -48,6 +48,7 @@ class _PartsOnly:
         self.latent_channels = int(latent_channels)
         self._dtype = dtype
         self._default_hw = default_hw
+        self.clip_skip = clip_skip or None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -91,12 +92,13 @@ class SiTPipeline(DiffusionPipeline):
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, tokenizer_2=None,
                  force_zeros_for_empty_prompt: bool = True, default_height: int | None = None,
-                 default_width: int | None = None):
+                 default_width: int | None = None, clip_skip: int | None = None):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, scheduler=scheduler)
+        # clip_skip: the teacher's, so the student reads the text states it was trained on.
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
-                                default_height=default_height, default_width=default_width)
+                                default_height=default_height, default_width=default_width, clip_skip=clip_skip)
 
     @classmethod
     def from_teacher(cls, teacher: Teacher, transformer, scheduler, *, default_hw: tuple[int, int] | None = None
@@ -104,7 +106,8 @@ class SiTPipeline(DiffusionPipeline):
         """The pipeline of a student and the frozen parts of its teacher (shared, not copied)."""
         h, w = default_hw or teacher.default_size()
         parts = dict(transformer=transformer, vae=teacher.vae, text_encoder=teacher.text_encoder,
-                     tokenizer=teacher.tokenizer, scheduler=scheduler, default_height=int(h), default_width=int(w))
+                     tokenizer=teacher.tokenizer, scheduler=scheduler, default_height=int(h), default_width=int(w),
+                     clip_skip=teacher.clip_skip)
         if teacher.family == "sdxl":
             parts.update(text_encoder_2=teacher.text_encoder_2, tokenizer_2=teacher.tokenizer_2,
                          force_zeros_for_empty_prompt=teacher.force_zeros_for_empty_prompt)
@@ -113,7 +116,8 @@ class SiTPipeline(DiffusionPipeline):
     def teacher_parts(self) -> TeacherParts:
         """The prompt encoder + VAE as a teacher-like object (``distill.samples.sample_latents`` takes it)."""
         kw = dict(scheduler_config=dict(self.scheduler.config), latent_channels=self.transformer.config.in_channels,
-                  dtype=self.text_encoder.dtype, default_hw=self.default_hw())
+                  dtype=self.text_encoder.dtype, default_hw=self.default_hw(),
+                  clip_skip=getattr(self.config, "clip_skip", None))
         if self.text_encoder_2 is not None:
             return SDXLParts(self.vae, self.text_encoder, self.text_encoder_2, self.tokenizer, self.tokenizer_2,
                              force_zeros_for_empty_prompt=self.config.force_zeros_for_empty_prompt, **kw)
@@ -144,7 +148,7 @@ class SiTPipeline(DiffusionPipeline):
         self.transformer.eval()
         latents = sample_latents(student_fn(self.transformer), parts, prompts, height=height or dh, width=width or dw,
                                  scheduler=self.scheduler, steps=num_inference_steps, guidance_scale=guidance_scale,
-                                 generator=generator, negative_prompt=negative_prompt or "")
+                                 generator=generator, negative_prompt=negative_prompt)
         if output_type == "latent":
             images: Any = latents
         else:

@@ -31,6 +31,31 @@ def freeze(module: nn.Module | None) -> None:
         module.eval().requires_grad_(False)
 
 
+def latent_stats(vae: nn.Module, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
+    """(mean, std) that normalise raw VAE latents before ``scaling_factor``: the config's
+    per-channel ``latents_mean`` / ``latents_std`` when it has both (Playground-style VAEs; what the
+    SDXL pipeline reads), else (``shift_factor`` or 0, 1)."""
+    cfg = vae.config
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is not None and std is not None:
+        view = (1, -1) + (1,) * (like.ndim - 2)
+        return (torch.tensor(mean, device=like.device, dtype=like.dtype).view(view),
+                torch.tensor(std, device=like.device, dtype=like.dtype).view(view))
+    return getattr(cfg, "shift_factor", None) or 0.0, 1.0
+
+
+def scale_latents(vae: nn.Module, z: Tensor) -> Tensor:
+    """Raw VAE latents -> diffusion latents: (z - mean) * scaling_factor / std (``latent_stats``)."""
+    mean, std = latent_stats(vae, z)
+    return (z - mean) * vae.config.scaling_factor / std
+
+
+def unscale_latents(vae: nn.Module, latents: Tensor) -> Tensor:
+    """Diffusion latents -> raw VAE latents, the inverse of ``scale_latents`` (the pipelines' decode)."""
+    mean, std = latent_stats(vae, latents)
+    return latents * std / vae.config.scaling_factor + mean
+
+
 def cat_cond(*conds: Cond) -> Cond:
     """Concatenate conditioning dicts along the batch dim (the CFG batch ``[uncond, cond]``)."""
     return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
@@ -155,18 +180,16 @@ class Teacher:
         """The VAE posterior of pixels in [-1, 1] as scaled (mean, std), float32: `encode_images`
         samples mean + std * noise. What the latent cache stores."""
         dist = self.vae.encode(pixels.to(device=self.vae.device, dtype=self.vae.dtype)).latent_dist
-        return self._scaled(dist.mean).float(), (dist.std * self.vae.config.scaling_factor).float()
+        _, std = latent_stats(self.vae, dist.mean)
+        return self._scaled(dist.mean).float(), (dist.std * self.vae.config.scaling_factor / std).float()
 
     def _scaled(self, z: Tensor) -> Tensor:
-        """Raw VAE latents -> diffusion latents: (z - shift_factor) * scaling_factor (from the config)."""
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (z - shift) * self.vae.config.scaling_factor
+        return scale_latents(self.vae, z)
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Scaled latents (N, C, h, w) -> pixels in [-1, 1] (clamped), (N, 3, h*f, w*f), float32."""
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        z = latents.to(device=self.vae.device, dtype=self.vae.dtype) / self.vae.config.scaling_factor + shift
+        z = unscale_latents(self.vae, latents.to(device=self.vae.device, dtype=self.vae.dtype))
         return self.vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
 
     def __repr__(self) -> str:

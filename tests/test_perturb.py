@@ -135,3 +135,22 @@ def test_teacher_trajectory_unguided_draws_stops_and_refuses_sigma_schedulers():
 def test_perturbation_table_names_the_parts():
     assert set(PERTURBATIONS) == {"input", "caption_recombine", "prompt_file", "embedding_noise",
                                   "trajectory", "timestep_jitter"}
+
+
+def test_input_noise_is_ddpm_ip_the_noise_perturbed():
+    """x_t + scale * xi equals the state built from the perturbed noise eps + gamma * xi, at every t."""
+    from distill.perturb import input_noise_scale
+    from distill.schedule import NoiseSchedule
+
+    sched = NoiseSchedule.from_config({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+                                       "beta_start": 0.00085, "beta_end": 0.012})
+    x0, eps = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    t = torch.tensor([0, 10, 500, 999])
+    gamma = 0.1
+    xi = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ours = perturb_input(sched.add_noise(x0, eps, t), input_noise_scale(sched.alphas_cumprod, t, gamma),
+                         torch.Generator().manual_seed(3))
+    assert torch.allclose(ours, sched.add_noise(x0, eps + gamma * xi, t), atol=1e-5)
+    # The kick relative to the noise level is gamma at every t (not gamma / sqrt(1 - abar) at small t).
+    scale = input_noise_scale(sched.alphas_cumprod, t, gamma)
+    assert torch.allclose(scale / (1 - sched.alphas_cumprod[t]).sqrt(), torch.full((4,), gamma))

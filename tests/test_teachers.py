@@ -210,3 +210,101 @@ def test_single_file_sdxl(folders, tmp_path, unet_only):
         ours, ref = teacher.encode_prompt(PROMPTS), expected.encode_prompt(PROMPTS)
         for k in ref:  # the transposed text projection may take another matmul path: rounding only
             torch.testing.assert_close(ours[k], ref[k], atol=1e-6, rtol=1e-6)
+
+
+def _hidden(encoder, tokenizer, prompts, index):
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return encoder(ids, output_hidden_states=True).hidden_states[index]
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_clip_skip_equals_the_pipelines_own(folders, name):
+    """The prompt: the pipeline's own ``clip_skip``. The negative: the same formula (diffusers 0.42
+    encodes negatives without clip skip; the project skips them too, as the teacher was trained)."""
+    pipe, teacher = _pipe(folders[name]), load_teacher(folders[name], clip_skip=1)
+    plain = load_teacher(folders[name])
+    negatives = ["blurry", "dark"]
+    cond, uncond = teacher.encode_prompt(PROMPTS, negatives)
+    if name == "sd15":
+        from teachers.sd import final_layer_norm
+
+        te = pipe.text_encoder
+        norm = final_layer_norm(te)
+        try:
+            pos, _ = pipe.encode_prompt(PROMPTS, "cpu", 1, True, negatives, clip_skip=1)
+        except AttributeError:  # diffusers 0.42 + transformers 5: `text_model` is gone; the formula instead
+            pos = norm(_hidden(te, pipe.tokenizer, PROMPTS, -2))
+        ref_neg = norm(_hidden(te, pipe.tokenizer, negatives, -2))
+    else:
+        pos, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=True,
+                                               negative_prompt=negatives, clip_skip=1)
+        assert torch.equal(cond["text_embeds"], pooled)  # the pooled embedding is not skipped
+        ref_neg = torch.cat([_hidden(pipe.text_encoder, pipe.tokenizer, negatives, -3),
+                             _hidden(pipe.text_encoder_2, pipe.tokenizer_2, negatives, -3)], dim=-1)
+    assert torch.equal(cond["encoder_hidden_states"], pos)
+    assert torch.equal(uncond["encoder_hidden_states"], ref_neg)
+    assert not torch.equal(cond["encoder_hidden_states"], plain.encode_prompt(PROMPTS)["encoder_hidden_states"])
+    # Per call: 0 turns the teacher's clip skip off, a number overrides it.
+    assert torch.equal(teacher.encode_prompt(PROMPTS, clip_skip=0)["encoder_hidden_states"],
+                       plain.encode_prompt(PROMPTS)["encoder_hidden_states"])
+    assert torch.equal(plain.encode_prompt(PROMPTS, clip_skip=1)["encoder_hidden_states"], pos)
+    with pytest.raises(ValueError, match="clip_skip 9"):
+        load_teacher(folders[name], clip_skip=9)
+
+
+def test_clip_skip_reaches_the_text_cache_key_and_the_exported_pipeline(folders, tmp_path):
+    from data.cache import TextCache
+    from students import build_student
+    from students.pipeline import SiTPipeline
+    from distill.sampling import make_scheduler
+
+    plain, skipped = load_teacher(folders["sd15"]), load_teacher(folders["sd15"], clip_skip=1)
+    assert TextCache(plain, tmp_path).store.dir != TextCache(skipped, tmp_path).store.dir
+    student = build_student("S/2", cond_dims=skipped.cond_dims, hidden_size=32, depth=1, num_heads=2)
+    pipe = SiTPipeline.from_teacher(skipped, student, make_scheduler("ddim", skipped.scheduler_config))
+    pipe.save_pretrained(tmp_path / "export")
+    loaded = SiTPipeline.from_pretrained(tmp_path / "export")
+    parts = loaded.teacher_parts()
+    assert parts.clip_skip == 1
+    assert torch.equal(parts.encode_prompt(PROMPTS)["encoder_hidden_states"],
+                       skipped.encode_prompt(PROMPTS)["encoder_hidden_states"])
+
+
+def test_the_vae_override_loads_with_its_own_variant_never_the_teachers(folders, tmp_path):
+    """A teacher repo with fp16 variant files and an override VAE repo without them (fp16-fix style)."""
+    pipe = _pipe(folders["sd15"])
+    pipe.save_pretrained(tmp_path / "teacher", variant="fp16")
+    other = make_tiny_sd15(tmp_path / "other", seed=7)
+    teacher = load_teacher(tmp_path / "teacher", variant="fp16", vae=other / "vae")
+    ref = load_teacher(other).vae.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in teacher.vae.state_dict().items())
+    # The override's own variant, when it has one.
+    third = make_tiny_sd15(tmp_path / "third", seed=11)
+    load_teacher(third).vae.save_pretrained(other / "vae", variant="v2")
+    chosen = load_teacher(tmp_path / "teacher", variant="fp16", vae=other / "vae", vae_variant="v2")
+    ref3 = load_teacher(third).vae.state_dict()
+    assert all(torch.equal(v, ref3[k]) for k, v in chosen.vae.state_dict().items())
+
+
+def test_vae_latents_mean_and_std_are_read_as_the_sdxl_pipeline_reads_them(folders, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "sdxl"
+    shutil.copytree(folders["sdxl"], folder)
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    mean, std = [0.5, -0.25, 0.1, 0.0], [2.0, 0.5, 1.5, 1.0]
+    config.update(latents_mean=mean, latents_std=std)
+    (folder / "vae" / "config.json").write_text(json.dumps(config))
+    teacher = load_teacher(folder)
+    sf = teacher.vae.config.scaling_factor
+    latents = torch.randn(2, 4, 8, 8)
+    m, s = torch.tensor(mean).view(1, 4, 1, 1), torch.tensor(std).view(1, 4, 1, 1)
+    # StableDiffusionXLPipeline: latents * latents_std / scaling_factor + latents_mean, then decode.
+    ref = teacher.vae.decode(latents * s / sf + m).sample.float().clamp(-1, 1)
+    assert torch.allclose(teacher.decode_latents(latents), ref, atol=1e-6)
+    # Encoding is the inverse: the mode of an encoded image comes back normalised.
+    pixels = torch.rand(1, 3, 32, 32) * 2 - 1
+    raw = teacher.vae.encode(pixels).latent_dist.mode()
+    assert torch.allclose(teacher.encode_images(pixels, sample=False), (raw - m) * sf / s, atol=1e-5)
