@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from distill.sampling import teacher_denoiser
 from distill.samples import generators, grid, png_info, sample_latents, student_fn, to_pil
 
 Tensor = torch.Tensor
@@ -356,7 +357,7 @@ class EvalSettings:
     scheduler: str
     num_inference_steps: int
     guidance_scale: float
-    negative_prompt: str
+    negative_prompt: str | None
     height: int
     width: int
     seeds: list[int]
@@ -366,6 +367,7 @@ class EvalSettings:
     fid_weights: str | None = None
     clip_weights: str | None = None
     prompt_source: str = ""
+    guidance_rescale: float = 0.0
 
 
 def settings_from_recipe(recipe, **overrides: Any) -> EvalSettings:
@@ -375,7 +377,8 @@ def settings_from_recipe(recipe, **overrides: Any) -> EvalSettings:
     s, e = recipe.sampling, recipe.evaluation
     h, w = default_pixel_size(recipe)
     base = dict(scheduler=s.scheduler, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
-                negative_prompt=s.negative_prompt, height=h, width=w, seeds=list(e.seeds),
+                negative_prompt=s.negative_prompt, guidance_rescale=s.guidance_rescale, height=h, width=w,
+                seeds=list(e.seeds),
                 timestep_bins=e.timestep_bins, fid_weights=e.fid_weights, clip_weights=e.clip_weights)
     base.update({k: v for k, v in overrides.items() if v is not None})
     return EvalSettings(**base)
@@ -391,6 +394,7 @@ def _samples(model_fn, teacher, prompts: list[str], st: EvalSettings) -> Tensor:
             out.append(sample_latents(model_fn, teacher, chunk, height=st.height, width=st.width,
                                       scheduler=st.scheduler, steps=st.num_inference_steps,
                                       guidance_scale=st.guidance_scale, negative_prompt=st.negative_prompt,
+                                      guidance_rescale=st.guidance_rescale,
                                       generator=generators(seed + start, len(chunk))))
     return torch.cat(out)
 
@@ -414,7 +418,7 @@ def evaluate(teacher, students: dict[str, torch.nn.Module], prompts: list[str], 
     t0 = time.perf_counter()
     for m in students.values():
         m.eval()
-    fns: dict[str, Callable] = {"teacher": teacher.predict_eps, **{k: student_fn(m) for k, m in students.items()}}
+    fns: dict[str, Callable] = {"teacher": teacher_denoiser(teacher), **{k: student_fn(m) for k, m in students.items()}}
     names = list(fns)
     all_prompts = [p for _ in st.seeds for p in prompts]  # seed-major, like _samples
     all_seeds = [seed + i for seed in st.seeds for i in range(len(prompts))]

@@ -300,6 +300,8 @@ class SamplingConfig:
     scheduler: str = "euler"  # a key of distill.sampling.SCHEDULERS
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
+    # Lin et al. 2023's rescale of the guided prediction (0 = off); e.g. 0.7 for zero-terminal-SNR teachers.
+    guidance_rescale: float = 0.0
     # null: the pipeline's unconditional input (SDXL: zeros under force_zeros_for_empty_prompt);
     # a string, "" included, is encoded as diffusers encodes it.
     negative_prompt: Optional[str] = None

@@ -30,6 +30,8 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--num_inference_steps", type=int)
     p.add_argument("--guidance_scale", type=float)
+    p.add_argument("--guidance_rescale", type=float, help="Lin et al.'s rescale of the guided prediction "
+                   "(default: the recipe's sampling.guidance_rescale; e.g. 0.7 for zero-terminal-SNR teachers)")
     p.add_argument("--scheduler", help="ddim, ddpm, euler, euler_a, dpm, unipc, heun, lms, pndm")
     p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH, help="prompts per forward batch")
     p.add_argument("--clip_skip", type=int, help="text-encoder layers to skip (default: the teacher's, "
@@ -119,7 +121,8 @@ def sample_command(args: argparse.Namespace) -> int:
     dh, dw = pipe.default_hw()
     settings = dict(height=args.height or dh, width=args.width or dw,
                     num_inference_steps=args.num_inference_steps or s.num_inference_steps,
-                    guidance_scale=s.guidance_scale if args.guidance_scale is None else args.guidance_scale)
+                    guidance_scale=s.guidance_scale if args.guidance_scale is None else args.guidance_scale,
+                    guidance_rescale=s.guidance_rescale if args.guidance_rescale is None else args.guidance_rescale)
     negative = s.negative_prompt if args.negative_prompt is None else args.negative_prompt
     sampler = args.scheduler or s.scheduler
     out = Path(args.output_dir)
@@ -135,7 +138,7 @@ def sample_command(args: argparse.Namespace) -> int:
                 prompt=prompt, negative_prompt=negative, seed=seed, sampler=sampler,
                 steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
                 height=settings["height"], width=settings["width"], weights=args.weights,
-                clip_skip=pipe.config.clip_skip,
+                clip_skip=pipe.config.clip_skip, guidance_rescale=settings["guidance_rescale"] or None,
                 checkpoint=source.label))
             print(path)
     return 0
@@ -171,6 +174,7 @@ def eval_command(args: argparse.Namespace) -> int:
         labels["baseline"] = baseline.label
     st = settings_from_recipe(recipe, scheduler=args.scheduler, num_inference_steps=args.num_inference_steps,
                               guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+                              guidance_rescale=args.guidance_rescale,
                               height=args.height, width=args.width, seeds=args.seeds,
                               timestep_bins=args.timestep_bins, batch_size=args.batch_size, weights=args.weights,
                               fid_weights=args.fid_weights, clip_weights=args.clip_weights, prompt_source=origin)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
-from distill.sampling import make_scheduler, sample
+from distill.sampling import make_scheduler, prediction_type_of, sample, teacher_denoiser
 
 LABEL_HEIGHT = 12  # pixels of the column-label strip of a grid
 
@@ -75,12 +75,14 @@ def png_info(**fields: Any) -> PngInfo:
 def sample_latents(model_fn, teacher, prompts: Sequence[str], *, height: int, width: int, scheduler: Any,
                    steps: int, guidance_scale: float, seed: int | None = None,
                    generator: torch.Generator | list[torch.Generator] | None = None,
-                   negative_prompt: str | Sequence[str] | None = None) -> torch.Tensor:
-    """Latents (N, C, height/f, width/f) for `prompts` from any eps model, with the teacher's
+                   negative_prompt: str | Sequence[str] | None = None, guidance_rescale: float = 0.0) -> torch.Tensor:
+    """Latents (N, C, height/f, width/f) for `prompts` from any model, with the teacher's
     conditioning and schedule.
 
-    scheduler: a name of ``distill.sampling.SCHEDULERS`` (built from ``teacher.scheduler_config``)
-        or a ready diffusers scheduler predicting epsilon.
+    model_fn: a plain function returning epsilon (a student), or a ``distill.sampling.Denoiser``
+        (``teacher_denoiser(teacher)``: the teacher in its own prediction type).
+    scheduler: a name of ``distill.sampling.SCHEDULERS`` (built from ``teacher.scheduler_config``
+        for the model's prediction type) or a ready diffusers scheduler for that type.
     seed / generator: ``seed`` gives image i the generator ``seed + i``; or pass generators; neither:
         torch's global random state, like a diffusers pipeline called without a generator.
     negative_prompt: one for all prompts or one per prompt. None = the pipeline's default
@@ -100,9 +102,10 @@ def sample_latents(model_fn, teacher, prompts: Sequence[str], *, height: int, wi
     if generator is None and seed is not None:
         generator = generators(seed, len(prompts))
     if isinstance(scheduler, str):
-        scheduler = make_scheduler(scheduler, teacher.scheduler_config)
+        scheduler = make_scheduler(scheduler, teacher.scheduler_config, prediction_type_of(model_fn))
     return sample(model_fn, scheduler, cond=cond, uncond=uncond, shape=shape, guidance_scale=guidance_scale,
-                  num_inference_steps=steps, generator=generator, device=teacher.device)
+                  num_inference_steps=steps, generator=generator, device=teacher.device,
+                  guidance_rescale=guidance_rescale)
 
 
 def teacher_student_grid(teacher, student, recipe, pixel_hw: tuple[int, int], student_side=None) -> Image.Image:
@@ -114,12 +117,13 @@ def teacher_student_grid(teacher, student, recipe, pixel_hw: tuple[int, int], st
     prompts = list(s.prompts) or ["a photograph"]
     h, w = (s.height or pixel_hw[0], s.width or pixel_hw[1])
     kw = dict(height=h, width=w, scheduler=s.scheduler, steps=s.num_inference_steps,
-              guidance_scale=s.guidance_scale, seed=s.seed, negative_prompt=s.negative_prompt)
+              guidance_scale=s.guidance_scale, seed=s.seed, negative_prompt=s.negative_prompt,
+              guidance_rescale=s.guidance_rescale)
     was_training = student.training
     student.eval()
     try:
         images = [to_pil(parts.decode_latents(sample_latents(fn, parts, prompts, **kw)))
-                  for fn, parts in ((teacher.predict_eps, teacher), (student_fn(student), side))]
+                  for fn, parts in ((teacher_denoiser(teacher), teacher), (student_fn(student), side))]
     finally:
         student.train(was_training)
     return grid([list(pair) for pair in zip(*images)], labels=["teacher", "student"])

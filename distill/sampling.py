@@ -1,18 +1,17 @@
 """Classifier-free-guided sampling with any diffusers scheduler, for teacher and student alike.
 
 ``sample`` is the denoising loop of diffusers' ``StableDiffusionPipeline`` /
-``StableDiffusionXLPipeline`` with the network abstracted as ``model_fn(x, t, cond) -> eps``:
+``StableDiffusionXLPipeline`` with the network abstracted as ``model_fn(x, t, cond) -> output``:
 same initial noise (``randn_tensor`` with the generator, times ``init_noise_sigma``), same
-``scale_model_input``, CFG as one batched forward over ``[uncond, cond]``, same ``step`` keyword
-arguments. With a teacher's ``predict_eps`` it reproduces the pipeline's latents (tests check
-1e-4); a student plugs in through the same signature.
+``scale_model_input``, CFG as one batched forward over ``[uncond, cond]``, the same
+``guidance_rescale`` (Lin et al. 2023, section 3.4), same ``step`` keyword arguments.
 
-Schedulers are always built with ``prediction_type="epsilon"``: every ``model_fn`` in the project
-returns epsilon (a v teacher converts inside its adapter). For a v-prediction teacher this equals
-the pipeline for every scheduler that converts each model output at its own timestep (DDIM, DDPM,
-Euler, Euler-a, Heun, LMS, DPM-Solver++, UniPC: ~5e-6 measured). diffusers' PNDM instead converts
-the multistep *combination* of v outputs at the current timestep, so there the two differ by
-design. Not mirrored: the pipelines' ``guidance_rescale`` (default 0).
+Samplers run in the model's own prediction type, as the pipelines do: a teacher samples through
+``teacher_denoiser(teacher)`` (its raw UNet output, epsilon or v) with a scheduler built for that
+type, so a zero-terminal-SNR v-prediction teacher keeps its first step (in epsilon its output at
+SNR 0 would carry no information, and DDIM would divide by zero). A plain function is taken to
+return epsilon (the students). With a teacher the loop reproduces the pipeline's latents (tests
+check 1e-4, epsilon, v and zero-terminal-SNR v teachers).
 """
 from __future__ import annotations
 
@@ -51,12 +50,50 @@ SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
 }
 
 
-def make_scheduler(name: str, scheduler_config: dict[str, Any], **overrides: Any):
-    """A fresh ``SCHEDULERS[name]`` built from the teacher's scheduler config, predicting epsilon."""
+def make_scheduler(name: str, scheduler_config: dict[str, Any], prediction_type: str = "epsilon", **overrides: Any):
+    """A fresh ``SCHEDULERS[name]`` built from the teacher's scheduler config (its betas, spacing,
+    zero-terminal-SNR rescaling), stepping outputs of ``prediction_type`` (the sampled model's)."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose from {sorted(SCHEDULERS)}")
     cls, options = SCHEDULERS[name]
-    return cls.from_config(dict(scheduler_config), **{**options, **overrides, "prediction_type": "epsilon"})
+    if scheduler_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(
+            cls.__init__).parameters:
+        zsnr = sorted(n for n, (c, _) in SCHEDULERS.items() if "rescale_betas_zero_snr" in inspect.signature(
+            c.__init__).parameters)
+        raise ValueError(f"scheduler {name!r} ({cls.__name__}) cannot follow this teacher's zero-terminal-SNR "
+                         f"schedule (rescale_betas_zero_snr); choose from {zsnr}")
+    return cls.from_config(dict(scheduler_config), **{**options, **overrides, "prediction_type": prediction_type})
+
+
+class Denoiser:
+    """A model function together with the prediction type of what it returns."""
+
+    def __init__(self, fn: ModelFn, prediction_type: str = "epsilon"):
+        self.fn, self.prediction_type = fn, prediction_type
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        return self.fn(x, t, cond)
+
+
+def teacher_denoiser(teacher) -> Denoiser:
+    """The teacher as the sampler sees it: its raw UNet output in its own prediction type."""
+    return Denoiser(teacher.predict, teacher.prediction_type)
+
+
+def prediction_type_of(model_fn) -> str:
+    """A ``Denoiser``'s prediction type; plain functions return epsilon."""
+    return getattr(model_fn, "prediction_type", "epsilon")
+
+
+def rescale_guidance(guided: Tensor, cond_out: Tensor, guidance_rescale: float | Tensor) -> Tensor:
+    """Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are Flawed", 3.4): scale
+    the guided output to the per-sample standard deviation of the conditional one, then mix:
+    ``phi * rescaled + (1 - phi) * guided`` (the pipelines' ``rescale_noise_cfg``)."""
+    dims = list(range(1, guided.ndim))
+    std_cond = cond_out.std(dim=dims, keepdim=True)
+    std_guided = guided.std(dim=dims, keepdim=True)
+    rescaled = guided * (std_cond / std_guided)
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
 
 
 def _step_kwargs(scheduler, generator: torch.Generator | None, eta: float) -> dict[str, Any]:
@@ -74,13 +111,14 @@ def _step_kwargs(scheduler, generator: torch.Generator | None, eta: float) -> di
 def sample(model_fn: ModelFn, scheduler, *, cond: Cond, shape: tuple[int, ...] | None = None,
            latents: Tensor | None = None, uncond: Cond | None = None, guidance_scale: float | Tensor = 1.0,
            num_inference_steps: int = 25, generator: torch.Generator | None = None, eta: float = 0.0,
-           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+           guidance_rescale: float = 0.0) -> Tensor:
     """Run the scheduler's denoising loop from noise and return the final latents (N, C, h, w).
 
     Args:
-        model_fn: ``model_fn(x, t, cond) -> eps``; ``t`` is the scheduler's timestep repeated to (B,)
-            (integer-valued, float for Euler-type schedulers), ``cond`` a conditioning dict.
-        scheduler: a diffusers scheduler predicting epsilon (``make_scheduler``); its state is reset.
+        model_fn: ``model_fn(x, t, cond) -> output`` in the scheduler's prediction type; ``t`` is the
+            scheduler's timestep repeated to (B,) (integer-valued, float for Euler-type schedulers).
+        scheduler: a diffusers scheduler for that prediction type (``make_scheduler``); reset here.
         shape / latents: the latent shape to draw initial noise for (the pipelines' ``randn_tensor``
             with ``generator``, so the same seed gives the same start), or starting latents already
             at unit scale (they are multiplied by ``init_noise_sigma`` like the pipelines do).
@@ -88,6 +126,7 @@ def sample(model_fn: ModelFn, scheduler, *, cond: Cond, shape: tuple[int, ...] |
             batched forward over ``[uncond, cond]``; skipped (like the pipelines) when ``uncond`` is
             None or a scalar ``g <= 1``. ``g`` may be a per-sample tensor (N,).
         generator: also passed to ``step`` of ancestral schedulers.
+        guidance_rescale: ``rescale_guidance`` after CFG (0 = off), as the pipelines apply it.
     """
     if latents is None:
         if shape is None:
@@ -113,6 +152,8 @@ def sample(model_fn: ModelFn, scheduler, *, cond: Cond, shape: tuple[int, ...] |
         if do_cfg:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + g * (eps_cond - eps_uncond)
+            if guidance_rescale > 0:
+                eps = rescale_guidance(eps, eps_cond, guidance_rescale)
         latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
     return latents
 
@@ -120,7 +161,8 @@ def sample(model_fn: ModelFn, scheduler, *, cond: Cond, shape: tuple[int, ...] |
 def sample_teacher(teacher, prompts: str | list[str], *, scheduler: str = "euler",
                    negative_prompts: str | list[str] | None = None, height: int | None = None,
                    width: int | None = None, guidance_scale: float = 5.0, num_inference_steps: int = 25,
-                   generator: torch.Generator | None = None, **encode_kw: Any) -> Tensor:
+                   generator: torch.Generator | None = None, guidance_rescale: float = 0.0,
+                   **encode_kw: Any) -> Tensor:
     """Teacher latents for prompts — the pipeline's ``output_type="latent"`` result, via ``sample``."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     dh, dw = teacher.default_size()
@@ -130,6 +172,7 @@ def sample_teacher(teacher, prompts: str | list[str], *, scheduler: str = "euler
     cond, uncond = encoded if isinstance(encoded, tuple) else (encoded, None)
     f = teacher.vae_scale_factor
     shape = (len(prompts), teacher.latent_channels, height // f, width // f)
-    return sample(teacher.predict_eps, make_scheduler(scheduler, teacher.scheduler_config), cond=cond,
-                  uncond=uncond, shape=shape, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                  generator=generator, device=teacher.device, dtype=teacher.dtype)
+    return sample(teacher_denoiser(teacher), make_scheduler(scheduler, teacher.scheduler_config, teacher.prediction_type),
+                  cond=cond, uncond=uncond, shape=shape, guidance_scale=guidance_scale,
+                  num_inference_steps=num_inference_steps, generator=generator, device=teacher.device,
+                  dtype=teacher.dtype, guidance_rescale=guidance_rescale)

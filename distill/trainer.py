@@ -750,6 +750,7 @@ class Distiller:
             return None
         from distill.evaluate import toy_fidelity, toy_prompts
         from distill.samples import student_fn
+        from distill.sampling import teacher_denoiser
 
         model = self.ema.model if self.ema is not None else self.accelerator.unwrap_model(self.student)
         was_training = model.training
@@ -757,7 +758,7 @@ class Distiller:
         s = r.sampling
         t0 = time.perf_counter()
         try:
-            rates = toy_fidelity(self.teacher, {"teacher": self.teacher.predict_eps, "student": student_fn(model)},
+            rates = toy_fidelity(self.teacher, {"teacher": teacher_denoiser(self.teacher), "student": student_fn(model)},
                                  toy_prompts(r, n), scheduler=s.scheduler, steps=s.num_inference_steps,
                                  guidance_scale=s.guidance_scale, seed=s.seed,
                                  sides={"student": self.e2e.side} if self.e2e is not None else None)

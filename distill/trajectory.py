@@ -19,7 +19,10 @@ class TrajectoryPool:
 
     def __init__(self, distiller, cfg):
         self.d, self.cfg = distiller, cfg
-        self.scheduler = make_scheduler("ddim", distiller.teacher.scheduler_config)
+        # In the teacher's own prediction type: with zero terminal SNR, epsilon at t = T carries
+        # nothing and DDIM's x0 from it divides by zero (every state after the first would be NaN).
+        te = distiller.teacher
+        self.scheduler = make_scheduler("ddim", te.scheduler_config, te.prediction_type)
         self.queue: list[tuple[torch.Tensor, torch.Tensor, dict]] = []
 
     def prompts(self, n: int) -> list[str]:
@@ -45,7 +48,7 @@ class TrajectoryPool:
                                         width=w * te.vae_scale_factor, do_cfg=True)
         guided = self.cfg.guidance_scale > 1.0
         states, steps = teacher_trajectory_states(
-            te.predict_eps, self.scheduler, cond, uncond if guided else None, (n, te.latent_channels, h, w),
+            te.predict, self.scheduler, cond, uncond if guided else None, (n, te.latent_channels, h, w),
             self.cfg.num_steps, guidance_scale=self.cfg.guidance_scale, generator=d.gen, stop_at="all")
         # Shuffle the S x N states, then serve them N at a time.
         flat = states.flatten(0, 1)  # (S*N, C, h, w)

@@ -57,7 +57,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "losses.perturbations.trajectory.guidance_scale": _GE0,
     "e2e.lora_rank": _GE1, "e2e.lora_alpha": _POS, "e2e.vae_recon": _GE0, "e2e.vae_kl": _GE0, "e2e.vae_align": _GE0,
     "e2e.text_encoder_align": _GE0,
-    "sampling.num_inference_steps": _GE1, "sampling.guidance_scale": _GE0, "sampling.height": _GE1,
+    "sampling.num_inference_steps": _GE1, "sampling.guidance_scale": _GE0, "sampling.guidance_rescale": _PROB, "sampling.height": _GE1,
     "sampling.width": _GE1,
     "evaluation.num_prompts": _GE1, "evaluation.timestep_bins": _GE1, "evaluation.at_end": _GE0,
 }

@@ -134,7 +134,7 @@ class SiTPipeline(DiffusionPipeline):
                  height: int | None = None, width: int | None = None, num_inference_steps: int = DEFAULT_STEPS,
                  guidance_scale: float = DEFAULT_GUIDANCE,
                  generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
-                 return_dict: bool = True):
+                 return_dict: bool = True, guidance_rescale: float = 0.0):
         """Generate images; arguments as ``StableDiffusionPipeline.__call__``.
 
         output_type: "pil", "np" ((N, H, W, 3) float in [0, 1]), "pt" ((N, 3, H, W) in [0, 1]) or
@@ -148,7 +148,8 @@ class SiTPipeline(DiffusionPipeline):
         self.transformer.eval()
         latents = sample_latents(student_fn(self.transformer), parts, prompts, height=height or dh, width=width or dw,
                                  scheduler=self.scheduler, steps=num_inference_steps, guidance_scale=guidance_scale,
-                                 generator=generator, negative_prompt=negative_prompt)
+                                 generator=generator, negative_prompt=negative_prompt,
+                                 guidance_rescale=guidance_rescale)
         if output_type == "latent":
             images: Any = latents
         else:

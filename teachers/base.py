@@ -138,6 +138,12 @@ class Teacher:
         return out.to(x_t.dtype)
 
     @torch.no_grad()
+    def predict(self, x_t: Tensor, t: Tensor | int | float, cond: Cond) -> Tensor:
+        """The raw UNet output at (x_t, t), in the teacher's own ``prediction_type`` (what its
+        pipeline's scheduler steps; ``distill.sampling.teacher_denoiser``)."""
+        return self._unet_output(x_t, t, cond)
+
+    @torch.no_grad()
     def predict_eps(self, x_t: Tensor, t: Tensor | int | float, cond: Cond) -> Tensor:
         """Epsilon at (x_t, t): (N, C, h, w). ``t``: integer training timesteps (N,) or a scalar;
         float timesteps (Euler-type samplers) are accepted too."""

@@ -5,7 +5,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from distill.sampling import SCHEDULERS, make_scheduler, sample, sample_teacher
 from teachers import load_teacher
-from tiny_models import make_tiny_sd15, make_tiny_sdxl
+from tiny_models import make_tiny_sd15, make_tiny_sdxl, make_zsnr_v
 from tiny_models import one_thread  # noqa: F401  (autouse: one intra-op thread for this module)
 
 TOLERANCE = 1e-4
@@ -58,12 +58,13 @@ def test_teacher_sampling_reproduces_pipeline(tiny, family, pred, scheduler, siz
     torch.testing.assert_close(ours, ref, atol=TOLERANCE, rtol=0)
 
 
-def test_make_scheduler_predicts_epsilon_from_teacher_config(tiny):
+def test_make_scheduler_takes_the_teacher_schedule_and_the_models_prediction_type(tiny):
     teacher, _ = tiny["sd15", "v_prediction"]
     for name, (cls, _) in SCHEDULERS.items():
         sched = make_scheduler(name, teacher.scheduler_config)
-        assert isinstance(sched, cls) and sched.config.prediction_type == "epsilon"
+        assert isinstance(sched, cls) and sched.config.prediction_type == "epsilon"  # a student's default
         assert sched.config.beta_schedule == teacher.scheduler_config["beta_schedule"]
+        assert make_scheduler(name, teacher.scheduler_config, "v_prediction").config.prediction_type == "v_prediction"
     assert make_scheduler("dpm", teacher.scheduler_config).config.algorithm_type == "dpmsolver++"
     with pytest.raises(ValueError, match="ddim"):
         make_scheduler("dpm++", teacher.scheduler_config)
@@ -93,3 +94,57 @@ def test_per_sample_guidance_and_batched_cfg(tiny):
     torch.testing.assert_close(plain, run(7.0, u=None))  # no uncond: plain conditional sampling
     with pytest.raises(ValueError, match="shape"):
         sample(model_fn, make_scheduler("ddim", teacher.scheduler_config), cond=cond)
+
+
+ZSNR_SCHEDULERS = ("ddim", "ddpm", "euler", "euler_a", "dpm", "unipc")
+
+
+@pytest.fixture(scope="module")
+def zsnr(tmp_path_factory):
+    folder = make_zsnr_v(tmp_path_factory.mktemp("zsnr") / "sd15_zsnr_v")
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return load_teacher(folder), pipe
+
+
+@pytest.mark.parametrize("scheduler", ZSNR_SCHEDULERS)
+def test_zero_terminal_snr_v_teacher_sampling_reproduces_pipeline_with_guidance_rescale(zsnr, scheduler):
+    teacher, pipe = zsnr
+    assert float(teacher.schedule.alphas_cumprod[-1]) == 0.0  # SNR 0 at t = T
+    cls, options = SCHEDULERS[scheduler]
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **options)
+    kw = dict(num_inference_steps=3, guidance_scale=5.0, height=16, width=16, guidance_rescale=0.7)
+    ref = pipe(PROMPTS, negative_prompt=["dark", ""], output_type="latent",
+               generator=torch.Generator().manual_seed(11), **kw).images
+    ours = sample_teacher(teacher, PROMPTS, negative_prompts=["dark", ""], scheduler=scheduler,
+                          generator=torch.Generator().manual_seed(11), **kw)
+    assert torch.isfinite(ours).all() and ref.abs().max() > 0.5
+    torch.testing.assert_close(ours, ref, atol=TOLERANCE, rtol=0)
+    # Without rescale the result differs: the rescale is applied, not ignored.
+    plain = sample_teacher(teacher, PROMPTS, negative_prompts=["dark", ""], scheduler=scheduler,
+                           generator=torch.Generator().manual_seed(11), **{**kw, "guidance_rescale": 0.0})
+    assert not torch.allclose(plain, ours, atol=1e-4)
+
+
+def test_a_scheduler_that_cannot_follow_zero_terminal_snr_is_refused(zsnr):
+    teacher, _ = zsnr
+    for name in set(SCHEDULERS) - set(ZSNR_SCHEDULERS):
+        with pytest.raises(ValueError, match="zero-terminal-SNR"):
+            make_scheduler(name, teacher.scheduler_config, teacher.prediction_type)
+
+
+def test_trajectory_states_of_a_zero_terminal_snr_teacher_stay_finite(zsnr):
+    from distill.perturb import teacher_trajectory_states
+
+    teacher, _ = zsnr
+    cond, uncond = teacher.encode_prompt(PROMPTS, do_cfg=True)
+    states, t = teacher_trajectory_states(teacher.predict, make_scheduler("ddim", teacher.scheduler_config,
+                                                                          teacher.prediction_type),
+                                          cond, uncond, (2, 4, 8, 8), 5, guidance_scale=5.0,
+                                          generator=torch.Generator().manual_seed(0), stop_at="all")
+    assert int(t[0]) == 999 and torch.isfinite(states).all()
+    # In epsilon (the old way) the same trajectory breaks down after its first step.
+    eps_states, _ = teacher_trajectory_states(teacher.predict_eps, make_scheduler("ddim", teacher.scheduler_config),
+                                              cond, uncond, (2, 4, 8, 8), 5, guidance_scale=5.0,
+                                              generator=torch.Generator().manual_seed(0), stop_at="all")
+    assert not torch.isfinite(eps_states[1:]).all()

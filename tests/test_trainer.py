@@ -284,3 +284,18 @@ def test_agreement_counts_matching_analyses_and_never_matches_nothing():
     ref = [{"colour": "red", "shape": "square", "position": "center"}, nothing,
            {"colour": "blue", "shape": "square", "position": "top left"}]
     assert match_rates(seen, ref) == {"colour": 2 / 3, "shape": 1 / 3, "position": 2 / 3, "all": 1 / 3}
+
+
+def test_a_zero_terminal_snr_v_teacher_trains_with_trajectories_and_stays_finite(tmp_path):
+    from tiny_models import make_zsnr_v
+
+    teacher = make_zsnr_v(tmp_path / "zsnr", vae_blocks=3)
+    r = tiny_recipe(teacher, tmp_path / "run", "losses.perturb=1", "losses.perturbations.trajectory.enabled=true",
+                    "losses.perturbations.trajectory.num_steps=4", "training.max_steps=3",
+                    "training.max_bad_steps=1")
+    d = Distiller(r)
+    assert float(d.teacher.schedule.alphas_cumprod[-1]) == 0.0
+    summary = d.fit()
+    assert summary["steps"] == 3 and summary["bad_steps"] == 0
+    x, t, _ = d.trajectory.next()
+    assert torch.isfinite(x).all() and int(t.max()) <= 999

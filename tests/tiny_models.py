@@ -308,3 +308,16 @@ def write_ldm_checkpoint(pipeline_dir: str | Path, path: str | Path, unet_only: 
     else:
         torch.save({"state_dict": state}, str(path))
     return path
+
+
+def make_zsnr_v(path: str | Path, **kw) -> Path:
+    """A tiny SD1.5-style pipeline that predicts v on a zero-terminal-SNR schedule with trailing
+    spacing (how NoobAI-XL v-pred style teachers ship their scheduler config)."""
+    import json
+
+    folder = make_tiny_sd15(path, prediction_type="v_prediction", **kw)
+    config_file = Path(folder) / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    config_file.write_text(json.dumps(config))
+    return Path(folder)
