@@ -52,7 +52,8 @@ def load_teacher_from_recipe(cfg: DictConfig, device: torch.device | str = "cpu"
 
     options: dict[str, Any] = {"dtype": DTYPES[cfg.dtype], "device": device, "vae_fp32": cfg.vae_fp32,
                                "clip_skip": cfg.clip_skip}
-    for key in ("config", "vae", "revision", "variant", "vae_variant", "vae_revision"):
+    for key in ("config", "vae", "revision", "variant", "vae_variant", "vae_revision", "prediction_type",
+                "zero_terminal_snr"):
         if cfg[key] is not None:
             options[key] = cfg[key]
     return load_teacher(resolve_teacher_source(cfg.source), family=cfg.family, **options)

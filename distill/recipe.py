@@ -50,7 +50,9 @@ class TeacherConfig:
     # (the project's own toy teachers, built and cached on first use).
     source: str = "toy:sd15"
     family: Optional[str] = _choice(None, (None, "sd15", "sdxl"), "auto-detected from the UNet when null")
-    config: Optional[str] = None  # diffusers folder or hub id giving the configs of a single-file checkpoint
+    # A diffusers folder or hub id giving the configs of a single-file checkpoint; null: the model type
+    # is read from the file's keys and the package's own configs are used, offline.
+    config: Optional[str] = None
     vae: Optional[str] = None  # VAE override, e.g. madebyollin/sdxl-vae-fp16-fix
     vae_variant: Optional[str] = None  # the override's own variant / revision (never the teacher's)
     vae_revision: Optional[str] = None
@@ -61,6 +63,10 @@ class TeacherConfig:
     # Text-encoder layers to skip (diffusers' / kohya's clip skip; null = none): e.g. 2 for teachers
     # trained that way (NovelAI-derived SD1.5 models). Used for training targets and sampling alike.
     clip_skip: Optional[int] = None
+    # Where the files cannot tell (a single file; an SD2 768-v file looks like an SD2 base one):
+    # epsilon | v_prediction, and zero terminal SNR (rescaled betas, trailing spacing). null: as the source says.
+    prediction_type: Optional[str] = _choice(None, (None, "epsilon", "v_prediction"))
+    zero_terminal_snr: Optional[bool] = None
 
 
 @dataclass

@@ -202,6 +202,19 @@ def _check_grid(r: DictConfig, where: str) -> None:
         raise _fail(key, str(e).split(" ", 1)[1], where) from None
 
 
+def _check_single_file(source: str, where: str) -> None:
+    """A single file without teacher.config: its model type must be readable from its keys."""
+    from teachers.single_file import SingleFileError, detect, read_shapes
+
+    try:
+        detect(read_shapes(source))
+    except SingleFileError as e:
+        raise _fail("teacher.source", f"{source}: {e}", where) from None
+    except Exception as e:  # not a safetensors / torch file at all, truncated, ...
+        raise _fail("teacher.source", f"{source} cannot be read as a checkpoint ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}); set teacher.config if it is one", where) from None
+
+
 def _check_paths(r: DictConfig, where: str) -> None:
     from teachers.sd import SINGLE_FILE_SUFFIXES  # (torch only; diffusers is imported when loading)
 
@@ -213,8 +226,7 @@ def _check_paths(r: DictConfig, where: str) -> None:
     else:
         _check_path("teacher.source", te.source, where, hub=True)
         if Path(te.source).suffix.lower() in SINGLE_FILE_SUFFIXES and te.config is None:
-            raise _fail("teacher.config", f"is needed for the single-file teacher {te.source}: a diffusers folder "
-                        "(or hub id) holding its configs and tokenizers", where)
+            _check_single_file(te.source, where)
     _check_path("teacher.config", te.config, where, kind="dir", hub=True)
     _check_path("teacher.vae", te.vae, where, hub=True)
     _check_path("data.root", r.data.root, where, kind="dir")

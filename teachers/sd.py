@@ -299,7 +299,8 @@ def _vae_config(source, config, vae, load_kwargs: dict, vae_kwargs: dict | None 
 def load_teacher(source: str | Path, family: str | None = None, *, config: str | Path | None = None,
                  vae: str | Path | nn.Module | None = None, dtype: torch.dtype | str = torch.float32,
                  device: torch.device | str = "cpu", vae_fp32: bool | None = None, clip_skip: int | None = None,
-                 vae_variant: str | None = None, vae_revision: str | None = None, **load_kwargs: Any) -> Teacher:
+                 vae_variant: str | None = None, vae_revision: str | None = None, prediction_type: str | None = None,
+                 zero_terminal_snr: bool | None = None, **load_kwargs: Any) -> Teacher:
     """Load a frozen teacher.
 
     Args:
@@ -308,7 +309,8 @@ def load_teacher(source: str | Path, family: str | None = None, *, config: str |
             checkpoint, or a UNet alone).
         family: one of ``TEACHER_FAMILIES``; detected from the UNet config when None.
         config: for a single file, the diffusers folder or hub id holding the configs (and, for a
-            UNet-only file, the other components).
+            UNet-only file, the other components). None: the model type is read from the file's keys
+            and the configs that ship with the package are used, offline (``teachers.single_file``).
         vae: a VAE override (folder / hub id / module), e.g. the fp16-fix SDXL VAE. It is loaded with
             ``vae_variant`` / ``vae_revision`` (default none), never the teacher's ``variant`` /
             ``revision``.
@@ -316,6 +318,9 @@ def load_teacher(source: str | Path, family: str | None = None, *, config: str |
         vae_fp32: keep the VAE in float32. None: like diffusers, only when dtype is float16 and the
             VAE config says ``force_upcast``.
         clip_skip: text-encoder layers to skip, diffusers' definition (see the module docstring).
+        prediction_type, zero_terminal_snr: the teacher's schedule where its files cannot tell (a single
+            file, a folder whose scheduler config is wrong): ``"epsilon"`` / ``"v_prediction"``, and
+            ``rescale_betas_zero_snr`` with trailing spacing. None keeps what the source says.
         load_kwargs: passed to ``from_pretrained`` (``variant``, ``revision``, ``local_files_only``...).
     """
     from diffusers import UNet2DConditionModel
@@ -323,8 +328,19 @@ def load_teacher(source: str | Path, family: str | None = None, *, config: str |
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     vae_kwargs = {"variant": vae_variant, "revision": vae_revision}
     single = _is_single_file(source)
-    if single and config is None:
-        raise ValueError(f"single-file teacher {source!s} needs config= (a diffusers folder or hub id)")
+    overrides: dict[str, Any] = {}
+    if prediction_type is not None or zero_terminal_snr is not None:
+        from .single_file import scheduler_overrides
+
+        overrides = scheduler_overrides({}, prediction_type, zero_terminal_snr)
+    if single:
+        from .single_file import config_folder, detect, read_shapes, scheduler_overrides
+
+        detected = detect(read_shapes(source))
+        overrides = scheduler_overrides(detected, prediction_type, zero_terminal_snr)
+        if config is None:
+            config = config_folder(detected["kind"], scheduler_overrides=overrides)
+            load_kwargs = {**load_kwargs, "local_files_only": True}
     config_source = config if single else source
     family = family or detect_family(dict(UNet2DConditionModel.load_config(config_source, subfolder="unet",
                                                                          **load_kwargs)))
@@ -350,6 +366,8 @@ def load_teacher(source: str | Path, family: str | None = None, *, config: str |
                                                      **load_kwargs)
         pipe = pipe_cls.from_pretrained(config, unet=unet, **extra)
 
+    if overrides:  # the recipe's (or the file's) prediction type and zero-terminal-SNR schedule
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **overrides)
     common = dict(scheduler_config=dict(pipe.scheduler.config), clip_skip=clip_skip)
     if family == "sd15":
         teacher = SD15Teacher(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, **common)

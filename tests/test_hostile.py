@@ -49,7 +49,7 @@ def _bad_recipe_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("teacher path missing", [f"teacher.source={tmp / 'no-such-teacher'}"], "teacher.source"),
         ("teacher relative path missing", ["teacher.source=./models/teacher"], "teacher.source"),
         ("toy family unknown", ["teacher.source=toy:sd3"], "teacher.source"),
-        ("single file without config", [f"teacher.source={single}"], "teacher.config"),
+        ("single file that is no checkpoint", [f"teacher.source={single}"], "teacher.source"),
         ("teacher config missing", [f"teacher.config={tmp / 'cfg'}"], "teacher.config"),
         ("vae override missing", ["teacher.vae=./no/vae"], "teacher.vae"),
         ("batch size 0", ["training.batch_size=0"], "training.batch_size"),
