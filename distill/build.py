@@ -7,6 +7,7 @@ as "what happens" and this file as "what it is made of".
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Iterable
 
 import torch
@@ -56,7 +57,22 @@ def load_teacher_from_recipe(cfg: DictConfig, device: torch.device | str = "cpu"
                 "zero_terminal_snr"):
         if cfg[key] is not None:
             options[key] = cfg[key]
-    return load_teacher(resolve_teacher_source(cfg.source), family=cfg.family, **options)
+    source = resolve_teacher_source(cfg.source)
+    try:
+        return load_teacher(source, family=cfg.family, **options)
+    except OSError as e:
+        from pathlib import Path
+
+        from distill.recipe import RecipeError
+
+        if Path(source).exists():
+            raise
+        offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE",
+                                                                                   "TRANSFORMERS_OFFLINE"))
+        why = ("offline mode is on (HF_HUB_OFFLINE), so only the local hugging-face cache is read" if offline
+               else f"the hub did not provide it: {str(e).splitlines()[0]}")
+        raise RecipeError(f"'teacher.source' {source!r} is not a local path and not in the local hugging-face "
+                          f"cache; {why}") from None
 
 
 def build_student_from_recipe(cfg: DictConfig, teacher) -> torch.nn.Module:

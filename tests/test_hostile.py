@@ -375,3 +375,11 @@ def test_the_intact_message_appears_only_when_a_checkpoint_exists(tiny_teachers,
     with pytest.raises(TrainingStopped) as e:
         d.step(poisoned)
     assert "no checkpoint was written yet" in str(e.value) and "intact" not in str(e.value)
+
+
+def test_an_uncached_hub_id_offline_is_exit_2_one_line_that_does_not_blame_the_network(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, "run", RECIPE, "teacher.source=someone/not-cached-model", f"output.dir={out}", *TINY)
+    assert code == 2 and len(err) == 1 and "teacher.source" in err[0]
+    assert "not in the local hugging-face cache" in err[0] and "offline mode" in err[0]
+    assert not out.exists()
