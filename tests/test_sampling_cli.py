@@ -131,3 +131,34 @@ def test_bad_checkpoint_is_a_usage_error(tmp_path):
     assert sample_command(args) == 2
     args = parse(add_sample_arguments, ["--checkpoint", str(tmp_path), "--scheduler", "nope"])
     assert sample_command(args) == 2
+
+
+def test_explicit_empty_negative_is_encoded_and_none_is_the_pipeline_default(tmp_path):
+    """diffusers' SDXL rule: negative_prompt None -> zeros (force_zeros_for_empty_prompt); "" -> encoded."""
+    from distill.sampling import make_scheduler, sample
+    from teachers import load_teacher
+    from tiny_models import make_tiny_sdxl
+
+    teacher = load_teacher(make_tiny_sdxl(tmp_path / "sdxl"))
+    fn = teacher.predict_eps
+    kw = dict(height=16, width=16, scheduler="ddim", steps=2, guidance_scale=4.0, seed=3)
+    none, empty = (sample_latents(fn, teacher, ["a red circle"], negative_prompt=n, **kw) for n in (None, ""))
+    assert not torch.allclose(none, empty)
+    cond, uncond = teacher.encode_prompt(["a red circle"], [""])
+    assert uncond["encoder_hidden_states"].abs().sum() > 0  # "" is encoded, not zeroed
+    ref = sample(fn, make_scheduler("ddim", teacher.scheduler_config), cond=cond, uncond=uncond, shape=(1, 4, 8, 8),
+                 guidance_scale=4.0, num_inference_steps=2, generator=[torch.Generator().manual_seed(3)])
+    torch.testing.assert_close(empty, ref)
+
+
+def test_a_pipeline_call_without_a_generator_uses_the_global_random_state(run, tmp_path):
+    from distill.export import build_pipeline
+
+    pipe = build_pipeline(resolve_checkpoint(run))
+    kw = dict(height=SIZE, width=SIZE, num_inference_steps=2, output_type="latent")
+    torch.manual_seed(1)
+    a = pipe("a red circle", **kw).images
+    b = pipe("a red circle", **kw).images
+    torch.manual_seed(1)
+    c = pipe("a red circle", **kw).images
+    assert not torch.allclose(a, b) and torch.equal(a, c)
