@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from distill.sampling import teacher_denoiser
+from distill.sampling import prediction_type_of, teacher_denoiser
 from distill.samples import generators, grid, png_info, sample_latents, student_fn, to_pil
 
 Tensor = torch.Tensor
@@ -141,7 +141,8 @@ def noise_prediction_mse(teacher, model_fns: dict[str, Callable], x0: Tensor, co
             sums["teacher_vs_true_noise"] += float((target - noise).pow(2).sum())
             for name, fn in model_fns.items():
                 own = {k: v[rows] for k, v in (model_conds or {}).get(name, cond).items()}
-                sums[name] += float((fn(x_t, t, own).float() - target).pow(2).sum())
+                pred = schedule.convert(x_t, fn(x_t, t, own), t, prediction_type_of(fn), "epsilon")
+                sums[name] += float((pred.float() - target).pow(2).sum())
         for name in out:
             out[name].append(sums[name] / x0.numel())
     return {"bin_edges": edges, **out}

@@ -146,7 +146,8 @@ def build_pipeline(source: StudentSource, *, weights: str = "ema", scheduler: st
 
     teacher = teacher or load_teacher_for(source, device)
     student = load_student(source, weights=weights, teacher=teacher, model_size=model_size, device=device)
-    sampler = make_scheduler(scheduler or source.recipe.sampling.scheduler, teacher.scheduler_config)
+    sampler = make_scheduler(scheduler or source.recipe.sampling.scheduler, teacher.scheduler_config,
+                             student.config.prediction_type)  # the student's own output type
     # After the end-to-end stage the student has its own VAE / text encoders (else: the teacher's).
     side = load_student_side(source.path, teacher) if source.kind == "checkpoint" else teacher
     pipe = SiTPipeline.from_teacher(side, student, sampler, default_hw=default_pixel_size(source.recipe))

@@ -19,13 +19,13 @@ import torch
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
-from distill.sampling import make_scheduler, prediction_type_of, sample, teacher_denoiser
+from distill.sampling import Denoiser, make_scheduler, prediction_type_of, sample, teacher_denoiser
 
 LABEL_HEIGHT = 12  # pixels of the column-label strip of a grid
 
 
-def student_fn(student):
-    """A student as the sampler's `model_fn(x, t, cond) -> eps`."""
+def student_fn(student) -> Denoiser:
+    """A student as the sampler's model function, in its own prediction type (epsilon or v)."""
     dtype = next(student.parameters()).dtype
     device = next(student.parameters()).device
 
@@ -33,7 +33,7 @@ def student_fn(student):
         cond = {k: v.to(device=device, dtype=dtype) for k, v in cond.items()}
         return student(x.to(device=device, dtype=dtype), t.to(device), **cond).to(x.dtype)
 
-    return fn
+    return Denoiser(fn, getattr(student.config, "prediction_type", "epsilon"))
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:

@@ -156,6 +156,30 @@ class NoiseSchedule:
             return self.eps_from_x0(x_t, pred, t)
         raise ValueError(f"unknown prediction_type {kind!r}")
 
+    def convert(self, x_t: Tensor, pred: Tensor, t: Tensor, from_type: str, to_type: str) -> Tensor:
+        """A model output of ``from_type`` as ``to_type`` at (x_t, t) ("epsilon" or "v_prediction";
+        "sample" as a source). v -> v and eps -> eps are the identity, so a v teacher's target for a
+        v student keeps what it says at zero SNR."""
+        if from_type == to_type:
+            return pred
+        if to_type == "v_prediction" and from_type == "sample":
+            a, s = self._coefs(t, x_t)
+            return (a * x_t - pred) / s  # v = (a x_t - x0) / s
+        eps = self.eps_from_prediction(x_t, pred, t, from_type)
+        if to_type == "epsilon":
+            return eps
+        if to_type == "v_prediction":
+            return self.v_from_eps(x_t, eps, t)
+        raise ValueError(f"cannot convert to prediction_type {to_type!r}")
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor, prediction_type: str) -> Tensor:
+        """The data term's regression target: the noise (epsilon) or the velocity (v)."""
+        if prediction_type == "epsilon":
+            return noise
+        if prediction_type == "v_prediction":
+            return self.velocity(x0, noise, t)
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
     # ------------------------------------------------------------------ training timesteps
     def sample_timesteps(self, n: int, *, generator: torch.Generator | None = None,
                          device: torch.device | str | None = None, mode: str = "uniform", **kw: Any) -> Tensor:
@@ -187,8 +211,11 @@ class NoiseSchedule:
             return clipped
         raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
-    def loss_weight(self, t: Tensor, kind: str = "none", gamma: float | None = None) -> Tensor:
-        """Per-sample weights (N,) for an eps-space MSE, by ``kind`` (keys of ``LOSS_WEIGHTINGS``).
+    def loss_weight(self, t: Tensor, kind: str = "none", gamma: float | None = None,
+                    prediction_type: str = "epsilon") -> Tensor:
+        """Per-sample weights (N,) for an MSE in ``prediction_type`` space (the student's), by ``kind``
+        (keys of ``LOSS_WEIGHTINGS``). In v space: ``none`` and ``v`` are 1 (a v MSE already is the
+        v weighting), ``min_snr`` is min(SNR, gamma) / (SNR + 1). In eps space, as follows.
 
         An eps-space MSE is SNR times the x0-space MSE, so plain eps regression barely cares how
         wrong the implied image is at high noise (SNR ~ 0.005 at t = 999 on SD's schedule), which
@@ -201,12 +228,14 @@ class NoiseSchedule:
           implied by the two eps: high-noise steps weighted like any other. Capped at
           ``MAX_EPS_WEIGHT`` where SNR is (near) zero.
         """
-        if kind == "none":
+        if kind not in LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss weighting {kind!r}; choose from {list(LOSS_WEIGHTINGS)}")
+        if kind == "none" or (kind == "v" and prediction_type == "v_prediction"):
             return torch.ones(torch.as_tensor(t).shape, device=torch.as_tensor(t).device)
         if kind == "min_snr":
             if gamma is None:
                 raise ValueError("loss weighting 'min_snr' needs gamma")
-            return self.min_snr_weight(t, gamma, "epsilon")
+            return self.min_snr_weight(t, gamma, prediction_type)
         if kind == "v":
             snr = self.snr(t)
             return torch.clamp((snr + 1) / snr.clamp(min=1.0 / MAX_EPS_WEIGHT), max=MAX_EPS_WEIGHT)

@@ -226,8 +226,8 @@ class Distiller:
         check_e2e_recipe(r, self.data.needs_images)
         if r.losses.perturbations.prompt_file.enabled and not r.losses.perturbations.prompt_file.path:
             raise ValueError("losses.perturbations.prompt_file.enabled needs losses.perturbations.prompt_file.path")
-        if student.config.prediction_type != "epsilon":
-            raise NotImplementedError("this version trains epsilon-prediction students (the teacher's convention)")
+        # The one convention every target and prediction is compared in: the student's own.
+        self.target_type = student.config.prediction_type
 
     @torch.no_grad()
     def teacher_feature_dims(self, paths: list[str]) -> list[int]:
@@ -268,19 +268,25 @@ class Distiller:
         return self.teacher.encode_images(batch["pixel_values"].to(self.device), generator=self.gen)
 
     def teacher_eps(self, x_t, t, cond, uncond) -> torch.Tensor:
-        """The teacher's target: plain, or guided with a scale drawn per sample (LCM-style)."""
+        """The teacher's target in the student's prediction type: plain, or guided with a scale
+        drawn per sample (LCM-style)."""
         lo = self.recipe.losses
         if lo.guided_teacher:
             scale = sample_guidance_scale(x_t.shape[0], *lo.guidance_range, generator=self.gen, device=self.device)
-            return self.teacher.predict_eps_cfg(x_t, t, cond, uncond, scale)
-        return self.teacher.predict_eps(x_t, t, cond)
+            return self.teacher.predict_as(x_t, t, cond, self.target_type, uncond, scale)
+        return self.teacher_target(x_t, t, cond)
+
+    def teacher_target(self, x_t, t, cond) -> torch.Tensor:
+        """The teacher's prediction in the student's prediction type (``target_type``)."""
+        return self.teacher.predict_as(x_t, t, cond, self.target_type)
 
     def teacher_weight(self, t: torch.Tensor) -> torch.Tensor | None:
-        """Per-sample weights of the teacher-target terms (`losses.teacher_weighting`)."""
+        """Per-sample weights of the teacher-target terms (`losses.teacher_weighting`), for an MSE in
+        the student's prediction type."""
         lo = self.recipe.losses
         if lo.teacher_weighting == "none":
             return None
-        return self.schedule.loss_weight(t, lo.teacher_weighting, lo.min_snr_gamma)
+        return self.schedule.loss_weight(t, lo.teacher_weighting, lo.min_snr_gamma, self.target_type)
 
     def student_eps(self, x_t, t, cond, blocks=None):
         with self.accelerator.autocast():
@@ -340,9 +346,10 @@ class Distiller:
             s_eps, s_feats, grid = out if blocks else (out, None, None)
 
             # 5. The loss terms, one value per sample.
-            if lo.eps:
-                w = sched.min_snr_weight(t, lo.min_snr_gamma) if lo.min_snr_gamma else None
-                terms["eps"], weights["eps"] = eps_loss(s_eps, noise, w), lo.eps
+            if lo.eps:  # the data term: the true noise, or the true velocity for a v student
+                w = sched.min_snr_weight(t, lo.min_snr_gamma, self.target_type) if lo.min_snr_gamma else None
+                target = noise if self.target_type == "epsilon" else sched.target(x0, noise, t, self.target_type)
+                terms["eps"], weights["eps"] = eps_loss(s_eps, target, w), lo.eps
             if lo.teacher:
                 terms["teacher"], weights["teacher"] = teacher_loss(s_eps, t_eps, self.teacher_weight(t)), lo.teacher
             if lo.feature:
@@ -360,7 +367,7 @@ class Distiller:
             with timer("trajectory_sampling"):
                 xs, ts, cs = self.trajectory.next()
             with timer("teacher"), torch.no_grad():
-                target = self.teacher.predict_eps(xs, ts, cs)
+                target = self.teacher_target(xs, ts, cs)
             with timer("student_forward"):
                 terms["perturb/trajectory"] = teacher_loss(self.student_eps(xs, ts, cs), target, self.teacher_weight(ts))
             weights["perturb/trajectory"] = lo.perturb * lo.perturbations.trajectory.weight
@@ -457,7 +464,7 @@ class Distiller:
                 s_p = where_rows(rows, {k: s_p[k] + (noisy[k] - cond_p[k]) for k in s_p}, s_p)
             cond_p = where_rows(rows, noisy, cond_p)
         with self.timer("teacher"), torch.no_grad():
-            target = self.teacher.predict_eps(x_p, t_p, cond_p)
+            target = self.teacher_target(x_p, t_p, cond_p)
         with self.timer("student_forward"):
             per_sample = teacher_loss(self.student_eps(x_p, t_p, s_p if own else cond_p), target,
                                       self.teacher_weight(t_p))  # (N,)
@@ -694,7 +701,7 @@ class Distiller:
         n = x0.shape[0]
         t = torch.linspace(50, self.schedule.num_train_timesteps - 50, n, device=self.device).long()
         x_t = self.schedule.add_noise(x0, noise, t)
-        return {"x_t": x_t, "t": t, "cond": cond, "eps": self.teacher.predict_eps(x_t, t, cond),
+        return {"x_t": x_t, "t": t, "cond": cond, "eps": self.teacher_target(x_t, t, cond),
                 "captions": list(batch["caption"]), "sizes": self.size_kwargs(batch)}
 
     @torch.no_grad()

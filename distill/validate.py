@@ -207,7 +207,10 @@ def _check_single_file(source: str, where: str) -> None:
     from teachers.single_file import SingleFileError, detect, read_shapes
 
     try:
-        detect(read_shapes(source))
+        found = detect(read_shapes(source))
+        if found["unet_only"]:
+            raise SingleFileError("it holds a UNet only; set teacher.config to a diffusers folder of its base model "
+                                  "(for the VAE and text encoders)")
     except SingleFileError as e:
         raise _fail("teacher.source", f"{source}: {e}", where) from None
     except Exception as e:  # not a safetensors / torch file at all, truncated, ...

@@ -153,8 +153,24 @@ class Teacher:
     @torch.no_grad()
     def predict_eps_cfg(self, x_t: Tensor, t: Tensor | int | float, cond: Cond, uncond: Cond,
                         guidance_scale: float | Tensor) -> Tensor:
-        """Classifier-free-guided epsilon, ONE batched forward over ``[uncond, cond]`` like the
-        diffusers pipelines. ``guidance_scale``: a float or a per-sample tensor (N,)."""
+        """Classifier-free-guided epsilon (``predict_cfg``, converted)."""
+        return self.schedule.eps_from_prediction(x_t, self.predict_cfg(x_t, t, cond, uncond, guidance_scale), t)
+
+    @torch.no_grad()
+    def predict_as(self, x_t: Tensor, t: Tensor | int | float, cond: Cond, prediction_type: str,
+                   uncond: Cond | None = None, guidance_scale: float | Tensor | None = None) -> Tensor:
+        """The teacher's prediction (guided when ``uncond`` and ``guidance_scale`` are given) in
+        ``prediction_type``: the one convention a student's targets are compared in."""
+        raw = (self.predict_cfg(x_t, t, cond, uncond, guidance_scale) if uncond is not None
+               else self._unet_output(x_t, t, cond))
+        t_n = torch.as_tensor(t, device=x_t.device)
+        return self.schedule.convert(x_t, raw, t_n, self.prediction_type, prediction_type)
+
+    @torch.no_grad()
+    def predict_cfg(self, x_t: Tensor, t: Tensor | int | float, cond: Cond, uncond: Cond,
+                    guidance_scale: float | Tensor) -> Tensor:
+        """Classifier-free-guided raw output (the teacher's prediction type), ONE batched forward over
+        ``[uncond, cond]`` like the diffusers pipelines. ``guidance_scale``: a float or per-sample (N,)."""
         n = x_t.shape[0]
         t2 = torch.as_tensor(t, device=x_t.device)
         t2 = t2 if t2.ndim == 0 else torch.cat([t2, t2])
@@ -163,10 +179,9 @@ class Teacher:
         g = torch.as_tensor(guidance_scale, dtype=x_t.dtype, device=x_t.device)
         if g.ndim == 1:
             g = g.view(n, *([1] * (x_t.ndim - 1)))
-        # Guidance on the raw output, then one conversion: the pipelines' order (the conversion is
-        # affine in the output at fixed x_t, so guiding eps instead would be the same up to rounding).
-        guided = out_uncond + g * (out_cond - out_uncond)
-        return self.schedule.eps_from_prediction(x_t, guided, t)
+        # Guidance on the raw output, as the pipelines do (a conversion is affine in the output at
+        # fixed x_t, so guiding after it would be the same up to rounding).
+        return out_uncond + g * (out_cond - out_uncond)
 
     # ------------------------------------------------------------------ images <-> latents
     @torch.no_grad()

@@ -334,10 +334,17 @@ def load_teacher(source: str | Path, family: str | None = None, *, config: str |
 
         overrides = scheduler_overrides({}, prediction_type, zero_terminal_snr)
     if single:
-        from .single_file import config_folder, detect, read_shapes, scheduler_overrides
+        from .single_file import config_folder, detect, markers, read_shapes, scheduler_overrides
 
-        detected = detect(read_shapes(source))
+        shapes = read_shapes(source)
+        # With the user's configs only the marker keys matter; without, the model type must be known.
+        detected = markers(shapes) if config is not None else detect(shapes)
         overrides = scheduler_overrides(detected, prediction_type, zero_terminal_snr)
+        if config is None and detected["unet_only"]:
+            from .single_file import SingleFileError
+
+            raise SingleFileError(f"{source} holds a UNet only: its VAE and text encoders come from teacher.config "
+                                  f"(a diffusers folder of the base model, {detected['kind']})")
         if config is None:
             config = config_folder(detected["kind"], scheduler_overrides=overrides)
             load_kwargs = {**load_kwargs, "local_files_only": True}

@@ -75,6 +75,12 @@ def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
 
 
+def markers(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """What the marker keys say (prediction type, zero terminal SNR), whatever the model type."""
+    return {"prediction_type": "v_prediction" if V_PRED_KEY in shapes else None,
+            "zero_terminal_snr": True if ZTSNR_KEY in shapes else None}
+
+
 def detect(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """``{"kind": sd1|sd2|sdxl, "family": sd15|sdxl, "unet_only": bool, "prediction_type": str|None,
     "zero_terminal_snr": bool|None}`` from tensor names and shapes; SingleFileError when it is not
@@ -89,7 +95,8 @@ def detect(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
                                   "cross-attention weights): not an SD1.x, SD2.x or SDXL checkpoint")
         width = shapes[key][-1]
         if width not in CONTEXT_WIDTHS:
-            raise SingleFileError(f"a UNet with cross-attention width {width}: not SD1.x (768), SD2.x (1024) or SDXL (2048)")
+            raise SingleFileError(f"a UNet with cross-attention width {width}: not SD1.x (768), SD2.x (1024) or SDXL "
+                                  "(2048); give its configs with teacher.config (a diffusers folder)")
         kind = CONTEXT_WIDTHS[width]
     conv_in = shapes.get(CONV_IN_KEY)
     if conv_in is not None and conv_in[1] != 4:
@@ -97,8 +104,7 @@ def detect(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
                               "a teacher must be a text-to-image UNet with 4")
     text = ("conditioner.embedders.", "cond_stage_model.")
     return {"kind": kind, "family": KINDS[kind], "unet_only": not any(k.startswith(text) for k in keys),
-            "prediction_type": "v_prediction" if V_PRED_KEY in keys else None,
-            "zero_terminal_snr": True if ZTSNR_KEY in keys else None}
+            **markers(shapes)}
 
 
 def _tokenizer_roles(kind: str) -> list[str]:

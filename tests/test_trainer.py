@@ -299,3 +299,49 @@ def test_a_zero_terminal_snr_v_teacher_trains_with_trajectories_and_stays_finite
     assert summary["steps"] == 3 and summary["bad_steps"] == 0
     x, t, _ = d.trajectory.next()
     assert torch.isfinite(x).all() and int(t.max()) <= 999
+
+
+def test_a_v_student_learns_from_a_zero_terminal_snr_v_teacher_in_v_and_samples_in_v(tmp_path):
+    from distill.export import build_pipeline, resolve_checkpoint
+    from distill.schedule import NoiseSchedule
+    from tiny_models import make_zsnr_v
+
+    teacher_dir = make_zsnr_v(tmp_path / "zsnr", vae_blocks=3)
+    r = tiny_recipe(teacher_dir, tmp_path / "run", "student.prediction_type=v_prediction", "losses.perturb=1",
+                    "losses.perturbations.trajectory.enabled=true", "losses.perturbations.trajectory.num_steps=3",
+                    "training.max_steps=2", "training.max_bad_steps=1")
+    d = Distiller(r)
+    assert d.target_type == "v_prediction"
+    te = d.teacher
+    x = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([999, 400])
+    cond = te.encode_prompt(["a red circle at the top left"] * 2)
+    # One declared convention: the teacher's own v, untouched, also at SNR 0 (where eps = x_t says nothing).
+    assert torch.equal(d.teacher_target(x, t, cond), te.predict(x, t, cond))
+    assert not torch.allclose(d.teacher_target(x, t, cond)[0], x[0])
+    # The data term's target is the velocity of the teacher's schedule.
+    sched = NoiseSchedule.from_config(te.scheduler_config)
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert torch.equal(sched.target(x0, noise, t, "v_prediction"), sched.velocity(x0, noise, t))
+    summary = d.fit()
+    assert summary["steps"] == 2 and summary["bad_steps"] == 0
+    # Exported and sampled in v: the pipeline's scheduler steps v, and the samples are finite.
+    pipe = build_pipeline(resolve_checkpoint(tmp_path / "run"))
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    latents = pipe("a red circle", height=16, width=16, num_inference_steps=3, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    assert torch.isfinite(latents).all()
+
+
+def test_the_loss_weighting_is_defined_in_the_students_space():
+    from distill.schedule import NoiseSchedule
+
+    sched = NoiseSchedule.from_config({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+                                       "beta_start": 0.00085, "beta_end": 0.012})
+    t = torch.tensor([10, 500, 990])
+    snr = sched.snr(t)
+    # v space: a v MSE already is the v weighting; min-SNR is min(SNR, gamma) / (SNR + 1).
+    assert torch.equal(sched.loss_weight(t, "v", prediction_type="v_prediction"), torch.ones(3))
+    torch.testing.assert_close(sched.loss_weight(t, "min_snr", 5.0, "v_prediction"), snr.clamp(max=5) / (snr + 1))
+    # eps space (unchanged): v weighting is (SNR + 1) / SNR.
+    torch.testing.assert_close(sched.loss_weight(t, "v"), (snr + 1) / snr)
