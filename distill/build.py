@@ -81,10 +81,11 @@ def build_student_from_recipe(cfg: DictConfig, teacher) -> torch.nn.Module:
 
     overrides = {k: cfg[k] for k in ("hidden_size", "depth", "num_heads", "mlp_ratio") if cfg[k] is not None}
     overrides.update(in_channels=teacher.latent_channels, prediction_type=cfg.prediction_type, qk_norm=cfg.qk_norm,
-                     text_pool=cfg.text_pool)
+                     text_pool=cfg.text_pool, guidance_embed=cfg.guidance_embed)
     if cfg.init and str(cfg.init).endswith((".pt", ".pth", ".ckpt")):
         dims = build_student(cfg.preset, cond_dims=teacher.cond_dims, **overrides).config
-        keep = ("text_dim", "pooled_dim", "time_ids_dim", "in_channels", "prediction_type", "qk_norm", "text_pool")
+        keep = ("text_dim", "pooled_dim", "time_ids_dim", "in_channels", "prediction_type", "qk_norm", "text_pool",
+                "guidance_embed")
         student = SiT.from_official_checkpoint(cfg.init, num_classes=0, learn_sigma=False,
                                                **{k: dims[k] for k in keep})
     elif cfg.init:

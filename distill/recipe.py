@@ -78,6 +78,10 @@ class StudentConfig:
     # Mean of the projected text tokens added to the timestep embedding (a global text signal for
     # the adaLN modulation, like SDXL's pooled embeds; the student computes it, any teacher).
     text_pool: bool = False
+    # The guidance scale w as an input (zero-initialised embedding), for losses.guided_teacher: the
+    # student learns the teacher's guided prediction at each w and samples with guidance 1 and its
+    # w set to the sampling guidance scale (LCM-style). Without it a guided target is learnt at the mean w.
+    guidance_embed: bool = False
     gradient_checkpointing: bool = False
     # Optional overrides of the preset's shape (null keeps the preset's value).
     hidden_size: Optional[int] = None

@@ -9,6 +9,7 @@ samples the way its training-time grids did.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
@@ -118,6 +119,10 @@ def sample_command(args: argparse.Namespace) -> int:
                           device=device)
     if getattr(args, "clip_skip", None) is not None:
         pipe.register_to_config(clip_skip=args.clip_skip or None)
+    scale = s.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    if source.recipe.losses.guided_teacher and not pipe.transformer.config.guidance_embed and scale > 1:
+        print(f"warning: this student learnt a guided teacher's prediction (losses.guided_teacher) without a "
+              f"guidance input; guidance {scale:g} guides it a second time (use --guidance_scale 1)", file=sys.stderr)
     dh, dw = pipe.default_hw()
     settings = dict(height=args.height or dh, width=args.width or dw,
                     num_inference_steps=args.num_inference_steps or s.num_inference_steps,

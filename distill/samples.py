@@ -33,7 +33,10 @@ def student_fn(student) -> Denoiser:
         cond = {k: v.to(device=device, dtype=dtype) for k, v in cond.items()}
         return student(x.to(device=device, dtype=dtype), t.to(device), **cond).to(x.dtype)
 
-    return Denoiser(fn, getattr(student.config, "prediction_type", "epsilon"))
+    out = Denoiser(fn, getattr(student.config, "prediction_type", "epsilon"))
+    # A w-conditioned student (student.guidance_embed) takes the guidance scale as an input.
+    out.guidance_embedded = bool(getattr(student.config, "guidance_embed", False))
+    return out
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
@@ -79,8 +82,9 @@ def sample_latents(model_fn, teacher, prompts: Sequence[str], *, height: int, wi
     """Latents (N, C, height/f, width/f) for `prompts` from any model, with the teacher's
     conditioning and schedule.
 
-    model_fn: a plain function returning epsilon (a student), or a ``distill.sampling.Denoiser``
-        (``teacher_denoiser(teacher)``: the teacher in its own prediction type).
+    model_fn: a plain function returning epsilon, or a ``distill.sampling.Denoiser``
+        (``teacher_denoiser(teacher)``, ``student_fn(student)``: each in its own prediction type).
+        A w-conditioned student (``guidance_embed``) gets ``guidance_scale`` as its w, without CFG.
     scheduler: a name of ``distill.sampling.SCHEDULERS`` (built from ``teacher.scheduler_config``
         for the model's prediction type) or a ready diffusers scheduler for that type.
     seed / generator: ``seed`` gives image i the generator ``seed + i``; or pass generators; neither:
@@ -98,6 +102,11 @@ def sample_latents(model_fn, teacher, prompts: Sequence[str], *, height: int, wi
     else:
         negatives = None if negative_prompt is None else list(negative_prompt)
     cond, uncond = teacher.encode_prompt(prompts, negatives, height, width, do_cfg=True)
+    if getattr(model_fn, "guidance_embedded", False):
+        # A w-conditioned student has learnt the guided prediction: guidance_scale is its w input,
+        # and no classifier-free guidance is applied on top (that would guide twice).
+        cond = {**cond, "guidance": torch.full((len(prompts),), float(guidance_scale), device=teacher.device)}
+        uncond, guidance_scale = None, 1.0
     shape = (len(prompts), teacher.latent_channels, height // f, width // f)
     if generator is None and seed is not None:
         generator = generators(seed, len(prompts))

@@ -228,6 +228,11 @@ class Distiller:
             raise ValueError("losses.perturbations.prompt_file.enabled needs losses.perturbations.prompt_file.path")
         # The one convention every target and prediction is compared in: the student's own.
         self.target_type = student.config.prediction_type
+        self.guidance_embed = bool(getattr(student.config, "guidance_embed", False))
+        if r.losses.guided_teacher and not self.guidance_embed:
+            self.log("warning: losses.guided_teacher without student.guidance_embed: the student learns the "
+                     "teacher's guided prediction at the mean scale; sample it with guidance 1 (classifier-free "
+                     "guidance on top would guide twice), or set student.guidance_embed")
 
     @torch.no_grad()
     def teacher_feature_dims(self, paths: list[str]) -> list[int]:
@@ -267,14 +272,28 @@ class Distiller:
             return mean + std * torch.randn(mean.shape, generator=self.gen, device=self.device)
         return self.teacher.encode_images(batch["pixel_values"].to(self.device), generator=self.gen)
 
-    def teacher_eps(self, x_t, t, cond, uncond) -> torch.Tensor:
-        """The teacher's target in the student's prediction type: plain, or guided with a scale
-        drawn per sample (LCM-style)."""
-        lo = self.recipe.losses
-        if lo.guided_teacher:
-            scale = sample_guidance_scale(x_t.shape[0], *lo.guidance_range, generator=self.gen, device=self.device)
+    def teacher_eps(self, x_t, t, cond, uncond, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher's target in the student's prediction type: plain, or guided with the scale
+        drawn per sample (`draw_guidance`, LCM-style)."""
+        if scale is not None:
             return self.teacher.predict_as(x_t, t, cond, self.target_type, uncond, scale)
         return self.teacher_target(x_t, t, cond)
+
+    def draw_guidance(self, n: int) -> torch.Tensor | None:
+        """Per-sample guidance scales (N,) of a guided-teacher target (`losses.guided_teacher`)."""
+        lo = self.recipe.losses
+        if not lo.guided_teacher:
+            return None
+        return sample_guidance_scale(n, *lo.guidance_range, generator=self.gen, device=self.device)
+
+    def with_guidance(self, cond: dict, scale: torch.Tensor | None) -> dict:
+        """The student's conditioning plus its w input, when it has one (`student.guidance_embed`):
+        the scale the teacher's target was guided with, else 1 (the unguided prediction)."""
+        if not self.guidance_embed:
+            return cond
+        n = next(iter(cond.values())).shape[0]
+        w = scale if scale is not None else torch.ones(n, device=self.device)
+        return {**cond, "guidance": w}
 
     def teacher_target(self, x_t, t, cond) -> torch.Tensor:
         """The teacher's prediction in the student's prediction type (``target_type``)."""
@@ -333,16 +352,17 @@ class Distiller:
                     x_t.requires_grad_(True)  # to carry the alignment term's gradient on to the VAE
 
             # 3. The teacher (frozen, no grad), with its features when they are aligned.
-            t_eps, t_feats = None, None
+            t_eps, t_feats, scale = None, None, None
             if lo.teacher or lo.feature:
                 paths = list(lo.features.teacher_modules) if lo.feature else []
                 with timer("teacher"), capture(self.teacher.unet, paths) as t_feats:
-                    t_eps = self.teacher_eps(x_t, t, cond, uncond)
+                    scale = self.draw_guidance(n)
+                    t_eps = self.teacher_eps(x_t, t, cond, uncond, scale)
 
             # 4. The student (on the same x_t; its own conditioning in the end-to-end stage).
             blocks = list(lo.features.student_blocks) if lo.feature else None
             with timer("student_forward"):
-                out = self.student_eps(x_t, t, s_cond, blocks)
+                out = self.student_eps(x_t, t, self.with_guidance(s_cond, scale), blocks)
             s_eps, s_feats, grid = out if blocks else (out, None, None)
 
             # 5. The loss terms, one value per sample.
@@ -369,7 +389,8 @@ class Distiller:
             with timer("teacher"), torch.no_grad():
                 target = self.teacher_target(xs, ts, cs)
             with timer("student_forward"):
-                terms["perturb/trajectory"] = teacher_loss(self.student_eps(xs, ts, cs), target, self.teacher_weight(ts))
+                terms["perturb/trajectory"] = teacher_loss(self.student_eps(xs, ts, self.with_guidance(cs, None)), target,
+                                                           self.teacher_weight(ts))
             weights["perturb/trajectory"] = lo.perturb * lo.perturbations.trajectory.weight
 
         loss, logs = combine(terms, weights)
@@ -466,8 +487,8 @@ class Distiller:
         with self.timer("teacher"), torch.no_grad():
             target = self.teacher_target(x_p, t_p, cond_p)
         with self.timer("student_forward"):
-            per_sample = teacher_loss(self.student_eps(x_p, t_p, s_p if own else cond_p), target,
-                                      self.teacher_weight(t_p))  # (N,)
+            per_sample = teacher_loss(self.student_eps(x_p, t_p, self.with_guidance(s_p if own else cond_p, None)),
+                                      target, self.teacher_weight(t_p))  # (N,)
         for i, part in enumerate(parts):
             rows = part_of == i
             if rows.any():

@@ -68,7 +68,7 @@ for _part in ("input_noise", "caption_mix", "prompt_file", "embedding_noise", "t
 # sampler's batch order, the parts that are saved). Everything else may change on resume.
 FIXED_ON_RESUME = (
     "student.preset", "student.hidden_size", "student.depth", "student.num_heads", "student.mlp_ratio",
-    "student.qk_norm", "student.text_pool", "student.prediction_type",
+    "student.qk_norm", "student.text_pool", "student.prediction_type", "student.guidance_embed",
     "training.batch_size", "training.seed", "training.fsdp", "training.use_ema",
     "training.train_vae", "training.train_text_encoder", "e2e.vae_mode", "e2e.text_encoder_mode", "e2e.lora_rank",
     "losses.features.student_blocks", "losses.features.teacher_modules", "losses.features.projector_hidden",

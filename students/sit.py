@@ -49,6 +49,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 logger = logging.getLogger(__name__)
 
+GUIDANCE_EMBED_SCALE = 100.0  # w -> the sinusoid's input: w = 1..15 spans 100..1500, like timesteps
 FREQ_EMBED_DIM = 256        # sinusoid width of the timestep embedder (DiT/SiT) and of each time_id (SDXL)
 MAX_PERIOD = 10000          # sinusoid max period (GLIDE / DiT / SDXL)
 NORM_EPS = 1e-6             # LayerNorm eps of DiT/SiT blocks
@@ -357,6 +358,7 @@ class SiT(ModelMixin, ConfigMixin):
         prediction_type: str = "epsilon",
         timestep_scale: float = 1.0,       # t is multiplied by this before the sinusoid
         text_pool: bool = False,           # mean of the projected text tokens added to the adaLN input
+        guidance_embed: bool = False,      # the CFG scale w as an input (guided-teacher distillation)
     ):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
@@ -377,6 +379,9 @@ class SiT(ModelMixin, ConfigMixin):
         # the student itself from the text tokens, so it works for teachers without pooled embeds.
         self.text_pooler = (nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, hidden_size))
                             if text_pool and text_dim else None)
+        # The guidance scale w of a guided teacher's target, embedded like a timestep and added to the
+        # adaLN input (LCM's w-conditioning); zero-initialised, so it starts as no input at all.
+        self.g_embedder = TimestepEmbedder(hidden_size) if guidance_embed else None
         self.blocks = nn.ModuleList(
             [SiTBlock(hidden_size, num_heads, mlp_ratio, cross_attention=text_dim > 0, qk_norm=qk_norm) for _ in range(depth)]
         )
@@ -406,6 +411,8 @@ class SiT(ModelMixin, ConfigMixin):
             zero.append(self.add_embedder.mlp[-1])
         if self.text_pooler is not None:
             zero.append(self.text_pooler[-1])
+        if self.g_embedder is not None:
+            zero.append(self.g_embedder.mlp[2])
         for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -476,10 +483,13 @@ class SiT(ModelMixin, ConfigMixin):
         class_labels: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         return_features: bool | list[int] = False,
+        guidance: torch.Tensor | float | None = None,
     ):
         """Predict (N, C, H, W) from latents x (N, C, H, W) at timesteps t (N,) or scalar.
 
         Conditioning keywords are the diffusers UNet's (``student(x_t, t, **cond)``).
+        ``guidance``: the CFG scale w (N,) or scalar of a ``guidance_embed`` student (default 1: the
+        unguided prediction); refused by a student without it.
         ``return_features``: True (every block) or a list of block indices -> returns
         ``(out, [block outputs (N, T, D) in the order asked], (h, w))``.
         """
@@ -500,6 +510,11 @@ class SiT(ModelMixin, ConfigMixin):
                 c = c + self.y_embedder(class_labels, self.training)        # (N, D)
             if self.add_embedder is not None:
                 c = c + self.add_embedder(text_embeds, time_ids)            # (N, D)
+            if self.g_embedder is not None:
+                scale = torch.as_tensor(1.0 if guidance is None else guidance, device=x.device).float().expand(n)
+                c = c + self.g_embedder(scale * GUIDANCE_EMBED_SCALE)       # (N, D)
+            elif guidance is not None:
+                raise ValueError("this student has no guidance input (its config sets guidance_embed false)")
         ctx = None
         if self.text_embedder is not None:
             ctx = self.text_embedder(encoder_hidden_states.to(self.text_embedder[0].weight.dtype))   # (N, L, D)

@@ -394,3 +394,29 @@ def test_official_checkpoint_with_text_overrides(tmp_path):
     with pytest.raises(ValueError, match="num_heads"):
         SiT.from_official_checkpoint(tmp_path / "odd.pt")
     assert SiT.from_official_checkpoint(tmp_path / "odd.pt", num_heads=4).config.num_heads == 4
+
+
+def test_the_guidance_input_starts_as_nothing_and_is_saved_in_the_config(tmp_path):
+    from students import SiT
+
+    torch.manual_seed(0)
+    m = SiT(input_size=4, hidden_size=32, depth=1, num_heads=2, text_dim=8, guidance_embed=True)
+    with torch.no_grad():  # a trained-looking student, except the guidance input's zero-initialised last layer
+        for name, p in m.named_parameters():
+            if not name.startswith("g_embedder.mlp.2"):
+                p.normal_(0, 0.1)
+    x, t, ctx = torch.randn(2, 4, 4, 4), torch.tensor([10, 500]), torch.randn(2, 3, 8)
+    ref = m(x, t, encoder_hidden_states=ctx)
+    assert ref.abs().max() > 0
+    assert torch.equal(m(x, t, encoder_hidden_states=ctx, guidance=torch.tensor([1.0, 7.5])), ref)  # zero init
+    with torch.no_grad():
+        m.g_embedder.mlp[2].weight.normal_(0, 0.1)
+    a = m(x, t, encoder_hidden_states=ctx, guidance=torch.tensor([2.0, 2.0]))
+    b = m(x, t, encoder_hidden_states=ctx, guidance=torch.tensor([6.0, 6.0]))
+    assert not torch.allclose(a, b)
+    m.save_pretrained(tmp_path / "s")
+    back = SiT.from_pretrained(tmp_path / "s")
+    assert back.config.guidance_embed and torch.equal(back(x, t, encoder_hidden_states=ctx, guidance=6.0), b)
+    plain = SiT(input_size=4, hidden_size=32, depth=1, num_heads=2, text_dim=8)
+    with pytest.raises(ValueError, match="no guidance input"):
+        plain(x, t, encoder_hidden_states=ctx, guidance=2.0)

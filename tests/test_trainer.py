@@ -345,3 +345,41 @@ def test_the_loss_weighting_is_defined_in_the_students_space():
     torch.testing.assert_close(sched.loss_weight(t, "min_snr", 5.0, "v_prediction"), snr.clamp(max=5) / (snr + 1))
     # eps space (unchanged): v weighting is (SNR + 1) / SNR.
     torch.testing.assert_close(sched.loss_weight(t, "v"), (snr + 1) / snr)
+
+
+def test_guided_teacher_distillation_feeds_w_to_the_student_and_samples_without_cfg(tiny_teachers, tmp_path, capsys):
+    from distill.samples import sample_latents, student_fn
+
+    r = tiny_recipe(tiny_teachers["sd15"], tmp_path / "run", "losses.guided_teacher=true",
+                    "losses.guidance_range=[2.0,6.0]", "student.guidance_embed=true")
+    d = Distiller(r)
+    seen = {}
+    real_predict_as = d.teacher.predict_as
+
+    def spy_teacher(x, t, cond, kind, uncond=None, scale=None):
+        seen["teacher_scale"] = scale
+        return real_predict_as(x, t, cond, kind, uncond, scale)
+
+    d.teacher.predict_as = spy_teacher
+    student = d.accelerator.unwrap_model(d.student)
+    def spy_student(module, args, kwargs):
+        seen.setdefault("student_w", kwargs.get("guidance"))
+
+    hook = student.register_forward_pre_hook(spy_student, with_kwargs=True)
+    d.step(next(iter(d.data.epoch_batches(0))))
+    hook.remove()
+    assert seen["teacher_scale"] is not None and torch.equal(seen["student_w"], seen["teacher_scale"])
+    assert ((seen["teacher_scale"] >= 2.0) & (seen["teacher_scale"] <= 6.0)).all()
+    # Sampling: guidance_scale becomes the student's w, and there is no unconditional pass.
+    calls = []
+    fn = student_fn(student)
+    inner = fn.fn
+    fn.fn = lambda x, t, c: calls.append((x.shape[0], c.get("guidance"))) or inner(x, t, c)
+    sample_latents(fn, d.teacher, ["a red circle"], height=16, width=16, scheduler="ddim", steps=2,
+                   guidance_scale=4.0, seed=0)
+    assert [n for n, _ in calls] == [1, 1] and all(float(w) == 4.0 for _, w in calls)
+
+
+def test_a_guided_target_without_a_guidance_input_warns_about_double_guidance(tiny_teachers, tmp_path, capsys):
+    Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "run", "losses.guided_teacher=true"))
+    assert "guide twice" in capsys.readouterr().out
