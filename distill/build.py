@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -75,6 +76,15 @@ def load_teacher_from_recipe(cfg: DictConfig, device: torch.device | str = "cpu"
                           f"cache; {why}") from None
 
 
+def official_kind(cfg: DictConfig) -> str | None:
+    """`student.init_kind` of an official checkpoint: "sit" (SiT: t in [0, 1], velocity) or "dit"
+    (DiT: DDPM steps, eps); null = read from the file name (SiT-..., DiT-...), else None."""
+    if cfg.init_kind:
+        return cfg.init_kind
+    name = Path(str(cfg.init)).name.lower()
+    return "sit" if name.startswith("sit") else "dit" if name.startswith("dit") else None
+
+
 def build_student_from_recipe(cfg: DictConfig, teacher) -> torch.nn.Module:
     """The student of the recipe's `student` section, shaped by the teacher's conditioning."""
     from students import SiT, build_student
@@ -82,12 +92,18 @@ def build_student_from_recipe(cfg: DictConfig, teacher) -> torch.nn.Module:
     overrides = {k: cfg[k] for k in ("hidden_size", "depth", "num_heads", "mlp_ratio") if cfg[k] is not None}
     overrides.update(in_channels=teacher.latent_channels, prediction_type=cfg.prediction_type, qk_norm=cfg.qk_norm,
                      text_pool=cfg.text_pool, guidance_embed=cfg.guidance_embed)
-    if cfg.init and str(cfg.init).endswith((".pt", ".pth", ".ckpt")):
+    if cfg.init and str(cfg.init).endswith((".pt", ".pth", ".ckpt", ".safetensors")) and official_kind(cfg):
         dims = build_student(cfg.preset, cond_dims=teacher.cond_dims, **overrides).config
         keep = ("text_dim", "pooled_dim", "time_ids_dim", "in_channels", "prediction_type", "qk_norm", "text_pool",
                 "guidance_embed")
+        time = {}
+        if official_kind(cfg) == "sit":  # SiT's t in [0, 1] on its linear interpolant, velocity out
+            wanted = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                      "rescale_betas_zero_snr")
+            time = dict(time_input="sit", noise_schedule={k: teacher.scheduler_config[k] for k in wanted
+                                                          if teacher.scheduler_config.get(k) is not None})
         student = SiT.from_official_checkpoint(cfg.init, num_classes=0, learn_sigma=False,
-                                               **{k: dims[k] for k in keep})
+                                               **{k: dims[k] for k in keep}, **time)
     elif cfg.init:
         student = SiT.from_pretrained(cfg.init)
     else:

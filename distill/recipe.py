@@ -73,6 +73,10 @@ class TeacherConfig:
 class StudentConfig:
     preset: str = "S/2"  # a key of students.PRESETS (`python cli.py presets` lists them)
     init: Optional[str] = None  # an official SiT/DiT .pt checkpoint, or a student folder
+    # Which official checkpoint `init` is: sit (t in [0, 1] on a linear interpolant, velocity output:
+    # mapped to the teacher's steps by equal SNR) or dit (DDPM steps, eps: used as is). null: from the
+    # file name (SiT-... / DiT-...).
+    init_kind: Optional[str] = _choice(None, (None, "sit", "dit"))
     prediction_type: str = _choice("epsilon", ("epsilon", "v_prediction"))
     qk_norm: bool = False
     # Mean of the projected text tokens added to the timestep embedding (a global text signal for

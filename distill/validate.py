@@ -68,7 +68,7 @@ for _part in ("input_noise", "caption_mix", "prompt_file", "embedding_noise", "t
 # sampler's batch order, the parts that are saved). Everything else may change on resume.
 FIXED_ON_RESUME = (
     "student.preset", "student.hidden_size", "student.depth", "student.num_heads", "student.mlp_ratio",
-    "student.qk_norm", "student.text_pool", "student.prediction_type", "student.guidance_embed",
+    "student.qk_norm", "student.text_pool", "student.prediction_type", "student.guidance_embed", "student.init_kind",
     "training.batch_size", "training.seed", "training.fsdp", "training.use_ema",
     "training.train_vae", "training.train_text_encoder", "e2e.vae_mode", "e2e.text_encoder_mode", "e2e.lora_rank",
     "losses.features.student_blocks", "losses.features.teacher_modules", "losses.features.projector_hidden",
@@ -122,6 +122,12 @@ def _check_consistency(r: DictConfig, where: str) -> None:
             if not 0 <= block < depth:
                 raise _fail("losses.features.student_blocks", f"holds block {block}; the student has blocks 0..{depth - 1}",
                             where)
+    if r.student.init and str(r.student.init).endswith((".pt", ".pth", ".ckpt")):
+        from distill.build import official_kind
+
+        if official_kind(r.student) is None:
+            raise _fail("student.init_kind", f"is null and the name of {r.student.init} does not say SiT or DiT: "
+                        "set sit (t in [0, 1], velocity) or dit (DDPM steps, eps)", where)
     for combo in d.toy.exclude_combos:
         if len(str(combo).split()) != 2:
             raise _fail("data.toy.exclude_combos", f"holds {combo!r}, which is not '<colour> <shape>'", where)

@@ -25,6 +25,12 @@ Conventions.
   starts from SiT weights and is fed DDPM steps may set ``timestep_scale=1/1000`` to keep the
   embedding in the range those weights have seen. Equality with the official forward holds at
   ``timestep_scale=1`` for whatever t the official code is given.
+* ``time_input="sit"`` (a student started from an official SiT checkpoint): the teacher's DDPM
+  state is mapped to SiT's linear interpolant x_s = s x_data + (1 - s) noise at equal SNR:
+  s = a / (a + sigma) with (a, sigma) = (sqrt(abar_t), sqrt(1 - abar_t)) of the teacher's schedule
+  (``noise_schedule``), the input is scaled by 1 / (a + sigma), s is what the time embedding sees,
+  and SiT's velocity (x_data - noise) is converted to the student's ``prediction_type``
+  (eps = x_s - s v). DiT checkpoints were trained on DDPM steps and keep ``time_input="ddpm"``.
 * Output: (N, C, H, W), the prediction named by ``prediction_type`` (``"epsilon"`` by default,
   the teacher's convention; ``"v_prediction"`` optional -- the network is the same, the trainer
   picks the target). With ``learn_sigma`` the network has 2C output channels like the official
@@ -49,6 +55,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 logger = logging.getLogger(__name__)
 
+TIME_INPUTS = ("ddpm", "sit")
 GUIDANCE_EMBED_SCALE = 100.0  # w -> the sinusoid's input: w = 1..15 spans 100..1500, like timesteps
 FREQ_EMBED_DIM = 256        # sinusoid width of the timestep embedder (DiT/SiT) and of each time_id (SDXL)
 MAX_PERIOD = 10000          # sinusoid max period (GLIDE / DiT / SDXL)
@@ -359,12 +366,23 @@ class SiT(ModelMixin, ConfigMixin):
         timestep_scale: float = 1.0,       # t is multiplied by this before the sinusoid
         text_pool: bool = False,           # mean of the projected text tokens added to the adaLN input
         guidance_embed: bool = False,      # the CFG scale w as an input (guided-teacher distillation)
+        time_input: str = "ddpm",          # "ddpm": t as given; "sit": equal-SNR map to SiT's interpolant
+        noise_schedule: dict | None = None,  # the teacher's betas (scheduler-config keys), for time_input="sit"
     ):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if time_input not in TIME_INPUTS:
+            raise ValueError(f"time_input must be one of {TIME_INPUTS}, got {time_input!r}")
+        if time_input == "sit":
+            from distill.schedule import NoiseSchedule
+
+            if not noise_schedule:
+                raise ValueError("time_input='sit' needs noise_schedule (the teacher's scheduler-config betas)")
+            abar = NoiseSchedule.from_config(noise_schedule).alphas_cumprod.float()
+            self.register_buffer("ddpm_alphas_cumprod", abar, persistent=False)
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -501,6 +519,10 @@ class SiT(ModelMixin, ConfigMixin):
         h, w = height // p, width // p
         self._check_conditioning(encoder_hidden_states, text_embeds, time_ids, class_labels)
 
+        sit = cfg.time_input == "sit"
+        if sit:
+            x_in, s_time, a, sigma = self._to_sit(x, t)                     # SiT's x_s, s (N,)
+            x, t = x_in, s_time
         x = self.x_embedder(x)                                              # (N, T, D), T = h * w
         x = x + self.pos_embed(h, w, x.device).to(x.dtype)                  # (N, T, D)
         t = torch.as_tensor(t, device=x.device).float().expand(n) * cfg.timestep_scale
@@ -537,9 +559,33 @@ class SiT(ModelMixin, ConfigMixin):
         x = self.unpatchify(x, h, w)                                        # (N, C_out, H, W)
         if cfg.learn_sigma:
             x = x[:, : cfg.in_channels]                                     # official SiT drops the sigma half
+        if sit:
+            x = self._from_sit(x, x_in, s_time, a, sigma)
         if return_features:
             return x, [features[int(i) % len(self.blocks)] for i in return_features], (h, w)
         return x
+
+    def _to_sit(self, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DDPM x_t at step t -> (x_s, s, a, sigma) on SiT's linear interpolant at the same SNR."""
+        n = x.shape[0]
+        t = torch.as_tensor(t, device=x.device).float().expand(n)
+        table = self.ddpm_alphas_cumprod.to(x.device)
+        lo = t.floor().long().clamp(0, table.shape[0] - 1)
+        hi = (lo + 1).clamp(max=table.shape[0] - 1)
+        abar = table[lo] + (table[hi] - table[lo]) * (t - lo.float())           # (N,), fractional t interpolated
+        a, sigma = abar.sqrt(), (1 - abar).sqrt()
+        view = (n,) + (1,) * (x.ndim - 1)
+        return (x.float() / (a + sigma).view(view)).to(x.dtype), a / (a + sigma), a, sigma
+
+    def _from_sit(self, v: torch.Tensor, x_s: torch.Tensor, s, a, sigma) -> torch.Tensor:
+        """SiT's velocity (x_data - noise) -> the student's prediction_type in the DDPM convention."""
+        view = (v.shape[0],) + (1,) * (v.ndim - 1)
+        s, a, sigma = s.view(view), a.view(view), sigma.view(view)
+        eps = x_s - s * v                                                    # x_s = s x0 + (1 - s) eps
+        if self.config.prediction_type == "epsilon":
+            return eps.to(v.dtype)
+        x0 = x_s + (1 - s) * v
+        return (a * eps - sigma * x0).to(v.dtype)                            # DDPM v
 
     def forward_with_cfg(self, x: torch.Tensor, t, cond: dict, uncond: dict, guidance_scale: float) -> torch.Tensor:
         """Classifier-free guidance in one batched forward: uncond + s * (cond - uncond).
