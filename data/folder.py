@@ -71,7 +71,7 @@ EXIF_ORIENTATION = 0x0112
 ORIENTATIONS_SWAPPING_SIDES = (5, 6, 7, 8)  # transpose / rotate 90 / transverse / rotate 270
 SIXTEEN_TO_EIGHT_BIT = 257.0  # 65535 / 255
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: float-pixel images are skipped (entries of 1 predate that)
 DEFAULT_SCAN_WORKERS = min(8, os.cpu_count() or 1)
 
 
@@ -144,8 +144,8 @@ def read_image_size(path: str | os.PathLike, verify: bool = False,
     for its size; nothing of it is decoded). Raises _Skip("unreadable" | "truncated" | ...)."""
     try:
         im = Image.open(path)
-    except Image.DecompressionBombError as e:  # Pillow's own limit, far above any max_pixels
-        raise _Skip("too_large", str(e)) from None
+    except Image.DecompressionBombError as e:  # Pillow's own limit (about 179 MP), checked at open
+        raise _Skip("too_large", f"Pillow refuses to open it as a possible decompression bomb ({e})") from None
     except Exception as e:  # UnidentifiedImageError, DecompressionBombError, OSError, ...
         raise _Skip("unreadable", f"{type(e).__name__}: {e}") from None
     with im:

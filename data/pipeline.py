@@ -152,8 +152,8 @@ class TrainData:
 
     def _refill(self, items: list[dict], epoch: int, position: int) -> list[dict]:
         """A batch whose bucket has no loadable image: the same number of items from another
-        bucket, drawn from (seed, epoch, position), so every rank takes the same steps and a
-        resumed run draws the same batch. Raises DataExhausted when no bucket loads at all."""
+        bucket, chosen and drawn from (seed, epoch, position) alone, so every rank takes the same
+        steps and a resumed run draws the same batch. Raises DataExhausted when no bucket loads."""
         folder = getattr(self.dataset, "dataset", self.dataset)  # under CachedItems
         errors = [e for it in items for e in it.get("load_errors", [])]
         for it in items:
@@ -162,19 +162,21 @@ class TrainData:
                 self.dead_buckets.add(bucket)
                 log.warning("bucket %dx%d: none of its images loads; its batches are filled from other "
                             "buckets", *bucket)
+        # One order of all buckets from (seed, epoch, position), walked past the dead ones: the
+        # choice does not depend on which buckets this process happened to find dead before.
         rng = np.random.default_rng([self.seed, epoch, position, 1])
-        live = [b for b in range(len(folder.buckets)) if tuple(folder.buckets[b]) not in self.dead_buckets]
-        while live:
-            b = live[int(rng.integers(len(live)))]
-            members = folder.items_of_bucket[b]
-            picks = [members[int(j)] for j in rng.integers(len(members), size=len(items))]
+        for b in rng.permutation(len(folder.buckets)):
+            if tuple(folder.buckets[b]) in self.dead_buckets:
+                continue
+            members = folder.items_of_bucket[int(b)]
+            pick = np.random.default_rng([self.seed, epoch, position, 2, int(b)])
+            picks = [members[int(j)] for j in pick.integers(len(members), size=len(items))]
             new = [self.dataset[(i, epoch)] for i in picks]
             errors += [e for it in new for e in it.get("load_errors", [])]
             if not any(UNLOADABLE in it for it in new):
                 new[0] = {**new[0], "load_errors": errors + list(new[0].get("load_errors", []))}
                 return new
             self.dead_buckets.add(tuple(folder.buckets[b]))
-            live.remove(b)
         shown = "; ".join(f"{p} ({e})" for p, e in errors[:3])
         raise DataExhausted(f"no image of the data set loads any more ({len(errors)} failed here, e.g. {shown})")
 

@@ -48,6 +48,16 @@ def resolve_teacher_source(source: str) -> str:
     return source
 
 
+def _in_hub_cache(repo: str) -> bool:
+    """Whether the local hugging-face cache holds a pipeline (model_index.json) for `repo`."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo, "model_index.json"), str)
+    except Exception:  # not a valid repo id
+        return False
+
+
 def load_teacher_from_recipe(cfg: DictConfig, device: torch.device | str = "cpu"):
     """The frozen teacher of the recipe's `teacher` section."""
     from teachers import load_teacher
@@ -62,12 +72,10 @@ def load_teacher_from_recipe(cfg: DictConfig, device: torch.device | str = "cpu"
     try:
         return load_teacher(source, family=cfg.family, **options)
     except OSError as e:
-        from pathlib import Path
-
         from distill.recipe import RecipeError
 
-        if Path(source).exists():
-            raise
+        if Path(source).exists() or _in_hub_cache(source):
+            raise  # the source is here: the error is about something else (teacher.vae, a file in it...)
         offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE",
                                                                                    "TRANSFORMERS_OFFLINE"))
         why = ("offline mode is on (HF_HUB_OFFLINE), so only the local hugging-face cache is read" if offline
@@ -92,7 +100,8 @@ def build_student_from_recipe(cfg: DictConfig, teacher) -> torch.nn.Module:
     overrides = {k: cfg[k] for k in ("hidden_size", "depth", "num_heads", "mlp_ratio") if cfg[k] is not None}
     overrides.update(in_channels=teacher.latent_channels, prediction_type=cfg.prediction_type, qk_norm=cfg.qk_norm,
                      text_pool=cfg.text_pool, guidance_embed=cfg.guidance_embed)
-    if cfg.init and str(cfg.init).endswith((".pt", ".pth", ".ckpt", ".safetensors")) and official_kind(cfg):
+    if cfg.init and str(cfg.init).endswith((".pt", ".pth", ".ckpt", ".safetensors")) and not Path(
+            str(cfg.init)).is_dir():
         dims = build_student(cfg.preset, cond_dims=teacher.cond_dims, **overrides).config
         keep = ("text_dim", "pooled_dim", "time_ids_dim", "in_channels", "prediction_type", "qk_norm", "text_pool",
                 "guidance_embed")

@@ -23,7 +23,8 @@ are not fsync'ed.)
 
 Damage after the fact (a truncated file, a corrupt JSON, a missing folder) is caught on load:
 `load_checkpoint` verifies the manifest's checksums first and raises `CheckpointDamaged` naming
-the file. `move_aside` renames such a checkpoint to `damaged-checkpoint-{step}` (never deletes
+the file (an intact checkpoint that does not fit the run raises `CheckpointIncompatible`
+instead, and is never moved). `move_aside` renames a damaged checkpoint to `damaged-checkpoint-{step}` (never deletes
 it), so that `find_latest` falls back to the previous one. A full disk during a save raises
 `CheckpointWriteError` saying so; the previous checkpoint stays the latest.
 
@@ -70,6 +71,10 @@ class CheckpointDamaged(RuntimeError):
     """A checkpoint that cannot be loaded as saved (the message names the file and the reason)."""
 
 
+class CheckpointIncompatible(RuntimeError):
+    """An intact checkpoint (its checksums hold) that does not fit the objects it is loaded into."""
+
+
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (a full disk, ...); the previous checkpoint is untouched."""
 
@@ -88,13 +93,15 @@ def load_weights_only(path: str | os.PathLike, **kwargs):
     try:
         return torch.load(str(path), map_location=kwargs.pop("map_location", "cpu"), weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
-        first = str(e).split("Please file an issue")[0]
-        needs = re.search(r"(Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+|unsupported [\w ]+)", first)
-        what = needs.group(1) if needs else "Python objects other than tensors"
-        raise UnsafeFileError(f"refused to load {path}: it is a pickle that needs {what} to load, and such a pickle "
-                              "can run code. Only tensors and plain values are read from .pt/.ckpt files; convert "
-                              "it to .safetensors where it came from, or use a source you trust that ships "
-                              "safetensors") from None
+        text = str(e)
+        needs = re.search(r"(Unsupported global: GLOBAL [\w.]+|Unsupported class [\w.]+)", text)
+        if needs is None:  # not a refusal of an object: the file is not a (complete) torch pickle
+            raise UnsafeFileError(f"{path} is not a readable torch checkpoint (truncated, or not a checkpoint at "
+                                  "all, e.g. an error page saved by a failed download)") from None
+        raise UnsafeFileError(f"refused to load {path}: it is a pickle that needs {needs.group(1)} to load, and "
+                              "such a pickle can run code. Only tensors and plain values are read from .pt/.ckpt "
+                              "files; convert it to .safetensors where it came from, or use a source you trust "
+                              "that ships safetensors") from None
 
 
 def file_sha256(path: Path) -> str:
@@ -380,7 +387,7 @@ def load_checkpoint(
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint")
-    verify_checkpoint(path)
+    manifest = verify_checkpoint(path)
     try:
         train_state = json.loads((path / TRAIN_STATE_FILE).read_text(encoding="utf-8"))
         for name, model in models.items():
@@ -395,8 +402,11 @@ def load_checkpoint(
         ranks = _torch_load(path / RNG_FILE)["ranks"] if restore_rng else None
     except UnsafeFileError:
         raise
-    except Exception as e:  # whatever a damaged file raises (safetensors, pickle, JSON, a missing file)
-        raise CheckpointDamaged(f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    except Exception as e:
+        reason = f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if manifest.get("files"):  # the checksums held: the files are as saved, they do not fit
+            raise CheckpointIncompatible(reason) from e
+        raise CheckpointDamaged(reason) from e  # format 1: no checksums, a failing file is taken as damaged
     if restore_rng:
         if rank < len(ranks):
             restore_rng_state(ranks[rank], generators)

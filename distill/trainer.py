@@ -504,7 +504,10 @@ class Distiller:
         if acc.is_main_process:
             save_recipe(r, self.run_dir / "recipe.yaml")
         writer = self.tensorboard()
-        probe = self.probe_batch()
+        try:
+            probe = self.probe_batch()
+        except DataExhausted as e:
+            raise TrainingStopped(f"{e}; {self.last_checkpoint_note()}") from None
         before = self.agreement(probe) if not resumed else self.resumed_before
         self.before = before
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not acc.is_main_process,
@@ -620,10 +623,14 @@ class Distiller:
             return False
         fallback = str(resume) == "latest"
         failures = []
+        wanted = self.optimizer_settings()  # the recipe's, before any checkpoint's are loaded
         while path is not None:
             try:
-                self.load_resume(path)
+                self.load_resume(path, wanted)
                 break
+            except ckpt.CheckpointIncompatible as e:
+                raise RecipeError(f"'training.resume': {path} is intact but does not fit this run's models ({e}); "
+                                  "resume with the recipe it was trained with") from None
             except ckpt.CheckpointDamaged as e:
                 if not fallback:
                     raise RecipeError(f"'training.resume': {path} cannot be loaded: {e}") from None
@@ -639,8 +646,8 @@ class Distiller:
         self.log(f"resumed from {path} at step {self.state.step}")
         return True
 
-    def load_resume(self, path: Path) -> None:
-        """Restore everything from one checkpoint; then the recipe's optimizer settings apply."""
+    def load_resume(self, path: Path, wanted: list[dict]) -> None:
+        """Restore everything from one checkpoint; then the recipe's optimizer settings (`wanted`) apply."""
         acc = self.accelerator
         try:
             saved = json.loads((path / ckpt.TRAIN_STATE_FILE).read_text(encoding="utf-8"))
@@ -649,7 +656,7 @@ class Distiller:
         if saved.get("fsdp", False) != self.fsdp:
             raise RecipeError(f"'training.fsdp' is {self.fsdp} but {path} was saved with {saved.get('fsdp', False)}; "
                               "resume it with the same setting")
-        wanted = self.optimizer_settings()
+        self.check_student_config(path)
         state = ckpt.load_checkpoint(path, models=self.checkpoint_models(), optimizer=self.checkpoint_optimizer(),
                                      lr_scheduler=self.lr_scheduler, generators={"train": self.gen},
                                      rank=acc.process_index)
@@ -659,6 +666,26 @@ class Distiller:
         if sampler is not None:
             self.data.load_sampler_state(sampler)
         self.apply_optimizer_settings(wanted)
+
+    def check_student_config(self, path: Path) -> None:
+        """The checkpoint's student was built like this one (shape, conditioning widths, time input):
+        RecipeError naming the first config key that differs, before any weight is loaded."""
+        from students import SiT
+
+        try:
+            saved = dict(SiT.load_config(path / "student"))
+        except (OSError, ValueError):
+            return  # a missing or damaged config: the loading step reports it
+        ours = dict(self.accelerator.unwrap_model(self.student).config)
+        defaults = {"time_input": "ddpm", "guidance_embed": False, "text_pool": False, "noise_schedule": None}
+        for key, value in ours.items():
+            if key.startswith("_") or key == "noise_schedule":
+                continue
+            old = saved.get(key, defaults.get(key, value))
+            if old != value:
+                hint = " (student.init_kind=dit keeps DDPM time)" if key == "time_input" else ""
+                raise RecipeError(f"'training.resume': {path} holds a student with {key}={old!r}, this run builds "
+                                  f"{key}={value!r}{hint}; resume with the recipe it was trained with")
 
     def optimizer_settings(self) -> list[dict]:
         """Per parameter group: the recipe's peak lr, betas, weight decay and eps (as built)."""

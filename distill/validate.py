@@ -122,7 +122,15 @@ def _check_consistency(r: DictConfig, where: str) -> None:
             if not 0 <= block < depth:
                 raise _fail("losses.features.student_blocks", f"holds block {block}; the student has blocks 0..{depth - 1}",
                             where)
-    if r.student.init and str(r.student.init).endswith((".pt", ".pth", ".ckpt")):
+    if r.student.guidance_embed and not lo.guided_teacher:
+        raise _fail("student.guidance_embed", "needs losses.guided_teacher: the w input is only ever trained at 1 "
+                    "otherwise, and sampling would feed it the guidance scale", where)
+    if r.student.guidance_embed and lo.eps:
+        raise _fail("losses.eps", f"is {lo.eps} with student.guidance_embed: the data term has no guidance scale to "
+                    "give the student's w input (it would be trained at the teacher's guided w); set losses.eps=0",
+                    where)
+    if r.student.init and str(r.student.init).endswith((".pt", ".pth", ".ckpt", ".safetensors")) and \
+            not Path(str(r.student.init)).is_dir():
         from distill.build import official_kind
 
         if official_kind(r.student) is None:
@@ -210,6 +218,7 @@ def _check_grid(r: DictConfig, where: str) -> None:
 
 def _check_single_file(source: str, where: str) -> None:
     """A single file without teacher.config: its model type must be readable from its keys."""
+    from distill.checkpoint import UnsafeFileError
     from teachers.single_file import SingleFileError, detect, read_shapes
 
     try:
@@ -219,6 +228,8 @@ def _check_single_file(source: str, where: str) -> None:
                                   "(for the VAE and text encoders)")
     except SingleFileError as e:
         raise _fail("teacher.source", f"{source}: {e}", where) from None
+    except UnsafeFileError as e:
+        raise _fail("teacher.source", str(e), where) from None
     except Exception as e:  # not a safetensors / torch file at all, truncated, ...
         raise _fail("teacher.source", f"{source} cannot be read as a checkpoint ({type(e).__name__}: "
                     f"{str(e).splitlines()[0] if str(e) else ''}); set teacher.config if it is one", where) from None

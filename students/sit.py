@@ -569,7 +569,7 @@ class SiT(ModelMixin, ConfigMixin):
         """DDPM x_t at step t -> (x_s, s, a, sigma) on SiT's linear interpolant at the same SNR."""
         n = x.shape[0]
         t = torch.as_tensor(t, device=x.device).float().expand(n)
-        table = self.ddpm_alphas_cumprod.to(x.device)
+        table = self.ddpm_alphas_cumprod.to(x.device, torch.float32)  # fp32 even in a half-precision model
         lo = t.floor().long().clamp(0, table.shape[0] - 1)
         hi = (lo + 1).clamp(max=table.shape[0] - 1)
         abar = table[lo] + (table[hi] - table[lo]) * (t - lo.float())           # (N,), fractional t interpolated
@@ -579,13 +579,15 @@ class SiT(ModelMixin, ConfigMixin):
 
     def _from_sit(self, v: torch.Tensor, x_s: torch.Tensor, s, a, sigma) -> torch.Tensor:
         """SiT's velocity (x_data - noise) -> the student's prediction_type in the DDPM convention."""
+        dtype = v.dtype
         view = (v.shape[0],) + (1,) * (v.ndim - 1)
         s, a, sigma = s.view(view), a.view(view), sigma.view(view)
+        v, x_s = v.float(), x_s.float()
         eps = x_s - s * v                                                    # x_s = s x0 + (1 - s) eps
         if self.config.prediction_type == "epsilon":
-            return eps.to(v.dtype)
+            return eps.to(dtype)
         x0 = x_s + (1 - s) * v
-        return (a * eps - sigma * x0).to(v.dtype)                            # DDPM v
+        return (a * eps - sigma * x0).to(dtype)                              # DDPM v
 
     def forward_with_cfg(self, x: torch.Tensor, t, cond: dict, uncond: dict, guidance_scale: float) -> torch.Tensor:
         """Classifier-free guidance in one batched forward: uncond + s * (cond - uncond).

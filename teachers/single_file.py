@@ -18,13 +18,14 @@ finds them locally instead:
    the two files), then the local hugging-face cache (``CLIP_TOKENIZER_SOURCES``). Nothing is
    downloaded; when none is found, the error names the two files and the folder to put them in.
 
-``config_folder(kind, ...)`` assembles a diffusers folder from these parts, which ``load_teacher``
+``config_folder(kind, ...)`` assembles a diffusers folder (one per scheduler setting) from these parts, which ``load_teacher``
 hands to ``from_single_file(config=..., local_files_only=True)``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import shutil
+import os
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,13 @@ def _from_hf_cache(cache_dir: str | Path | None = None) -> Path | None:
     return None
 
 
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def default_root() -> Path:
     from distill.paths import cache_dir
 
@@ -150,23 +158,25 @@ def config_folder(kind: str, config: str | Path | None = None, root: str | Path 
     """
     if kind not in KINDS:
         raise SingleFileError(f"unknown model type {kind!r}; one of {sorted(KINDS)}")
-    folder = Path(root or default_root()) / kind
+    base = Path(root or default_root())
     shipped = CONFIGS / kind
-    for src in shipped.rglob("*.json"):
-        dst = folder / src.relative_to(shipped)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if not dst.exists() or dst.read_bytes() != src.read_bytes():
-            shutil.copyfile(src, dst)
-    sched_file = folder / "scheduler" / "scheduler_config.json"
     sched = json.loads((shipped / "scheduler" / "scheduler_config.json").read_text())
     sched.update(scheduler_overrides or {})
-    sched_file.write_text(json.dumps(sched, indent=1) + "\n")
+    # One folder per schedule (runs with other prediction types never share one); every file is
+    # written through a temporary name and renamed, so a concurrent reader never sees half a file.
+    tag = hashlib.sha256(json.dumps(scheduler_overrides or {}, sort_keys=True).encode()).hexdigest()[:8]
+    folder = base / kind if not scheduler_overrides else base / f"{kind}-{tag}"
+    for src in shipped.rglob("*.json"):
+        dst = folder / src.relative_to(shipped)
+        data = (json.dumps(sched, indent=1) + "\n").encode() if src.name == "scheduler_config.json" else src.read_bytes()
+        if not dst.exists() or dst.read_bytes() != data:
+            _write_atomic(dst, data)
 
     missing = []
     for role in _tokenizer_roles(kind):
         target = folder / role
         sources = [Path(config) / role] if config is not None else []
-        sources += [target]
+        sources += [target, base / kind / role]  # files a user placed in the plain folder serve every schedule
         cached = _from_hf_cache(hf_cache)
         if cached is not None:
             sources.append(cached)
@@ -176,7 +186,7 @@ def config_folder(kind: str, config: str | Path | None = None, root: str | Path 
             continue
         if source != target:
             for name in _bpe_files(source):
-                shutil.copyfile(source / name, target / name)
+                _write_atomic(target / name, (source / name).read_bytes())
     if missing:
         places = " and ".join(str(p) for p in missing)
         raise SingleFileError(
@@ -196,4 +206,6 @@ def scheduler_overrides(detected: dict[str, Any], prediction_type: str | None,
     zsnr = zero_terminal_snr if zero_terminal_snr is not None else detected.get("zero_terminal_snr")
     if zsnr:
         out.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    elif zsnr is False:  # said explicitly: off, whatever the source's scheduler config says
+        out["rescale_betas_zero_snr"] = False
     return out

@@ -43,6 +43,8 @@ def _bad_recipe_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
     single.write_bytes(b"")
     a_file = tmp / "a_file"
     a_file.write_text("x")
+    unnamed = tmp / "weights.pt"  # an official checkpoint whose name says neither SiT nor DiT
+    unnamed.write_bytes(b"")
     return [
         ("data root missing", [f"data.root={tmp / 'no-such-data'}"], "data.root"),
         ("data root is a file", [f"data.root={a_file}"], "data.root"),
@@ -93,6 +95,10 @@ def _bad_recipe_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("output dir is a file", [f"output.dir={a_file}"], "output.dir"),
         ("min-SNR weighting without gamma", ["losses.teacher_weighting=min_snr"], "losses.teacher_weighting"),
         ("unknown preset", ["student.preset=XXL/2"], "student.preset"),
+        ("guidance input without a guided teacher", ["student.guidance_embed=true"], "student.guidance_embed"),
+        ("guidance input with a data term", ["student.guidance_embed=true", "losses.guided_teacher=true",
+                                             "losses.eps=1"], "losses.eps"),
+        ("official init of unknown kind", [f"student.init={unnamed}"], "student.init_kind"),
     ]
 
 
@@ -304,6 +310,18 @@ def test_a_resume_refuses_what_a_checkpoint_fixes(override, key, two_checkpoints
     code, err = run_cli(capsys, "run", RECIPE, f"teacher.source={tiny_teachers['sd15']}", f"output.dir={run}", *TINY,
                         "training.resume=latest", override, *extra)
     assert code == 2 and len(err) == 1 and key in err[0] and "checkpoint-2" in err[0]
+
+
+def test_an_intact_checkpoint_that_does_not_fit_the_run_is_refused_and_never_moved(two_checkpoints, tiny_teachers,
+                                                                                     tmp_path, capsys):
+    """Another teacher (other text widths) on resume: exit 2 naming the student's config key; an
+    intact checkpoint is never renamed 'damaged'."""
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run, symlinks=True)
+    code, err = run_cli(capsys, "run", RECIPE, f"teacher.source={tiny_teachers['sdxl']}", f"output.dir={run}", *TINY,
+                        "training.resume=latest", "training.max_steps=3")
+    assert code == 2 and len(err) == 1 and "training.resume" in err[0] and "text_dim" in err[0]
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-1", "checkpoint-2"]
 
 
 def test_summary_keeps_its_before_figure_after_a_resume(two_checkpoints, tiny_teachers, tmp_path):

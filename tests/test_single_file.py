@@ -68,7 +68,8 @@ def test_the_model_type_is_read_from_the_real_key_layout(kind, family):
     assert marked["prediction_type"] == "v_prediction" and marked["zero_terminal_snr"] is True
     assert scheduler_overrides(marked, None, None) == {"prediction_type": "v_prediction",
                                                        "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
-    assert scheduler_overrides(marked, "epsilon", False) == {"prediction_type": "epsilon"}  # the recipe wins
+    assert scheduler_overrides(marked, "epsilon", False) == {"prediction_type": "epsilon",
+                                                             "rescale_betas_zero_snr": False}  # the recipe wins
     inpaint = dict(shapes, **{"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)})
     with pytest.raises(SingleFileError, match="9 input channels"):
         detect(inpaint)
