@@ -218,25 +218,6 @@ def _is_single_file(source: str | Path) -> bool:
     return Path(str(source)).suffix.lower() in SINGLE_FILE_SUFFIXES
 
 
-def _checkpoint_keys(path: str | Path) -> list[str]:
-    """Tensor names of a single-file checkpoint, without reading the tensors where the format
-    allows it. Pickles are opened with ``weights_only=True`` only (and memory-mapped)."""
-    if str(path).endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    from distill.checkpoint import UnsafeFileError, load_weights_only
-
-    try:
-        state = load_weights_only(path, mmap=True)
-    except UnsafeFileError:
-        raise
-    except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
-        state = load_weights_only(path)
-    return list(state.get("state_dict", state))
-
-
 def _has_prefix(keys: Sequence[str], prefixes: Sequence[str]) -> bool:
     return any(k.startswith(p) for k in keys for p in prefixes)
 
@@ -356,7 +337,7 @@ def load_teacher(source: str | Path, family: str | None = None, *, config: str |
     if vae_fp32 is None:
         force_upcast = bool(_vae_config(source, config, vae, load_kwargs, vae_kwargs).get("force_upcast", False))
         vae_fp32 = dtype == torch.float16 and force_upcast
-    keys = _checkpoint_keys(source) if single else None
+    keys = list(shapes) if single else None  # tensor names (teachers.single_file.read_shapes)
     extra: dict[str, Any] = {**_dtype_kw(dtype), **load_kwargs}
     extra["vae"] = _load_vae(source, config, vae, torch.float32 if vae_fp32 else dtype, keys, load_kwargs, vae_kwargs)
     if family == "sd15":
