@@ -1,6 +1,7 @@
 """Single-file teachers offline: the model type from the keys, the package's configs, tokenizers
 found locally in a fixed order (or a clear error), and a real-size SD1.5 file loaded with no network."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,45 @@ def test_a_real_size_sd15_single_file_loads_offline_with_the_packages_configs(tm
     cond = teacher.encode_prompt(["a red circle"])
     eps = teacher.predict_eps(torch.randn(1, 4, 8, 8), torch.tensor([500]), cond)
     assert eps.shape == (1, 4, 8, 8) and torch.isfinite(eps).all()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SITDISTILL_BIG_TESTS"), reason="writes a 7 GB SDXL file and needs ~16 GB RAM: "
+                    "set SITDISTILL_BIG_TESTS=1")
+def test_a_real_size_sdxl_single_file_loads_offline_with_the_packages_configs(tmp_path, monkeypatch):
+    """The community format: one SDXL file (both text encoders in the sgm layout), fp16 random weights,
+    loaded with no network and no teacher.config, marked v-pred + ZSNR by its keys."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from teachers import load_teacher
+
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        models = _models("sdxl", device="meta")
+    finally:
+        torch.set_default_dtype(default)
+    for m in models:
+        m.to_empty(device="cpu")
+        for p in m.parameters():
+            p.data.normal_(0, 0.02)
+    state = _ldm_state("sdxl", models)
+    state.update(v_pred=torch.zeros(0), ztsnr=torch.zeros(0))  # what ComfyUI / kohya write into such files
+    path = tmp_path / "noob-style-vpred.safetensors"
+    save_file(state, str(path))
+    del state, models
+    monkeypatch.setenv("SITDISTILL_CACHE", str(tmp_path / "cache"))
+    for role in ("tokenizer", "tokenizer_2"):
+        _bpe_files(tmp_path / "cache" / "single-file" / "sdxl" / role)
+    # The markers pick the schedule, so the assembled folder is the one of that schedule.
+    teacher = load_teacher(path, dtype="float16", vae_fp32=False)
+    assert teacher.family == "sdxl" and teacher.cond_dims == {"encoder_hidden_states": 2048, "text_embeds": 1280,
+                                                               "time_ids": 6}
+    assert teacher.prediction_type == "v_prediction" and teacher.scheduler_config["rescale_betas_zero_snr"]
+    with safe_open(str(path), framework="pt") as f:
+        ref = f.get_tensor("model.diffusion_model.input_blocks.0.0.weight")
+    assert torch.equal(teacher.unet.conv_in.weight, ref)
+    cond = teacher.encode_prompt(["a red circle"], height=64, width=64)
+    assert cond["encoder_hidden_states"].shape == (1, 77, 2048) and cond["text_embeds"].shape == (1, 1280)
