@@ -47,9 +47,9 @@ def test_bad_recipe_file_names_the_file(tmp_path, capsys):
 
 
 def test_show_recipe_prints_resolved_yaml(capsys):
-    assert cli.main(["show-recipe", str(ROOT / "recipes/toy_sdxl.yaml"), "training.max_steps=7"]) == 0
+    assert cli.main(["show-recipe", str(ROOT / "recipes/toy_sd15.yaml"), "training.max_steps=7"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
-    assert shown["teacher"]["source"] == "toy:sdxl"  # from the child
+    assert shown["teacher"]["source"] == "toy:sd15"  # from the child
     assert shown["student"]["preset"] == "S/2"  # from the parent
     assert shown["training"]["max_steps"] == 7  # from the command line
 
@@ -58,7 +58,7 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli.main(["run", str(ROOT / "recipes/toy.yaml"), "output.dir=out", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "toy:sd15" in out and "dry run" in out
+    assert "toy:sdxl" in out and "dry run" in out
     assert list(tmp_path.iterdir()) == []
 
 
