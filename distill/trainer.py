@@ -153,6 +153,9 @@ class Distiller:
         for note in self.data.notes:
             self.log(note)
         student = build_student_from_recipe(r.student, self.teacher)
+        # The one convention every target and prediction is compared in: the student's own.
+        self.target_type = student.config.prediction_type
+        self.guidance_embed = bool(student.config.guidance_embed)
         self.check_conflicts(student)
         # End-to-end stage: trainable student-side copies of the VAE / text encoders (distill.e2e).
         self.e2e = EndToEnd(r, self.teacher) if t.train_vae or t.train_text_encoder else None
@@ -226,10 +229,7 @@ class Distiller:
         check_e2e_recipe(r, self.data.needs_images)
         if r.losses.perturbations.prompt_file.enabled and not r.losses.perturbations.prompt_file.path:
             raise ValueError("losses.perturbations.prompt_file.enabled needs losses.perturbations.prompt_file.path")
-        # The one convention every target and prediction is compared in: the student's own.
-        self.target_type = student.config.prediction_type
-        self.guidance_embed = bool(getattr(student.config, "guidance_embed", False))
-        if r.losses.guided_teacher and not self.guidance_embed:
+        if r.losses.guided_teacher and not student.config.guidance_embed:
             self.log("warning: losses.guided_teacher without student.guidance_embed: the student learns the "
                      "teacher's guided prediction at the mean scale; sample it with guidance 1 (classifier-free "
                      "guidance on top would guide twice), or set student.guidance_embed")
@@ -368,7 +368,7 @@ class Distiller:
             # 5. The loss terms, one value per sample.
             if lo.eps:  # the data term: the true noise, or the true velocity for a v student
                 w = sched.min_snr_weight(t, lo.min_snr_gamma, self.target_type) if lo.min_snr_gamma else None
-                target = noise if self.target_type == "epsilon" else sched.target(x0, noise, t, self.target_type)
+                target = sched.target(x0, noise, t, self.target_type)
                 terms["eps"], weights["eps"] = eps_loss(s_eps, target, w), lo.eps
             if lo.teacher:
                 terms["teacher"], weights["teacher"] = teacher_loss(s_eps, t_eps, self.teacher_weight(t)), lo.teacher

@@ -381,8 +381,9 @@ class SiT(ModelMixin, ConfigMixin):
 
             if not noise_schedule:
                 raise ValueError("time_input='sit' needs noise_schedule (the teacher's scheduler-config betas)")
-            abar = NoiseSchedule.from_config(noise_schedule).alphas_cumprod.float()
-            self.register_buffer("ddpm_alphas_cumprod", abar, persistent=False)
+            # The teacher's own schedule (and its rule for fractional steps), kept in fp32: not a
+            # module, so a half-precision cast of the student never touches it.
+            self._ddpm = NoiseSchedule.from_config(noise_schedule)
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -568,11 +569,8 @@ class SiT(ModelMixin, ConfigMixin):
     def _to_sit(self, x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """DDPM x_t at step t -> (x_s, s, a, sigma) on SiT's linear interpolant at the same SNR."""
         n = x.shape[0]
-        t = torch.as_tensor(t, device=x.device).float().expand(n)
-        table = self.ddpm_alphas_cumprod.to(x.device, torch.float32)  # fp32 even in a half-precision model
-        lo = t.floor().long().clamp(0, table.shape[0] - 1)
-        hi = (lo + 1).clamp(max=table.shape[0] - 1)
-        abar = table[lo] + (table[hi] - table[lo]) * (t - lo.float())           # (N,), fractional t interpolated
+        t = torch.as_tensor(t, device=x.device).expand(n)
+        abar = self._ddpm._alphas_cumprod_at(t, x.float())                    # (N,) fp32, as the teacher's schedule
         a, sigma = abar.sqrt(), (1 - abar).sqrt()
         view = (n,) + (1,) * (x.ndim - 1)
         return (x.float() / (a + sigma).view(view)).to(x.dtype), a / (a + sigma), a, sigma

@@ -309,21 +309,17 @@ def load_teacher(source: str | Path, family: str | None = None, *, config: str |
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     vae_kwargs = {"variant": vae_variant, "revision": vae_revision}
     single = _is_single_file(source)
-    overrides: dict[str, Any] = {}
-    if prediction_type is not None or zero_terminal_snr is not None:
-        from .single_file import scheduler_overrides
+    from .single_file import SingleFileError, config_folder, detect, markers, read_shapes, scheduler_overrides
 
-        overrides = scheduler_overrides({}, prediction_type, zero_terminal_snr)
+    detected: dict[str, Any] = {}
     if single:
-        from .single_file import config_folder, detect, markers, read_shapes, scheduler_overrides
-
         shapes = read_shapes(source)
         # With the user's configs only the marker keys matter; without, the model type must be known.
         detected = markers(shapes) if config is not None else detect(shapes)
-        overrides = scheduler_overrides(detected, prediction_type, zero_terminal_snr)
+    # The recipe's prediction type / zero terminal SNR, else what a single file's marker keys say.
+    overrides = scheduler_overrides(detected, prediction_type, zero_terminal_snr)
+    if single:
         if config is None and detected["unet_only"]:
-            from .single_file import SingleFileError
-
             raise SingleFileError(f"{source} holds a UNet only: its VAE and text encoders come from teacher.config "
                                   f"(a diffusers folder of the base model, {detected['kind']})")
         if config is None:

@@ -173,11 +173,11 @@ def config_folder(kind: str, config: str | Path | None = None, root: str | Path 
             _write_atomic(dst, data)
 
     missing = []
+    cached = _from_hf_cache(hf_cache)  # looked up once for every tokenizer role
     for role in _tokenizer_roles(kind):
         target = folder / role
         sources = [Path(config) / role] if config is not None else []
         sources += [target, base / kind / role]  # files a user placed in the plain folder serve every schedule
-        cached = _from_hf_cache(hf_cache)
         if cached is not None:
             sources.append(cached)
         source = next((s for s in sources if _bpe_files(s)), None)
