@@ -186,6 +186,23 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_curve(args: argparse.Namespace) -> int:
+    from distill.curve import ARMS, CurvePlan, run_curve
+
+    unknown = [k for k in args.students if k not in ARMS]
+    if unknown:
+        return _fail(f"--students: unknown {' '.join(unknown)}; choose from {' '.join(ARMS)}", EXIT_USAGE)
+    plan = CurvePlan(arms=tuple(args.students), steps=args.steps, every=args.eval_every, prompts=args.num_prompts,
+                     teacher_curve=args.teacher_curve, overrides=list(args.overrides),
+                     **({"recipe": args.recipe} if args.recipe else {}))
+    _quiet_libraries()
+    try:
+        run_curve(args.output_dir, plan)
+    except ValueError as e:
+        return _fail(str(e), EXIT_USAGE)
+    return 0
+
+
 def cmd_toy_teacher(argv: list[str]) -> int:
     from teachers import toy
 
@@ -276,6 +293,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="training/eval processes (default 2)")
     p.add_argument("--quick", action="store_true", help="a smoke test: tiny students, 2 steps, 1 seed, 2 prompts")
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("curve", help="prompt fidelity against training step: no teacher, teacher, teacher + "
+                       "alignment", description="Trains students A (no teacher), B (the teacher as the target) "
+                       "and E (B + feature alignment) from one recipe, grades every checkpoint on held-out toy "
+                       "prompts beside the teacher, and writes curve.md, curve.json and curve.png with the steps "
+                       "each needs to reach 0.5x and 0.8x of the teacher. Finished runs are reused.")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every student")
+    p.add_argument("--output_dir", "--output-dir", "--out", dest="output_dir", default="runs/curve",
+                   help="curve folder (default runs/curve)")
+    p.add_argument("--recipe", help="the students' recipe (default: recipes/toy.yaml)")
+    p.add_argument("--students", nargs="+", default=["A", "B", "E"], metavar="LETTER")
+    p.add_argument("--steps", type=int, help="training steps per student (default: the recipe's)")
+    p.add_argument("--eval_every", "--eval-every", dest="eval_every", type=int, default=250,
+                   help="grade a checkpoint every N steps (default 250)")
+    p.add_argument("--num_prompts", "--num-prompts", dest="num_prompts", type=int, default=64,
+                   help="held-out prompts per grading (default 64)")
+    p.add_argument("--teacher_curve", "--teacher-curve", dest="teacher_curve", action="store_true",
+                   help="also build the toy teacher again with snapshots and grade its own training")
+    p.set_defaults(func=cmd_curve)
 
     p = sub.add_parser("show-recipe", help="print a recipe fully resolved (extends + overrides)")
     _add_recipe_args(p)

@@ -68,7 +68,7 @@ _SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28,
 PRESETS: dict[str, dict] = {
     f"{name}/{patch}": dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
     for name, (depth, hidden, heads) in _SIZES.items()
-    for patch in (2, 4, 8)
+    for patch in (1, 2, 4, 8)
 }
 PRESETS["2b"] = dict(depth=42, hidden_size=1536, num_heads=24, patch_size=2)
 PRESETS["3b"] = dict(depth=48, hidden_size=1792, num_heads=28, patch_size=2)

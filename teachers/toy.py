@@ -359,15 +359,47 @@ def sdxl_time_ids(height: int, width: int, batch: int) -> torch.Tensor:
 
 
 # --- The build ----------------------------------------------------------------------------------
-def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_dir: str | Path | None = None) -> Path:
+def _pipeline(fam: str, vae, encoders: list, tokenizers: list, unet, scheduler_config: dict):
+    """The toy teacher's diffusers pipeline (SD or SDXL) around these parts."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.schedulers import EulerDiscreteScheduler, PNDMScheduler
+
+    scheduler_cls = {"sd15": PNDMScheduler, "sdxl": EulerDiscreteScheduler}[fam]
+    scheduler = scheduler_cls.from_config(scheduler_config)
+    if fam == "sd15":
+        return StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
+                                     tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
+                                     scheduler=scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
+@torch.no_grad()
+def _swap(params: list, ema: list) -> None:
+    """Exchange the trained weights with their EMA in place (twice restores both, bit for bit)."""
+    for q, e in zip(params, ema):
+        held = q.detach().clone()
+        q.copy_(e)
+        e.copy_(held)
+
+
+def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_dir: str | Path | None = None,
+                      snapshots: Sequence[int] = (), snapshot_dir: str | Path | None = None) -> Path:
     """Train a toy teacher and save it as a diffusers pipeline folder at ``out_dir`` (atomically).
 
     ``cache_dir`` (optional) is where the shared VAE is cached; without it the VAE is trained here.
+    ``snapshots``: UNet steps after which the EMA weights so far are also saved, as pipeline folders
+    ``<snapshot_dir>/step-<n>`` (the teacher's own training curve, `cli.py curve`); the training
+    itself is unchanged by them.
     """
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.schedulers import EulerDiscreteScheduler, PNDMScheduler
+    from diffusers import DDPMScheduler
 
     from distill.schedule import NoiseSchedule
+
+    snapshots = {int(n) for n in snapshots}
+    if snapshots and snapshot_dir is None:
+        raise ValueError("snapshots need a snapshot_dir")
 
     out_dir = Path(out_dir)
     fam, t_start = settings.family, time.time()
@@ -452,6 +484,15 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
             torch._foreach_lerp_(ema, [q.detach() for q in params], 1 - decay)
         if step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step + 1 in snapshots:
+            _swap(params, ema)
+            with _atomic_dir(Path(snapshot_dir) / f"step-{step + 1}") as tmp:
+                _pipeline(fam, vae, encoders, tokenizers, unet, scheduler_config).save_pretrained(
+                    tmp, safe_serialization=True)
+                (tmp / FINISHED_MARKER).write_text(json.dumps(
+                    {"version": TOY_TEACHER_VERSION, "settings": asdict(settings), "snapshot_step": step + 1},
+                    indent=1, default=list) + "\n")
+            _swap(params, ema)
     timings["unet_s"] = time.time() - t0
     with torch.no_grad():
         for q, e in zip(params, ema):
@@ -460,17 +501,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
     for e in encoders:
         e.eval().requires_grad_(False)
 
-    scheduler_cls = {"sd15": PNDMScheduler, "sdxl": EulerDiscreteScheduler}[fam]
-    scheduler = scheduler_cls.from_config(scheduler_config)
-    if fam == "sd15":
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    else:
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
-                                         tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
-                                         scheduler=scheduler, force_zeros_for_empty_prompt=True,
-                                         add_watermarker=False)
+    pipe = _pipeline(fam, vae, encoders, tokenizers, unet, scheduler_config)
     timings["total_s"] = time.time() - t_start
     timings["cpu_s"] = time.process_time() - cpu_start  # CPU time: the honest figure on a shared machine
     info = {"version": TOY_TEACHER_VERSION, "settings": asdict(settings), "timings": timings,

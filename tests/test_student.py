@@ -244,7 +244,7 @@ def test_bf16_autocast_is_finite_and_close():
 # ---- presets and counts -------------------------------------------------------------------------
 
 def test_presets_names():
-    expected = {f"{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)} | {"2b", "3b"}
+    expected = {f"{s}/{p}" for s in ("S", "B", "L", "XL") for p in (1, 2, 4, 8)} | {"2b", "3b"}
     assert set(PRESETS) == expected
     with pytest.raises(ValueError, match="unknown student preset"):
         build_student("SiT-XL/2")
