@@ -32,7 +32,7 @@ ARMS = {
     "E": "the teacher + feature alignment",
 }
 FRACTIONS = (0.5, 0.8)
-LABELS = {"A": "A: no teacher", "B": "B: teacher", "E": "E: + align", "teacher": "teacher"}  # the legend fits 14
+LABELS = {"A": "A: no teacher", "B": "B: teacher", "E": "E: + align", "teacher": "teacher (own)"}  # the legend fits 14
 COLOURS = {"A": (200, 60, 60), "B": (40, 110, 200), "E": (30, 150, 70), "teacher": (90, 90, 90)}
 
 
@@ -209,11 +209,23 @@ def reach_table(results: dict) -> dict:
     for who, graded in curves.items():
         steps, values = _series(graded)
         table[who] = {str(f): first_reach(steps, values, f * target) for f in FRACTIONS}
+    a_budget = max(_series(results["students"]["A"])[0], default=None) if "A" in results["students"] else None
     for who in table:
         for f in FRACTIONS:
             a, w = table.get("A", {}).get(str(f)), table[who][str(f)]
+            if who not in ARMS:  # the teacher's own steps are at another batch: not comparable
+                a = w = None
             table[who][f"{f}_fewer_steps_than_A"] = (a / w) if a and w else None
+            # A never got there within its budget: the speed-up is at least budget / steps.
+            table[who][f"{f}_fewer_steps_than_A_at_least"] = (a_budget / w) if (a is None and w and a_budget) else None
     return table
+
+
+def _fmt_fewer(r: dict, f: float) -> str:
+    if r[f"{f}_fewer_steps_than_A"] is not None:
+        return f"{r[f'{f}_fewer_steps_than_A']:.1f}x"
+    at_least = r.get(f"{f}_fewer_steps_than_A_at_least")
+    return "—" if at_least is None else f"more than {at_least:.1f}x (A never got there)"
 
 
 def _fmt_steps(x: float | None) -> str:
@@ -238,8 +250,7 @@ def render(results: dict) -> str:
     lines += ["", "| student | steps to 0.5x teacher | steps to 0.8x teacher | fewer steps than A (0.5x / 0.8x) |",
               "|---|---|---|---|"]
     for who, r in results.get("reach", {}).items():
-        fewer = " / ".join("—" if r[f"{f}_fewer_steps_than_A"] is None else f"{r[f'{f}_fewer_steps_than_A']:.1f}x"
-                           for f in FRACTIONS)
+        fewer = " / ".join(_fmt_fewer(r, f) for f in FRACTIONS)
         lines.append(f"| {who} | {_fmt_steps(r['0.5'])} | {_fmt_steps(r['0.8'])} | {fewer} |")
     if "teacher_curve" in results:
         lines.append(f"\nThe teacher's own steps are UNet steps at batch {results['teacher_curve']['batch_size']}, "
@@ -253,15 +264,15 @@ def plot(results: dict):
     curves = dict(results["students"])
     if "teacher_curve" in results:
         curves["teacher"] = results["teacher_curve"]
-    xs = sorted({int(s) for g in curves.values() for s in g if s.isdigit()})
+    xs = [0] + sorted({int(s) for g in curves.values() for s in g if s.isdigit()})  # the axis starts at 0
     series = {LABELS.get(who, who): [g[str(x)]["all"] if str(x) in g else float("nan") for x in xs]
               for who, g in curves.items()}
     colours = {LABELS[k]: v for k, v in COLOURS.items()}
     target = results["teacher"]["all"]
-    for f in FRACTIONS:
+    for f, grey in zip(FRACTIONS, (200, 150)):
         name = f"{f}x teacher"
-        series[name] = [f * target] * len(xs)
-        colours[name] = (170, 170, 170)
+        series[name] = [f * target] + [float("nan")] * (len(xs) - 2) + [f * target]  # a level line
+        colours[name] = (grey, grey, grey)
     return line_plot(xs, series, title="colour, shape and position all right (held-out prompts)",
                      xlabel="training step", ylabel="rate", colours=colours, size=(640, 380))
 

@@ -90,3 +90,17 @@ def test_cli_curve_refuses_an_unknown_student(capsys):
 
     assert cli.main(["curve", "--students", "A", "Z"]) == 2
     assert "unknown Z" in capsys.readouterr().err
+
+
+def test_reach_table_gives_the_speed_up_or_its_lower_bound():
+    g = lambda *vals: {str(250 * (i + 1)): {"colour": 1, "shape": 1, "position": 1, "all": v} for i, v in enumerate(vals)}
+    results = {"teacher": {"colour": 1, "shape": 1, "position": 0.6, "all": 0.6}, "students": {"A": g(0.1, 0.2, 0.3, 0.4), "E": g(0.3, 0.5, 0.6, 0.6)},
+               "teacher_curve": {"batch_size": 24, **g(0.0, 0.6)}}
+    r = curve.reach_table(results)
+    assert r["A"]["0.5"] == pytest.approx(750) and r["E"]["0.5"] == pytest.approx(250)
+    assert r["E"]["0.5_fewer_steps_than_A"] == pytest.approx(3.0)
+    assert r["A"]["0.8"] is None and r["E"]["0.8"] == pytest.approx(250 + 250 * (0.48 - 0.3) / 0.2)
+    assert r["E"]["0.8_fewer_steps_than_A"] is None
+    assert r["E"]["0.8_fewer_steps_than_A_at_least"] == pytest.approx(1000 / r["E"]["0.8"])
+    assert r["teacher (own training)"]["0.5_fewer_steps_than_A"] is None  # another batch: not compared
+    assert "more than" in curve.render({**results, "plan": {"prompts": 2, "teacher": "t"}, "reach": r})
