@@ -148,8 +148,26 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from distill.bench import run_bench
 
+    if args.gpu:
+        return _gpu_bench(args)
     _quiet_libraries()
     print(run_bench(args.configs, steps=args.steps, warmup=args.warmup, as_json=args.json))
+    return 0
+
+
+def _gpu_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    if not args.output_dir:
+        return _fail("bench --gpu needs --output_dir DIR (results.md and results.json go there)", EXIT_USAGE)
+    if not args.tiny and not torch.cuda.is_available():
+        return _fail("bench --gpu needs a CUDA device; --tiny runs the same code on the CPU at stand-in sizes",
+                     EXIT_USAGE)
+    from distill.bench_gpu import run_gpu_bench
+
+    _quiet_libraries()
+    run_gpu_bench(args.output_dir, tiny=args.tiny, budget_s=args.budget_s)
+    print((Path(args.output_dir) / "results.md").read_text())
     return 0
 
 
@@ -273,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", nargs="+", default=["toy", "mid"], choices=("toy", "mid"))
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--gpu", action="store_true", help="the real-size GPU benchmark (SD1.5 -> SiT-XL/2 at 512 px, "
+                   "SDXL -> 2b at 1024 px, variants, memory levers; <= 8 minutes): writes results.md and results.json")
+    p.add_argument("--output_dir", help="with --gpu: where the results go")
+    p.add_argument("--tiny", action="store_true", help="with --gpu: the same code on the CPU at stand-in sizes")
+    p.add_argument("--budget_s", type=float, help="with --gpu: the time budget in seconds (default 420; 50 with --tiny)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("study", help="the toy-world study: students A-E trained with and without the teacher",

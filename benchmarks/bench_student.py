@@ -88,7 +88,7 @@ class RefEmbedT(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
-        freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
+        freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32, device=t.device) / 128)
         args = t[:, None].float() * freqs[None]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
@@ -130,27 +130,30 @@ class RefDiT(nn.Module):
         return x.chunk(2, dim=1)[0]
 
 
-def step_time(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1000.0
-
-
-def bench(preset: str, batch: int, latent: int, repeats: int) -> tuple[float, float]:
-    spec = PRESETS[preset]
+def build_pair(preset: str, latent: int, device: torch.device | str = "cpu", **sizes) -> tuple[nn.Module, nn.Module]:
+    """(ours, reference) of a preset (`sizes`: hidden_size / depth / num_heads overrides),
+    class-conditional with learn_sigma, the same non-zero weights in both, built on `device` (as
+    the default device: no CPU copy of a big model), in eval mode (no label dropout; gradients
+    still flow)."""
+    spec = {**PRESETS[preset], **sizes}
     torch.manual_seed(0)
-    ours = build_student(preset, None, num_classes=NUM_CLASSES, learn_sigma=True, input_size=latent)
-    ref = RefDiT(latent, spec["patch_size"], 4, spec["hidden_size"], spec["depth"], spec["num_heads"])
+    with torch.device(device):
+        ours = build_student(preset, None, num_classes=NUM_CLASSES, learn_sigma=True, input_size=latent, **sizes)
+        ref = RefDiT(latent, spec["patch_size"], 4, spec["hidden_size"], spec["depth"], spec["num_heads"])
     with torch.no_grad():                                    # non-zero weights so both compute something
         for p in ours.parameters():
             p.normal_(0, 0.02)
     missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
     assert missing == ["pos_embed"] and not unexpected, (missing, unexpected)
+    return ours.eval(), ref.eval()
+
+
+def bench(preset: str, batch: int, latent: int, repeats: int) -> tuple[float, float]:
+    ours, ref = build_pair(preset, latent)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 4, latent, latent, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
-    ours.eval(), ref.eval()                                  # eval: no label dropout; grads still flow
     with torch.no_grad():
         a, b = ours(x, t, class_labels=y), ref(x, t, y)
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-3), f"{preset}: outputs differ by {(a - b).abs().max():.2e}"
@@ -159,14 +162,27 @@ def bench(preset: str, batch: int, latent: int, repeats: int) -> tuple[float, fl
         model.zero_grad(set_to_none=True)
         model(x, t, *args).square().mean().backward()
 
-    runs = {"ours": lambda: run(ours, None, None, None, y), "ref": lambda: run(ref, y)}
+    medians = interleaved({"ours": lambda: run(ours, None, None, None, y), "ref": lambda: run(ref, y)}, repeats)
+    return medians["ours"], medians["ref"]
+
+
+def interleaved(runs: dict, repeats: int, sync=lambda: None) -> dict[str, float]:
+    """Median ms of each callable, one warm-up call each, then timed in turn (a, b, a, b, ...) so
+    that a machine's drift hits both alike. `sync` waits for the device (CUDA runs asynchronously)."""
+    def timed(fn) -> float:
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        return (time.perf_counter() - start) * 1000.0
+
     for fn in runs.values():                                 # warm-up
         fn()
     times = {name: [] for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
-            times[name].append(step_time(fn))
-    return statistics.median(times["ours"]), statistics.median(times["ref"])
+            times[name].append(timed(fn))
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:

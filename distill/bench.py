@@ -34,24 +34,11 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def sd15_shaped_teacher(device: torch.device):
-    """An SD1.5-shaped UNet (random weights) behind the real SD15Teacher adapter."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """An SD1.5-shaped UNet (random weights, the real config at 32x32 latents) behind the real
+    SD15Teacher adapter."""
+    from distill.bench_models import random_teacher, real_unet_config
 
-    from teachers.sd import SD15Teacher
-    from teachers.toy import SCHEDULER_CONFIGS, train_tokenizer
-
-    torch.manual_seed(0)
-    # diffusers' UNet2DConditionModel defaults are SD1.5's layout; SD1.5 cross-attends to 768-d text.
-    unet = UNet2DConditionModel(sample_size=32, cross_attention_dim=768)
-    vae = AutoencoderKL(block_out_channels=(16, 16, 32, 32), latent_channels=4, norm_num_groups=8,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    tokenizer = train_tokenizer(77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=1,
-        num_attention_heads=12, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    return SD15Teacher(unet, vae, text_encoder, tokenizer, SCHEDULER_CONFIGS["sd15"]).to(device)
+    return random_teacher("sd15", {**real_unet_config("sd15"), "sample_size": 32}, device)
 
 
 def _config(name: str, workdir: Path, device: torch.device):
@@ -73,21 +60,25 @@ def _config(name: str, workdir: Path, device: torch.device):
     raise ValueError(f"unknown bench configuration {name!r}; choose from toy, mid")
 
 
-def bench_config(name: str, workdir: Path, steps: int, warmup: int) -> dict[str, Any]:
-    from distill.trainer import Distiller
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    recipe, teacher = _config(name, workdir, device)
-    d = Distiller(recipe, teacher=teacher)
-    for batch in d.data.epoch_batches(0):  # one pass fills the latent and text caches
+def prime_caches(d) -> None:
+    """One pass over the data fills the latent and text caches, so timed steps read no image."""
+    for batch in d.data.epoch_batches(0):
         d.encode(list(batch["caption"]), batch)
-    def endless():  # as many steps as asked, over as many epochs as that takes
-        epoch = 1
-        while True:
-            yield from d.data.epoch_batches(epoch)
-            epoch += 1
 
-    batches = endless()
+
+def endless_batches(d):
+    """The run's batches, epoch after epoch, for as many steps as asked."""
+    epoch = 1
+    while True:
+        yield from d.data.epoch_batches(epoch)
+        epoch += 1
+
+
+def time_steps(d, steps: int, warmup: int, after_warmup=None) -> dict[str, Any]:
+    """Run `warmup` steps of the real `Distiller.step`, call `after_warmup()`, then time `steps`
+    steps section by section: step ms, sections (COLUMNS, "other" = what no section holds) and the
+    overhead ratio."""
+    batches = endless_batches(d)
 
     def one_step() -> float:
         start = time.perf_counter()
@@ -101,24 +92,44 @@ def bench_config(name: str, workdir: Path, steps: int, warmup: int) -> dict[str,
 
     for _ in range(warmup):  # caches filled, allocator and kernels warm
         one_step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    if after_warmup is not None:
+        after_warmup()
     d.timer.enabled = True
     d.timer.reset()
-    total = sum(one_step() for _ in range(steps))
+    try:
+        total = sum(one_step() for _ in range(steps))
+    finally:
+        d.timer.enabled = False
     sections = {k: v / steps * 1000 for k, v in d.timer.totals.items()}
     step_ms = total / steps * 1000
     sections["other"] = step_ms - sum(sections.values())
     core = sum(sections.get(k, 0.0) for k in CORE)
+    return {"step_ms": step_ms, "sections_ms": {k: sections.get(k, 0.0) for k in COLUMNS},
+            "overhead_ratio": step_ms / core if core else float("nan")}
+
+
+def bench_config(name: str, workdir: Path, steps: int, warmup: int) -> dict[str, Any]:
+    from distill.trainer import Distiller
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    recipe, teacher = _config(name, workdir, device)
+    d = Distiller(recipe, teacher=teacher)
+    prime_caches(d)
+
+    def reset_peak() -> None:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    timed = time_steps(d, steps, warmup, after_warmup=reset_peak)
     student = d.accelerator.unwrap_model(d.student)
     return {
         "config": name, "device": str(device), "student": recipe.student.preset,
         "student_params_M": sum(p.numel() for p in student.parameters()) / 1e6,
         "teacher_unet_params_M": sum(p.numel() for p in d.teacher.unet.parameters()) / 1e6,
         "batch_size": recipe.training.batch_size, "latent_hw": list(d.data.example_latent_hw),
-        "steps": steps, "step_ms": step_ms, "sections_ms": {k: sections.get(k, 0.0) for k in COLUMNS},
-        "samples_per_s": recipe.training.batch_size / (total / steps),
-        "peak_memory_MiB": _peak_memory_mb(device), "overhead_ratio": step_ms / core if core else float("nan"),
+        "steps": steps, "step_ms": timed["step_ms"], "sections_ms": timed["sections_ms"],
+        "samples_per_s": recipe.training.batch_size / (timed["step_ms"] / 1000),
+        "peak_memory_MiB": _peak_memory_mb(device), "overhead_ratio": timed["overhead_ratio"],
         "latent_cache": d.data.cache is not None, "text_cache": d.data.text_cache is not None,
     }
 

@@ -236,7 +236,7 @@ class LossesConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = _choice("adamw", ("adamw",))
+    name: str = _choice("adamw", ("adamw", "adamw8bit"))  # adamw8bit: the `lowbit` extra (torchao or bitsandbytes)
     lr: float = 1e-4
     betas: list[float] = _list(0.9, 0.999)
     weight_decay: float = 0.0

@@ -121,8 +121,11 @@ def step_optimizer(optimizer, divisor: torch.Tensor | None) -> None:
 class Distiller:
     """Everything a run holds; `fit()` trains, `step()` is one micro-batch."""
 
-    def __init__(self, recipe: DictConfig, accelerator=None, teacher=None):
-        """`teacher`: an already loaded teacher instead of the recipe's (notebooks, benchmarks)."""
+    def __init__(self, recipe: DictConfig, accelerator=None, teacher=None, student=None):
+        """`teacher`: an already loaded teacher instead of the recipe's (notebooks, benchmarks).
+        `student`: an already built student, what `build_student_from_recipe(recipe.student,
+        teacher)` returns, e.g. built on the GPU directly (`cli.py bench --gpu`: seconds instead of
+        a CPU init of billions of weights)."""
         from accelerate import Accelerator
 
         from data.pipeline import build_train_data
@@ -152,7 +155,7 @@ class Distiller:
         self.text_cache = self.data.text_cache
         for note in self.data.notes:
             self.log(note)
-        student = build_student_from_recipe(r.student, self.teacher)
+        student = student if student is not None else build_student_from_recipe(r.student, self.teacher)
         # The one convention every target and prediction is compared in: the student's own.
         self.target_type = student.config.prediction_type
         self.guidance_embed = bool(student.config.guidance_embed)
@@ -705,11 +708,15 @@ class Distiller:
                 if old != w[key]:
                     changes.append(f"{key}{name} {old} -> {w[key]}")
                     g[key] = w[key]
-            old_lr = sched.base_lrs[i]
-            if old_lr != w["lr"]:
-                changes.append(f"lr{name} {old_lr:g} -> {w['lr']:g}")
-                sched.base_lrs[i] = g["initial_lr"] = w["lr"]
-                g["lr"] = w["lr"] * sched.lr_lambdas[i](sched.last_epoch)
+            old_lr = float(sched.base_lrs[i])
+            if old_lr != float(w["lr"]):
+                changes.append(f"lr{name} {old_lr:g} -> {float(w['lr']):g}")
+                sched.base_lrs[i] = g["initial_lr"] = float(w["lr"])
+                lr = float(w["lr"]) * sched.lr_lambdas[i](sched.last_epoch)
+                if torch.is_tensor(g["lr"]):  # torchao's 8-bit AdamW keeps lr as a tensor, updated in place
+                    g["lr"].fill_(lr)
+                else:
+                    g["lr"] = lr
         if changes:
             sched._last_lr = [g["lr"] for g in groups]
             self.log("resume: the recipe's optimizer settings replace the checkpoint's: " + ", ".join(changes))
