@@ -80,7 +80,7 @@ def bench_config(name: str, workdir: Path, steps: int, warmup: int) -> dict[str,
     recipe, teacher = _config(name, workdir, device)
     d = Distiller(recipe, teacher=teacher)
     for batch in d.data.epoch_batches(0):  # one pass fills the latent and text caches
-        d.encode(list(batch["caption"]), batch)
+        d.objective.encode(list(batch["caption"]), batch)
     def endless():  # as many steps as asked, over as many epochs as that takes
         epoch = 1
         while True:

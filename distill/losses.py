@@ -123,6 +123,26 @@ def sample_guidance_scale(
     return (lo + (hi - lo) * u).to(device=device)
 
 
+class Terms:
+    """Per-sample loss terms (N,) with their weights, and values logged beside them but not
+    optimised (`logs`): what each piece of the objective returns, merged in order (the order is
+    the order of the total's sum in `combine`)."""
+
+    def __init__(self) -> None:
+        self.terms: dict[str, Tensor] = {}
+        self.weights: dict[str, float] = {}
+        self.logs: dict[str, Tensor] = {}
+
+    def add(self, name: str, per_sample: Tensor, weight: float) -> None:
+        self.terms[name], self.weights[name] = per_sample, weight
+
+    def update(self, other: "Terms") -> "Terms":
+        self.terms.update(other.terms)
+        self.weights.update(other.weights)
+        self.logs.update(other.logs)
+        return self
+
+
 def combine(terms: Mapping[str, Tensor], weights: Mapping[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
     """Weight, reduce and collect the per-sample terms into one scalar loss plus a log dict.
 
