@@ -55,7 +55,7 @@ def eps_loss(pred: Tensor, noise: Tensor, weight: Union[Tensor, float, None] = N
 def teacher_loss(pred: Tensor, teacher_eps: Tensor, weight: Union[Tensor, float, None] = None) -> Tensor:
     """Teacher term: MSE(student eps, teacher eps) on the same x_t, t and conditioning -> (N,).
 
-    The target may be the plain conditional teacher prediction or a guided one (`guided_eps`).
+    The target may be the plain conditional teacher prediction or a guided one (`distill.guidance`).
     The teacher's prediction is a target, never a path for gradients: it is detached here so a
     teacher that was (by mistake) called with grad enabled still cannot be trained.
     """
@@ -99,18 +99,6 @@ def feature_loss(student_feats: FeatureInput, teacher_feats: FeatureInput, kind:
         raise ValueError(f"need matching non-empty feature lists, got {len(student_feats)} and {len(teacher_feats)}")
     losses = [_feature_loss_one(s, t, kind) for s, t in zip(student_feats, teacher_feats)]
     return torch.stack(losses).mean(dim=0)  # (N,)
-
-
-def guided_eps(eps_uncond: Tensor, eps_cond: Tensor, scale: Union[Tensor, float]) -> Tensor:
-    """Classifier-free guidance, eps_u + w * (eps_c - eps_u), with a scalar or per-sample w (N,).
-
-    Used as the teacher target when the student should learn the teacher's guided behaviour
-    (LCM distillation does this with w drawn per sample). Note: a student that is not told w
-    (no guidance embedding, unlike LCM's w-conditioned student) learns the average guided
-    prediction over the drawn range; give it a fixed w, or a guidance embedding, to learn one
-    particular scale.
-    """
-    return eps_uncond + broadcast_per_sample(scale, eps_cond) * (eps_cond - eps_uncond)
 
 
 def sample_guidance_scale(

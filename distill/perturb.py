@@ -27,7 +27,8 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import torch
 from torch import Tensor
 
-from distill.losses import broadcast_per_sample, guided_eps
+from distill.guidance import cfg_batch, guide
+from distill.losses import broadcast_per_sample
 
 # Conditioning keys that hold text embeddings. SDXL's `time_ids` (sizes and crop coordinates)
 # are micro-conditioning, not text, and are never noised.
@@ -158,10 +159,6 @@ def jitter_timesteps(
 
 # --------------------------------------------------------------------------- (c) trajectory
 
-def _cat_cond(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {key: torch.cat([a[key], b[key]]) for key in a}
-
-
 @torch.no_grad()
 def teacher_trajectory_states(
     teacher_eps_fn: Callable[[Tensor, Tensor, dict], Tensor],
@@ -221,7 +218,7 @@ def teacher_trajectory_states(
     # Stochastic samplers (DDPM, DDIM with eta > 0) draw from our generator; UniPC takes none.
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     guided = uncond is not None
-    both = _cat_cond(uncond, cond) if guided else dict(cond)
+    both = cfg_batch(uncond, cond) if guided else dict(cond)
     states = torch.empty_like(x)
     for step, t in enumerate(timesteps[: int(stop_at.max()) + 1]):
         take = stop_at == step  # (N,)
@@ -234,7 +231,7 @@ def teacher_trajectory_states(
         t_batch = t.expand(n).long()  # (N,)
         if guided:
             eps_u, eps_c = teacher_eps_fn(torch.cat([model_in, model_in]), torch.cat([t_batch, t_batch]), both).chunk(2)
-            eps = guided_eps(eps_u, eps_c, guidance_scale)
+            eps = guide(eps_u, eps_c, guidance_scale)
         else:
             eps = teacher_eps_fn(model_in, t_batch, both)
         x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
