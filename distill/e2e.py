@@ -222,19 +222,6 @@ def relative_drift(student: dict[str, Tensor], frozen: dict[str, Tensor]) -> Ten
     return torch.stack(values).mean()
 
 
-@torch.no_grad()
-def psnr(a: Tensor, b: Tensor) -> Tensor:
-    """Per-image PSNR (dB) of pixels in [-1, 1] (peak-to-peak 2): (N,)."""
-    mse = (a.float().clamp(-1, 1) - b.float()).square().flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(4.0 / mse)
-
-
-@torch.no_grad()
-def reconstruction_psnr(side, pixels: Tensor) -> float:
-    """Mean PSNR of pixels -> VAE mode -> decoded, through a (teacher or student-side) VAE."""
-    return float(psnr(side.decode_latents(side.encode_images(pixels, sample=False)), pixels).mean())
-
-
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
@@ -375,5 +362,5 @@ def check_recipe(recipe: DictConfig, needs_images: bool) -> None:
                                   "states carry the teacher's conditioning, not the student side's")
 
 
-__all__ = ["EndToEnd", "load_student_side", "student_side", "resolve_init", "reconstruction_psnr", "psnr",
+__all__ = ["EndToEnd", "load_student_side", "student_side", "resolve_init",
            "trainable_copy", "LoraWeights", "TEXT_LORA_TARGETS", "VAE_LORA_TARGETS"]
