@@ -63,7 +63,7 @@ def _config(name: str, workdir: Path, device: torch.device):
 def prime_caches(d) -> None:
     """One pass over the data fills the latent and text caches, so timed steps read no image."""
     for batch in d.data.epoch_batches(0):
-        d.encode(list(batch["caption"]), batch)
+        d.objective.encode(list(batch["caption"]), batch)
 
 
 def endless_batches(d):

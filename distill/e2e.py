@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from distill import checkpoint as ckpt
-from distill.losses import mse_per_sample
+from distill.losses import Terms, mse_per_sample
 
 Tensor = torch.Tensor
 
@@ -222,19 +222,6 @@ def relative_drift(student: dict[str, Tensor], frozen: dict[str, Tensor]) -> Ten
     return torch.stack(values).mean()
 
 
-@torch.no_grad()
-def psnr(a: Tensor, b: Tensor) -> Tensor:
-    """Per-image PSNR (dB) of pixels in [-1, 1] (peak-to-peak 2): (N,)."""
-    mse = (a.float().clamp(-1, 1) - b.float()).square().flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(4.0 / mse)
-
-
-@torch.no_grad()
-def reconstruction_psnr(side, pixels: Tensor) -> float:
-    """Mean PSNR of pixels -> VAE mode -> decoded, through a (teacher or student-side) VAE."""
-    return float(psnr(side.decode_latents(side.encode_images(pixels, sample=False)), pixels).mean())
-
-
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +246,6 @@ class EndToEnd:
                                                    targets=TEXT_LORA_TARGETS, **lora)
                               for name in TEXT_ENCODERS if t.train_text_encoder and hasattr(teacher, name)}
         self.side = student_side(teacher, self.vae, self.text_encoders, grad=True)
-        self.x0_attached: Tensor | None = None  # the step's VAE latents with their graph (REPA-E path)
         if e.diffusion_grad_to_vae and self.vae is not None:
             warnings.warn("e2e.diffusion_grad_to_vae=true: the diffusion losses train the VAE. REPA-E "
                           "reports that this collapses the latent space; use it for ablations only.",
@@ -292,47 +278,51 @@ class EndToEnd:
         `cond`, or `(cond, uncond)` (the empty prompt, zeros where the pipeline forces them)."""
         return self.side.encode_prompt(list(captions), do_cfg=with_uncond, **sizes)
 
-    def conditioning(self, captions: list[str], drop: Tensor, frozen_cond: dict, terms: dict, weights: dict,
-                     logs: dict, **sizes) -> dict:
+    def conditioning(self, captions: list[str], drop: Tensor, frozen_cond: dict, **sizes) -> tuple[dict, Terms]:
         """The student's conditioning for a batch (dropped captions get the student-side
-        unconditional input), its drift from the frozen encoders' `frozen_cond` (logged as
+        unconditional input), with its drift from the frozen encoders' `frozen_cond` (logged as
         `drift/text_encoder`) and the optional alignment term."""
+        out = Terms()
         if bool(drop.any()):
             cond, uncond = self.encode(captions, with_uncond=True, **sizes)
         else:
             cond, uncond = self.encode(captions, **sizes), None
-        logs["drift/text_encoder"] = relative_drift(cond, frozen_cond)
+        out.logs["drift/text_encoder"] = relative_drift(cond, frozen_cond)
         if self.cfg.text_encoder_align:
-            terms["text_encoder_align"] = sum(mse_per_sample(cond[k], frozen_cond[k]) for k in cond if k != "time_ids")
-            weights["text_encoder_align"] = self.cfg.text_encoder_align
+            out.add("text_encoder_align", sum(mse_per_sample(cond[k], frozen_cond[k]) for k in cond if k != "time_ids"),
+                    self.cfg.text_encoder_align)
         if uncond is None:
-            return cond
-        return {k: torch.where(drop.view(-1, *([1] * (cond[k].ndim - 1))), uncond[k], cond[k]) for k in cond}
+            return cond, out
+        return {k: torch.where(drop.view(-1, *([1] * (cond[k].ndim - 1))), uncond[k], cond[k]) for k in cond}, out
 
-    def latents(self, pixels: Tensor, generator: torch.Generator, terms: dict, weights: dict) -> Tensor:
+    def latents(self, pixels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None, Terms]:
         """Clean latents x0 (N, C, h, w) from the student VAE (a posterior sample drawn with
-        `generator`), detached unless `diffusion_grad_to_vae`; adds the VAE's own loss terms."""
+        `generator`), detached unless `diffusion_grad_to_vae`, and the VAE's own loss terms. The
+        second value is x0 with its graph for `feature_grad_to_vae_` (REPA-E's path), else None
+        (with diffusion_grad_to_vae the main backward already gets there)."""
         e, vae = self.cfg, self.vae
+        out = Terms()
         dist = vae.encode(pixels.to(vae.dtype)).latent_dist
         z = dist.sample(generator=generator)  # (N, C, h, w), unscaled
         recon = vae.decode(z, return_dict=False)[0]  # (N, 3, H, W)
         target = self.teacher.encode_images(pixels, sample=False)  # frozen teacher latent mean, no grad
-        terms["vae_recon"], weights["vae_recon"] = reconstruction_loss(recon, pixels, e.vae_recon_kind), e.vae_recon
-        terms["vae_kl"], weights["vae_kl"] = kl_per_element(dist), e.vae_kl
-        terms["vae_align"], weights["vae_align"] = mse_per_sample(scaled(vae, dist.mean), target), e.vae_align
+        out.add("vae_recon", reconstruction_loss(recon, pixels, e.vae_recon_kind), e.vae_recon)
+        out.add("vae_kl", kl_per_element(dist), e.vae_kl)
+        out.add("vae_align", mse_per_sample(scaled(vae, dist.mean), target), e.vae_align)
         x0 = scaled(vae, z).to(pixels.dtype)
-        # For `feature_grad_to_vae_` (with diffusion_grad_to_vae the main backward already gets there).
-        self.x0_attached = x0 if e.feature_grad_to_vae and not e.diffusion_grad_to_vae else None
-        return x0 if e.diffusion_grad_to_vae else x0.detach()  # REPA-E's stop-gradient
+        attached = x0 if e.feature_grad_to_vae and not e.diffusion_grad_to_vae else None
+        return (x0 if e.diffusion_grad_to_vae else x0.detach()), attached, out  # REPA-E's stop-gradient
 
-    def feature_grad_to_vae_(self, weighted_feature_loss: Tensor, x_t: Tensor, noise: Tensor, t: Tensor,
-                             schedule) -> None:
+    @staticmethod
+    def feature_grad_to_vae_(weighted_feature_loss: Tensor, x_t: Tensor, x0_attached: Tensor, noise: Tensor,
+                             t: Tensor, schedule) -> None:
         """REPA-E: the alignment term's gradient at x_t, carried back through x_t = add_noise(x0,
-        noise, t) into the student VAE's `.grad`; the student's own gradients come from the main
-        backward. `x_t` is the (detached, grad-requiring) state the student ran on."""
+        noise, t) into the student VAE's `.grad` (`x0_attached`: the VAE latents with their graph,
+        from `latents`); the student's own gradients come from the main backward. `x_t` is the
+        (detached, grad-requiring) state the student ran on. This is a backward of its own, run
+        before the main one, which frees the student's graph that it needs."""
         (g,) = torch.autograd.grad(weighted_feature_loss, x_t, retain_graph=True)
-        schedule.add_noise(self.x0_attached, noise, t).backward(g)
-        self.x0_attached = None
+        schedule.add_noise(x0_attached, noise, t).backward(g)
 
     def sync_gradients(self, accelerator) -> None:
         """Average the parts' gradients over processes (they are not DDP-wrapped: the encoding code
@@ -372,5 +362,5 @@ def check_recipe(recipe: DictConfig, needs_images: bool) -> None:
                                   "states carry the teacher's conditioning, not the student side's")
 
 
-__all__ = ["EndToEnd", "load_student_side", "student_side", "resolve_init", "reconstruction_psnr", "psnr",
+__all__ = ["EndToEnd", "load_student_side", "student_side", "resolve_init",
            "trainable_copy", "LoraWeights", "TEXT_LORA_TARGETS", "VAE_LORA_TARGETS"]

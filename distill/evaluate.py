@@ -90,6 +90,14 @@ def psnr(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
     return (10 * torch.log10(data_range ** 2 / mse)).float()
 
 
+@torch.no_grad()
+def reconstruction_psnr(side, pixels: Tensor) -> float:
+    """Mean PSNR of pixels in [-1, 1] -> VAE mode -> decoded (clamped to [-1, 1]), through a
+    (teacher or student-side) VAE."""
+    decoded = side.decode_latents(side.encode_images(pixels, sample=False))
+    return float(psnr(decoded.clamp(-1, 1), pixels, data_range=2.0).mean())
+
+
 def latent_mse(a: Tensor, b: Tensor) -> Tensor:
     """MSE per sample, (N,)."""
     return (a.float() - b.float()).pow(2).flatten(1).mean(1)
@@ -296,7 +304,6 @@ def toy_reconstruction_psnr(sides: dict[str, Any], prompts: list[str], *, height
     then decode: the teacher's frozen VAE, or a student's own after the end-to-end stage. Models
     sharing one VAE object are computed once."""
     from data.toy import draw, spec_from_caption
-    from distill.e2e import reconstruction_psnr
 
     images = [np.asarray(draw(spec_from_caption(p, width=width, height=height, seed=i)))
               for i, p in enumerate(prompts)]

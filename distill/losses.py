@@ -55,7 +55,7 @@ def eps_loss(pred: Tensor, noise: Tensor, weight: Union[Tensor, float, None] = N
 def teacher_loss(pred: Tensor, teacher_eps: Tensor, weight: Union[Tensor, float, None] = None) -> Tensor:
     """Teacher term: MSE(student eps, teacher eps) on the same x_t, t and conditioning -> (N,).
 
-    The target may be the plain conditional teacher prediction or a guided one (`guided_eps`).
+    The target may be the plain conditional teacher prediction or a guided one (`distill.guidance`).
     The teacher's prediction is a target, never a path for gradients: it is detached here so a
     teacher that was (by mistake) called with grad enabled still cannot be trained.
     """
@@ -101,18 +101,6 @@ def feature_loss(student_feats: FeatureInput, teacher_feats: FeatureInput, kind:
     return torch.stack(losses).mean(dim=0)  # (N,)
 
 
-def guided_eps(eps_uncond: Tensor, eps_cond: Tensor, scale: Union[Tensor, float]) -> Tensor:
-    """Classifier-free guidance, eps_u + w * (eps_c - eps_u), with a scalar or per-sample w (N,).
-
-    Used as the teacher target when the student should learn the teacher's guided behaviour
-    (LCM distillation does this with w drawn per sample). Note: a student that is not told w
-    (no guidance embedding, unlike LCM's w-conditioned student) learns the average guided
-    prediction over the drawn range; give it a fixed w, or a guidance embedding, to learn one
-    particular scale.
-    """
-    return eps_uncond + broadcast_per_sample(scale, eps_cond) * (eps_cond - eps_uncond)
-
-
 def sample_guidance_scale(
     n: int, lo: float, hi: float, generator: torch.Generator | None = None, device=None
 ) -> Tensor:
@@ -121,6 +109,26 @@ def sample_guidance_scale(
         raise ValueError(f"guidance range is empty: [{lo}, {hi}]")
     u = torch.rand(n, generator=generator, device=generator.device if generator is not None else "cpu")
     return (lo + (hi - lo) * u).to(device=device)
+
+
+class Terms:
+    """Per-sample loss terms (N,) with their weights, and values logged beside them but not
+    optimised (`logs`): what each piece of the objective returns, merged in order (the order is
+    the order of the total's sum in `combine`)."""
+
+    def __init__(self) -> None:
+        self.terms: dict[str, Tensor] = {}
+        self.weights: dict[str, float] = {}
+        self.logs: dict[str, Tensor] = {}
+
+    def add(self, name: str, per_sample: Tensor, weight: float) -> None:
+        self.terms[name], self.weights[name] = per_sample, weight
+
+    def update(self, other: "Terms") -> "Terms":
+        self.terms.update(other.terms)
+        self.weights.update(other.weights)
+        self.logs.update(other.logs)
+        return self
 
 
 def combine(terms: Mapping[str, Tensor], weights: Mapping[str, float]) -> tuple[Tensor, dict[str, Tensor]]:

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import copy
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from distill.losses import broadcast_per_sample, guided_eps
+from distill.guidance import cfg_batch, guide
+from distill.losses import broadcast_per_sample
 
 # Conditioning keys that hold text embeddings. SDXL's `time_ids` (sizes and crop coordinates)
 # are micro-conditioning, not text, and are never noised.
@@ -157,10 +159,6 @@ def jitter_timesteps(
 
 # --------------------------------------------------------------------------- (c) trajectory
 
-def _cat_cond(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {key: torch.cat([a[key], b[key]]) for key in a}
-
-
 @torch.no_grad()
 def teacher_trajectory_states(
     teacher_eps_fn: Callable[[Tensor, Tensor, dict], Tensor],
@@ -220,7 +218,7 @@ def teacher_trajectory_states(
     # Stochastic samplers (DDPM, DDIM with eta > 0) draw from our generator; UniPC takes none.
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     guided = uncond is not None
-    both = _cat_cond(uncond, cond) if guided else dict(cond)
+    both = cfg_batch(uncond, cond) if guided else dict(cond)
     states = torch.empty_like(x)
     for step, t in enumerate(timesteps[: int(stop_at.max()) + 1]):
         take = stop_at == step  # (N,)
@@ -233,7 +231,7 @@ def teacher_trajectory_states(
         t_batch = t.expand(n).long()  # (N,)
         if guided:
             eps_u, eps_c = teacher_eps_fn(torch.cat([model_in, model_in]), torch.cat([t_batch, t_batch]), both).chunk(2)
-            eps = guided_eps(eps_u, eps_c, guidance_scale)
+            eps = guide(eps_u, eps_c, guidance_scale)
         else:
             eps = teacher_eps_fn(model_in, t_batch, both)
         x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
@@ -242,16 +240,80 @@ def teacher_trajectory_states(
     return states, timesteps[stop_at].long()
 
 
-# The recipe's parts that act on a data batch (a, b, d), in a fixed order so that the trainer's
-# per-sample assignment of parts is reproducible; the trajectory part (c) has a batch of its own.
-BATCH_PARTS = ("input_noise", "caption_mix", "prompt_file", "embedding_noise", "timestep_jitter")
+# --------------------------------------------------------------------------- the batch parts
 
-# The parts of the family by the names the recipe and the logs use.
-PERTURBATIONS = {
-    "input": perturb_input,
-    "caption_recombine": recombine_captions,
-    "prompt_file": draw_prompts,
-    "embedding_noise": perturb_embeddings,
-    "trajectory": teacher_trajectory_states,
-    "timestep_jitter": jitter_timesteps,
+
+@dataclass
+class PerturbedBatch:
+    """The inputs of the one extra forward that serves every batch part: a copy of the data batch's
+    x_t, t, captions and teacher conditioning, perturbed row by row (each row by its own part).
+    `student_cond`: the student's own conditioning (end-to-end stage with trainable text encoders),
+    else None (the student reads `cond`, like the teacher)."""
+
+    x_t: Tensor  # (N, C, h, w)
+    t: Tensor  # (N,) long
+    captions: list[str]
+    cond: dict[str, Tensor]
+    student_cond: dict[str, Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class PartContext:
+    """What a part reads besides the batch: the data batch's own captions, the teacher's noise
+    schedule, the prompt file's prompts and the step's generator."""
+
+    captions: Sequence[str]
+    schedule: Any
+    prompt_pool: Sequence[str] | None
+    generator: torch.Generator
+
+
+def _input_noise(p: PerturbedBatch, rows: Tensor, cfg, ctx: PartContext) -> None:
+    # DDPM-IP: gamma times the noise level of each sample's t.
+    scale = input_noise_scale(ctx.schedule.alphas_cumprod, p.t[rows], cfg.gamma)
+    p.x_t[rows] = perturb_input(p.x_t[rows], scale, generator=ctx.generator)
+
+
+def _caption_mix(p: PerturbedBatch, rows: Tensor, cfg, ctx: PartContext) -> None:
+    mixed = recombine_captions(ctx.captions, generator=ctx.generator)
+    p.captions = [m if rows[j] else c for j, (m, c) in enumerate(zip(mixed, p.captions))]
+
+
+def _prompt_file(p: PerturbedBatch, rows: Tensor, cfg, ctx: PartContext) -> None:
+    drawn = iter(draw_prompts(ctx.prompt_pool, int(rows.sum()), generator=ctx.generator))
+    p.captions = [next(drawn) if rows[j] else c for j, c in enumerate(p.captions)]
+
+
+def _embedding_noise(p: PerturbedBatch, rows: Tensor, cfg, ctx: PartContext) -> None:
+    noisy = perturb_embeddings(p.cond, cfg.sigma, generator=ctx.generator)
+    if p.student_cond is not None:  # the same noise on the student's own encodings
+        moved = {k: p.student_cond[k] + (noisy[k] - p.cond[k]) for k in p.student_cond}
+        p.student_cond = where_rows(rows, moved, p.student_cond)
+    p.cond = where_rows(rows, noisy, p.cond)
+
+
+def _timestep_jitter(p: PerturbedBatch, rows: Tensor, cfg, ctx: PartContext) -> None:
+    p.t[rows] = jitter_timesteps(p.t[rows], cfg.max_delta, ctx.schedule.num_train_timesteps, generator=ctx.generator)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One batch part: `apply(batch, rows, cfg, ctx)` perturbs the rows (N,) bool given to it, with
+    `cfg` its recipe section (`losses.perturbations.<name>`)."""
+
+    apply: Callable[[PerturbedBatch, Tensor, Any, PartContext], None]
+    new_captions: bool = False  # gives rows new captions, which are encoded before the next stage
+    after_encoding: bool = False  # acts on the encoded conditioning (after new captions are encoded)
+
+
+# The parts that act on a data batch (a, b, d), by the recipe's names, in the fixed order that the
+# per-sample assignment follows (so that it is reproducible). The trajectory part (c) has a batch of
+# its own (`distill.trajectory`).
+PERTURBATIONS: dict[str, Part] = {
+    "input_noise": Part(_input_noise),
+    "caption_mix": Part(_caption_mix, new_captions=True),
+    "prompt_file": Part(_prompt_file, new_captions=True),
+    "embedding_noise": Part(_embedding_noise, after_encoding=True),
+    "timestep_jitter": Part(_timestep_jitter),
 }
+BATCH_PARTS = tuple(PERTURBATIONS)

@@ -422,17 +422,6 @@ def _field_at(key: str) -> tuple[dataclasses.Field, Any]:
     raise KeyError(key)
 
 
-def describe_key(key: str) -> str:
-    """`training.mixed_precision: str, one of no|fp16|bf16 (default no)` for help texts."""
-    f, tp = _field_at(key)
-    choices = f.metadata.get("choices")
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    text = f"{key}: {_type_name(tp)}"
-    if choices:
-        text += ", one of " + "|".join("null" if c is None else str(c) for c in choices)
-    return text + f" (default {default!r})"
-
-
 # ---------------------------------------------------------------------------------------------
 # Validation of raw YAML mappings against the schema (before omegaconf sees them), so that the
 # messages can name the file and suggest keys.

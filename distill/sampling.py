@@ -32,6 +32,8 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
+from distill.guidance import cfg_batch, guide
+
 Tensor = torch.Tensor
 Cond = dict[str, Tensor]
 ModelFn = Callable[[Tensor, Tensor, Cond], Tensor]
@@ -142,7 +144,7 @@ def sample(model_fn: ModelFn, scheduler, *, cond: Cond, shape: tuple[int, ...] |
     if g.ndim == 1:
         g = g.view(-1, *([1] * (latents.ndim - 1)))
     if do_cfg:
-        cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}  # [uncond, cond], like the pipelines
+        cond = cfg_batch(uncond, cond)  # [uncond, cond], like the pipelines
     step_kwargs = _step_kwargs(scheduler, generator, eta)
 
     for t in scheduler.timesteps:
@@ -151,7 +153,7 @@ def sample(model_fn: ModelFn, scheduler, *, cond: Cond, shape: tuple[int, ...] |
         eps = model_fn(x_in, t.reshape(1).expand(x_in.shape[0]), cond)
         if do_cfg:
             eps_uncond, eps_cond = eps.chunk(2)
-            eps = eps_uncond + g * (eps_cond - eps_uncond)
+            eps = guide(eps_uncond, eps_cond, g)
             if guidance_rescale > 0:
                 eps = rescale_guidance(eps, eps_cond, guidance_rescale)
         latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]

@@ -156,10 +156,6 @@ def _train_job(recipe_path: str, overrides: list[str], threads: int) -> dict:
     return summary
 
 
-def checkpoint_step(path: Path) -> int:
-    return int(path.name.rsplit("-", 1)[1])
-
-
 def _finished(run_dir: Path, steps: int) -> bool:
     f = run_dir / "summary.json"
     return f.is_file() and json.loads(f.read_text()).get("steps") == steps
@@ -276,7 +272,7 @@ def _run_jobs(train: list[tuple[int, str, tuple]], evals: dict[int, list[tuple]]
 def run_study(out: str | Path, plan: StudyPlan, log=print) -> dict:
     """Train, evaluate, summarise; returns the results (also in ``results.json``)."""
     from distill.build import resolve_teacher_source
-    from distill.checkpoint import find_latest
+    from distill.checkpoint import checkpoint_step, find_latest
     from distill.recipe import load_recipe, save_recipe
 
     out = Path(out).resolve()

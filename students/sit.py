@@ -53,6 +53,8 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from distill.guidance import cfg_batch, guide
+
 logger = logging.getLogger(__name__)
 
 TIME_INPUTS = ("ddpm", "sit")
@@ -594,9 +596,8 @@ class SiT(ModelMixin, ConfigMixin):
         batch order [uncond, cond] as diffusers pipelines.
         """
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
-        both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-        out_uncond, out_cond = self(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
-        return out_uncond + guidance_scale * (out_cond - out_uncond)
+        out_uncond, out_cond = self(torch.cat([x, x]), torch.cat([t, t]), **cfg_batch(uncond, cond)).chunk(2)
+        return guide(out_uncond, out_cond, guidance_scale)
 
     # ---- official checkpoints --------------------------------------------------------------
 

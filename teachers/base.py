@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distill.guidance import cfg_batch, guide
 from distill.schedule import NoiseSchedule
 
 Tensor = torch.Tensor
@@ -54,11 +55,6 @@ def unscale_latents(vae: nn.Module, latents: Tensor) -> Tensor:
     """Diffusion latents -> raw VAE latents, the inverse of ``scale_latents`` (the pipelines' decode)."""
     mean, std = latent_stats(vae, latents)
     return latents * std / vae.config.scaling_factor + mean
-
-
-def cat_cond(*conds: Cond) -> Cond:
-    """Concatenate conditioning dicts along the batch dim (the CFG batch ``[uncond, cond]``)."""
-    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 
 class Teacher:
@@ -174,14 +170,14 @@ class Teacher:
         n = x_t.shape[0]
         t2 = torch.as_tensor(t, device=x_t.device)
         t2 = t2 if t2.ndim == 0 else torch.cat([t2, t2])
-        out = self._unet_output(torch.cat([x_t, x_t]), t2, cat_cond(uncond, cond))
+        out = self._unet_output(torch.cat([x_t, x_t]), t2, cfg_batch(uncond, cond))
         out_uncond, out_cond = out.chunk(2)
         g = torch.as_tensor(guidance_scale, dtype=x_t.dtype, device=x_t.device)
         if g.ndim == 1:
             g = g.view(n, *([1] * (x_t.ndim - 1)))
         # Guidance on the raw output, as the pipelines do (a conversion is affine in the output at
         # fixed x_t, so guiding after it would be the same up to rounding).
-        return out_uncond + g * (out_cond - out_uncond)
+        return guide(out_uncond, out_cond, g)
 
     # ------------------------------------------------------------------ images <-> latents
     @torch.no_grad()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from distill import checkpoint as ckpt
-from distill.e2e import LORA_WEIGHTS, load_student_side, reconstruction_psnr
+from distill.e2e import LORA_WEIGHTS, load_student_side
+from distill.evaluate import reconstruction_psnr
 from distill.recipe import load_recipe
 from distill.trainer import Distiller
 from test_trainer import tiny_recipe
@@ -90,13 +91,13 @@ def test_diffusion_losses_do_not_reach_the_vae_by_default(tiny_teachers, tmp_pat
         d = Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "run", "training.train_vae=true", *overrides))
         like_stage_one(d.student)
         batch = next(iter(d.data.epoch_batches(0)))
-        x0 = d.e2e.latents(batch["pixel_values"], d.gen, {}, {})
+        x0, _, _ = d.e2e.latents(batch["pixel_values"], d.gen)
         noise = torch.randn(x0.shape, generator=d.gen)
         t = torch.full((x0.shape[0],), 500)
         cond = d.teacher.encode_prompt(list(batch["caption"]))
         # Only the diffusion terms: student eps vs noise and vs the teacher's eps.
         x_t = d.schedule.add_noise(x0, noise, t)
-        s_eps = d.student_eps(x_t, t, cond)
+        s_eps = d.objective.student_eps(x_t, t, cond)
         ((s_eps - noise).square().mean() + (s_eps - d.teacher.predict_eps(x_t, t, cond)).square().mean()).backward()
         return [p.grad for p in d.e2e.vae.parameters()]
 

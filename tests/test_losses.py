@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from distill import losses
-from distill.losses import (LOSSES, combine, eps_loss, feature_loss, guided_eps, mse_per_sample,
+from distill.losses import (LOSSES, combine, eps_loss, feature_loss, mse_per_sample,
                             sample_guidance_scale, teacher_loss)
 
 
@@ -55,12 +55,16 @@ def test_feature_loss_cosine_and_mse_golden():
         feature_loss(student, teacher, "l1")
 
 
-def test_guided_eps_per_sample_scale_golden():
+def test_guidance_per_sample_scale_golden():
+    from distill.guidance import cfg_batch, guide
+
     u = torch.zeros(2, 1, 2, 2)
     c = torch.ones(2, 1, 2, 2)
-    out = guided_eps(u, c, torch.tensor([1.0, 7.5]))
+    out = guide(u, c, torch.tensor([1.0, 7.5]))
     assert torch.equal(out[0], torch.ones(1, 2, 2)) and torch.equal(out[1], torch.full((1, 2, 2), 7.5))
-    assert torch.equal(guided_eps(u + 1, c * 3, 2.0), torch.full_like(u, 5.0))  # 1 + 2 * (3 - 1)
+    assert torch.equal(guide(u + 1, c * 3, 2.0), torch.full_like(u, 5.0))  # 1 + 2 * (3 - 1)
+    both = cfg_batch({"e": torch.zeros(1, 3)}, {"e": torch.ones(1, 3)})
+    assert torch.equal(both["e"], torch.tensor([[0.0] * 3, [1.0] * 3]))  # [uncond, cond], the pipelines' order
 
 
 def test_sample_guidance_scale_range_and_reproducible():

@@ -132,9 +132,14 @@ def test_teacher_trajectory_unguided_draws_stops_and_refuses_sigma_schedulers():
                                   EulerDiscreteScheduler.from_config(scheduler.config), cond, None, (8, 1, 2, 2), 5)
 
 
-def test_perturbation_table_names_the_parts():
-    assert set(PERTURBATIONS) == {"input", "caption_recombine", "prompt_file", "embedding_noise",
-                                  "trajectory", "timestep_jitter"}
+def test_perturbation_table_is_keyed_by_the_recipes_names():
+    """Every batch part of the recipe has its entry, under the recipe's own name; the trajectory
+    part has a batch of its own (distill.trajectory)."""
+    from dataclasses import fields
+
+    from distill.recipe import PerturbConfig
+
+    assert set(PERTURBATIONS) | {"trajectory"} == {f.name for f in fields(PerturbConfig)}
 
 
 def test_input_noise_is_ddpm_ip_the_noise_perturbed():

@@ -128,7 +128,7 @@ def test_data_free_run_learns_from_teacher_trajectories_only(tiny_teachers, tmp_
     summary = d.fit()
     assert summary["steps"] == 4
     # One 3-step trajectory of 4 prompts serves 3 batches; the 4th step needed a second one.
-    assert len(d.trajectory.queue) == 2
+    assert len(d.objective.trajectory.queue) == 2
 
 
 def test_trajectory_part_beside_data_terms(tiny_teachers, tmp_path):
@@ -137,7 +137,7 @@ def test_trajectory_part_beside_data_terms(tiny_teachers, tmp_path):
                               "losses.perturbations.trajectory.num_steps=2", "losses.perturbations.trajectory.prompts=toy"))
     logs = d.step(next(iter(d.data.epoch_batches(0))))
     assert {"loss/eps", "loss/teacher", "loss/perturb/trajectory"} <= logs.keys()
-    x, t, cond = d.trajectory.next()
+    x, t, cond = d.objective.trajectory.next()
     assert x.shape[0] == 4 and t.dtype == torch.long and cond["encoder_hidden_states"].shape[0] == 4
 
 
@@ -150,11 +150,11 @@ def test_trajectory_states_carry_caption_dropout_and_read_the_prompt_file(tiny_t
                               f"{pp}.trajectory.prompts=prompt_file", f"{pp}.prompt_file.path={prompts}",
                               "data.caption_dropout=0.5"))
     assert not d.data.needs_images  # the prompt file feeds the trajectories; no batch part needs images
-    assert d.prompt_pool == ["a red circle at the top left", "a blue square in the center"]
+    assert d.objective.prompt_pool == ["a red circle at the top left", "a blue square in the center"]
     uncond = d.teacher.encode_prompt([""] * 4, height=64, width=64)["encoder_hidden_states"]
     dropped = kept = 0
     for _ in range(6):
-        _, _, cond = d.trajectory.next()
+        _, _, cond = d.objective.trajectory.next()
         is_uncond = [torch.equal(row, uncond[0]) for row in cond["encoder_hidden_states"]]
         dropped, kept = dropped + sum(is_uncond), kept + len(is_uncond) - sum(is_uncond)
     assert dropped > 0 and kept > 0  # both branches are served, so CFG's unconditional one is learnt
@@ -297,7 +297,7 @@ def test_a_zero_terminal_snr_v_teacher_trains_with_trajectories_and_stays_finite
     assert float(d.teacher.schedule.alphas_cumprod[-1]) == 0.0
     summary = d.fit()
     assert summary["steps"] == 3 and summary["bad_steps"] == 0
-    x, t, _ = d.trajectory.next()
+    x, t, _ = d.objective.trajectory.next()
     assert torch.isfinite(x).all() and int(t.max()) <= 999
 
 
@@ -311,14 +311,14 @@ def test_a_v_student_learns_from_a_zero_terminal_snr_v_teacher_in_v_and_samples_
                     "losses.perturbations.trajectory.enabled=true", "losses.perturbations.trajectory.num_steps=3",
                     "training.max_steps=2", "training.max_bad_steps=1")
     d = Distiller(r)
-    assert d.target_type == "v_prediction"
+    assert d.objective.target_type == "v_prediction"
     te = d.teacher
     x = torch.randn(2, 4, 8, 8)
     t = torch.tensor([999, 400])
     cond = te.encode_prompt(["a red circle at the top left"] * 2)
     # One declared convention: the teacher's own v, untouched, also at SNR 0 (where eps = x_t says nothing).
-    assert torch.equal(d.teacher_target(x, t, cond), te.predict(x, t, cond))
-    assert not torch.allclose(d.teacher_target(x, t, cond)[0], x[0])
+    assert torch.equal(d.objective.teacher_target(x, t, cond), te.predict(x, t, cond))
+    assert not torch.allclose(d.objective.teacher_target(x, t, cond)[0], x[0])
     # The data term's target is the velocity of the teacher's schedule.
     sched = NoiseSchedule.from_config(te.scheduler_config)
     x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
