@@ -320,9 +320,10 @@ class EndToEnd:
         noise, t) into the student VAE's `.grad` (`x0_attached`: the VAE latents with their graph,
         from `latents`); the student's own gradients come from the main backward. `x_t` is the
         (detached, grad-requiring) state the student ran on. This is a backward of its own, run
-        before the main one, which frees the student's graph that it needs."""
+        before the main one, which frees the student's graph that it needs; it keeps the VAE
+        encoder's graph, which the main backward needs for the VAE's own terms."""
         (g,) = torch.autograd.grad(weighted_feature_loss, x_t, retain_graph=True)
-        schedule.add_noise(x0_attached, noise, t).backward(g)
+        schedule.add_noise(x0_attached, noise, t).backward(g, retain_graph=True)
 
     def sync_gradients(self, accelerator) -> None:
         """Average the parts' gradients over processes (they are not DDP-wrapped: the encoding code

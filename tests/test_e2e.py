@@ -227,3 +227,22 @@ def test_only_the_alignment_term_reaches_the_vae_on_the_repa_path(tiny_teachers,
     before = params(d.e2e.vae)
     d.step(next(iter(d.data.epoch_batches(0))))
     assert changed(before, d.e2e.vae) == repa
+
+
+def test_the_repa_path_trains_beside_the_vae_losses(tiny_teachers, tmp_path):
+    """feature_grad_to_vae with the VAE's own terms on: the REPA-E backward keeps the VAE encoder's
+    graph, which the main backward (reconstruction, KL, alignment) needs too, and both reach the VAE."""
+    common = ("training.train_vae=true", "losses.feature=0.5", "losses.features.student_blocks=[1]",
+              "losses.features.teacher_modules=[mid_block]", "losses.features.projector_hidden=16")
+    grads = {}
+    for repa in (False, True):
+        d = Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / f"run{repa}", *common,
+                                  f"e2e.feature_grad_to_vae={str(repa).lower()}"))
+        like_stage_one(d.student)
+        batch = next(iter(d.data.epoch_batches(0)))
+        d.optimizer.step = lambda *a, **k: None  # keep the gradients to compare them
+        d.optimizer.zero_grad = lambda *a, **k: None
+        d.step(batch)
+        grads[repa] = torch.cat([p.grad.flatten() for p in d.e2e.vae.parameters() if p.grad is not None])
+    assert torch.isfinite(grads[True]).all()
+    assert not torch.equal(grads[True], grads[False])  # the alignment term's gradient is added on top
