@@ -225,7 +225,7 @@ def cmd_toy_teacher(argv: list[str]) -> int:
     from teachers import toy
 
     _quiet_libraries()
-    parser = toy.build_parser()
+    parser = both_spellings(toy.build_parser())
     parser.prog = "cli.py toy-teacher"
     toy.run(parser.parse_args(argv))
     return 0
@@ -241,6 +241,33 @@ def _add_recipe_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         p.add_argument("recipe", help="recipe YAML file (may `extends:` another)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="recipe overrides, e.g. training.max_steps=100 student.preset=B/2")
+
+
+def both_spellings(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """One flag convention for every subcommand: the seed's underscores (`--output_dir`,
+    `--num_prompts`), with the hyphen spelling accepted as an alias, and `--output_dir` for every
+    output folder (`--out`, the older name, still works). Applied to the finished parser, so a new
+    flag gets both spellings whichever way it is written. Help lists the underscore form first."""
+    for action in list(parser._actions):
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                both_spellings(sub)
+            continue
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if not longs:
+            continue
+        names = {"--" + o[2:].replace("-", "_") for o in longs} | {"--" + o[2:].replace("_", "-") for o in longs}
+        if "--out" in longs:
+            names |= {"--output_dir", "--output-dir"}
+        for name in sorted(names - set(action.option_strings)):
+            if name not in parser._option_string_actions:  # never take another flag's name
+                parser._option_string_actions[name] = action
+                action.option_strings.append(name)
+        shorts = [o for o in action.option_strings if not o.startswith("--")]
+        longs = sorted((o for o in action.option_strings if o.startswith("--")),
+                       key=lambda o: ("-" in o[2:], o != "--output_dir", o))  # underscores first
+        action.option_strings[:] = shorts + longs
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["toy-teacher"]:  # the toy builder parses its own options
         return cmd_toy_teacher(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = both_spellings(build_parser()).parse_args(argv)
     try:
         return args.func(args)
     except RecipeError as e:

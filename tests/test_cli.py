@@ -108,3 +108,37 @@ def test_toy_teacher_options_reach_the_builder(monkeypatch, tmp_path):
     monkeypatch.setattr(toy, "run", lambda args: seen.update(vars(args)))
     assert cli.main(["toy-teacher", "--family", "sdxl", "--out", str(tmp_path), "--eval", "4"]) == 0
     assert seen["family"] == "sdxl" and str(seen["out"]) == str(tmp_path) and seen["eval"] == 4
+
+
+def test_every_flag_has_one_convention_and_both_spellings():
+    """The seed's underscores everywhere, the hyphen spelling as an alias, `--output_dir` for every
+    output folder (`--out` kept): checked on every subcommand, the toy builder's included."""
+    import argparse
+
+    import cli
+    from teachers import toy
+
+    def parsers(p):
+        yield p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub in a.choices.values():
+                    yield from parsers(sub)
+
+    root = cli.both_spellings(cli.build_parser())
+    seen_out = set()
+    for p in list(parsers(root)) + [cli.both_spellings(toy.build_parser())]:
+        for a in p._actions:
+            longs = [o for o in a.option_strings if o.startswith("--")]
+            for o in longs:
+                body = o[2:]
+                assert p._option_string_actions.get("--" + body.replace("-", "_")) is a, (p.prog, o)
+                assert p._option_string_actions.get("--" + body.replace("_", "-")) is a, (p.prog, o)
+            if longs and "_" in longs[0][2:] + "_":  # the first (help) spelling has no hyphen
+                assert "-" not in longs[0][2:], (p.prog, longs)
+            if "--out" in longs:
+                assert p._option_string_actions["--output_dir"] is a
+                seen_out.add(p.prog.split()[-1])
+    assert {"study", "eval", "export", "toy-teacher"} <= seen_out
+    args = root.parse_args(["study", "--output-dir", "x", "--eval-every", "3", "--eval_prompts", "2"])
+    assert (args.out, args.eval_every, args.eval_prompts) == ("x", 3, 2)
