@@ -350,16 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "prompts beside the teacher, and writes curve.md, curve.json and curve.png with the steps "
                        "each needs to reach 0.5x and 0.8x of the teacher. Finished runs are reused.")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every student")
-    p.add_argument("--output_dir", "--output-dir", "--out", dest="output_dir", default="runs/curve",
+    p.add_argument("--output_dir", "--out", dest="output_dir", default="runs/curve",
                    help="curve folder (default runs/curve)")
     p.add_argument("--recipe", help="the students' recipe (default: recipes/toy.yaml)")
     p.add_argument("--students", nargs="+", default=["A", "B", "E"], metavar="LETTER")
     p.add_argument("--steps", type=int, help="training steps per student (default: the recipe's)")
-    p.add_argument("--eval_every", "--eval-every", dest="eval_every", type=int, default=250,
+    p.add_argument("--eval_every", type=int, default=250,
                    help="grade a checkpoint every N steps (default 250)")
-    p.add_argument("--num_prompts", "--num-prompts", dest="num_prompts", type=int, default=64,
+    p.add_argument("--num_prompts", type=int, default=64,
                    help="held-out prompts per grading (default 64)")
-    p.add_argument("--teacher_curve", "--teacher-curve", dest="teacher_curve", action="store_true",
+    p.add_argument("--teacher_curve", action="store_true",
                    help="also build the toy teacher again with snapshots and grade its own training")
     p.set_defaults(func=cmd_curve)
 
@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "the toy world (CPU, minutes) and saves a StableDiffusion(XL)Pipeline folder; cached.")
     # Its options are the toy builder's own (`python cli.py toy-teacher --help` shows them): `main`
     # hands everything after the command to that parser, so this one stays free of torch imports.
-    return parser
+    return both_spellings(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["toy-teacher"]:  # the toy builder parses its own options
         return cmd_toy_teacher(argv[1:])
-    args = both_spellings(build_parser()).parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except RecipeError as e:

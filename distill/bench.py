@@ -102,7 +102,9 @@ def time_steps(d, steps: int, warmup: int, after_warmup=None) -> dict[str, Any]:
         d.timer.enabled = False
     sections = {k: v / steps * 1000 for k, v in d.timer.totals.items()}
     step_ms = total / steps * 1000
-    sections["other"] = step_ms - sum(sections.values())
+    # "other": what no column holds (sections without a column of their own, e.g. the trajectory
+    # part's sampling, included), so the columns add up to the step.
+    sections["other"] = step_ms - sum(v for k, v in sections.items() if k in COLUMNS)
     core = sum(sections.get(k, 0.0) for k in CORE)
     return {"step_ms": step_ms, "sections_ms": {k: sections.get(k, 0.0) for k in COLUMNS},
             "overhead_ratio": step_ms / core if core else float("nan")}

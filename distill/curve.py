@@ -121,14 +121,13 @@ def run_curve(out: str | Path, plan: CurvePlan, log=print) -> dict[str, Any]:
     common = list(plan.overrides) + [
         f"teacher.source={teacher_dir}", f"training.max_steps={steps}", f"training.checkpoint_every={plan.every}",
         f"training.keep_checkpoints={steps // plan.every + 2}", "training.sample_every=0", "evaluation.at_end=0"]
-    previous = json.loads((out / "curve.json").read_text()) if (out / "curve.json").is_file() else {}
     results: dict[str, Any] = {"plan": {**asdict(plan), "steps": steps, "teacher": source, "descriptions": ARMS},
-                               "students": {}, **{k: previous[k] for k in ("teacher", "teacher_curve") if k in previous}}
-    same = ("recipe", "prompts", "every", "overrides", "teacher")
-    if all(previous.get("plan", {}).get(k) == results["plan"][k] for k in same):
-        results["students"] = previous.get("students", {})  # gradings of the same plan's checkpoints
-    else:
-        results.pop("teacher", None), results.pop("teacher_curve", None)
+                               "students": {}}
+    previous = json.loads((out / "curve.json").read_text()) if (out / "curve.json").is_file() else {}
+    if all(previous.get("plan", {}).get(k) == results["plan"][k] for k in ("recipe", "prompts", "every", "overrides",
+                                                                          "teacher")):
+        # The same plan's gradings are reused; another plan's are not.
+        results.update({k: previous[k] for k in ("students", "teacher", "teacher_curve") if k in previous})
     prompts = toy_prompts(base, plan.prompts)
     teacher = load_teacher_from_recipe(load_recipe(plan.recipe, common).teacher)
     if "teacher" not in results:
@@ -161,6 +160,8 @@ def run_curve(out: str | Path, plan: CurvePlan, log=print) -> dict[str, Any]:
     if plan.teacher_curve:
         done = results.setdefault("teacher_curve", {"batch_size": teacher_batch})
         for step, folder in snapshots.items():
+            if str(folder) == str(teacher_dir):  # the final build is the students' teacher: graded above
+                done[str(step)] = results["teacher"]
             if str(step) not in done:
                 snap = load_teacher_from_recipe(load_recipe(plan.recipe, common + [f"teacher.source={folder}"]).teacher)
                 done[str(step)] = _rates(_grade(snap, {"teacher": teacher_denoiser(snap)}, prompts, base)["teacher"])

@@ -42,6 +42,7 @@ from torch import nn
 
 from distill import checkpoint as ckpt
 from distill.losses import Terms, mse_per_sample
+from distill.perturb import where_rows
 
 Tensor = torch.Tensor
 
@@ -293,7 +294,7 @@ class EndToEnd:
                     self.cfg.text_encoder_align)
         if uncond is None:
             return cond, out
-        return {k: torch.where(drop.view(-1, *([1] * (cond[k].ndim - 1))), uncond[k], cond[k]) for k in cond}, out
+        return where_rows(drop, uncond, cond), out
 
     def latents(self, pixels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None, Terms]:
         """Clean latents x0 (N, C, h, w) from the student VAE (a posterior sample drawn with
@@ -302,7 +303,9 @@ class EndToEnd:
         (with diffusion_grad_to_vae the main backward already gets there)."""
         e, vae = self.cfg, self.vae
         out = Terms()
-        dist = vae.encode(pixels.to(vae.dtype)).latent_dist
+        from teachers.base import first_weight
+
+        dist = vae.encode(pixels.to(first_weight(vae).dtype)).latent_dist
         z = dist.sample(generator=generator)  # (N, C, h, w), unscaled
         recon = vae.decode(z, return_dict=False)[0]  # (N, 3, H, W)
         target = self.teacher.encode_images(pixels, sample=False)  # frozen teacher latent mean, no grad

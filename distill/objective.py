@@ -62,6 +62,10 @@ class DistillObjective:
         # The one convention every target and prediction is compared in: the student's own.
         self.target_type = config.prediction_type
         self.guidance_embed = bool(config.guidance_embed)
+        # Read from the recipe once, not every step.
+        self.teacher_paths = tuple(lo.features.teacher_modules) if lo.feature else ()
+        self.student_blocks = tuple(lo.features.student_blocks) if lo.feature else None
+        self.parts = [name for name in PERTURBATIONS if lo.perturbations[name].enabled]  # batch parts on
         pp = lo.perturbations
         # The prompt file feeds the prompt_file part and/or the trajectory part (prompts=prompt_file),
         # which needs no image: a data-free run reads the file without enabling the batch part.
@@ -120,13 +124,12 @@ class DistillObjective:
         # 3. The teacher (frozen, no grad), with its features when they are aligned.
         t_eps, t_feats, scale = None, None, None
         if lo.teacher or lo.feature:
-            paths = list(lo.features.teacher_modules) if lo.feature else []
-            with timer("teacher"), capture(self.teacher.unet, paths) as t_feats:
+            with timer("teacher"), capture(self.teacher.unet, self.teacher_paths) as t_feats:
                 scale = self.draw_guidance(n)
                 t_eps = self.teacher_eps(x_t, t, cond, uncond, scale)
 
         # 4. The student (on the same x_t; its own conditioning in the end-to-end stage).
-        blocks = list(lo.features.student_blocks) if lo.feature else None
+        blocks = self.student_blocks
         with timer("student_forward"):
             pred = self.student_eps(x_t, t, self.with_guidance(s_cond, scale), blocks)
         s_eps, s_feats, grid = pred if blocks else (pred, None, None)
@@ -140,7 +143,7 @@ class DistillObjective:
         if lo.feature:
             projected = self.projector(s_feats)  # one call: the DDP wrapper syncs their gradients
             # A guided teacher ran one batch [uncond, cond]: align to the conditional half.
-            targets = [tokens_from_map(t_feats[p][-n:], grid) for p in lo.features.teacher_modules]
+            targets = [tokens_from_map(t_feats[p][-n:], grid) for p in self.teacher_paths]
             out.add("feature", feature_loss(projected, targets, kind=lo.features.kind), lo.feature)
             if x0_attached is not None:  # REPA-E: this term alone trains the VAE, through x_t
                 weighted = lo.feature / self.accumulation * out.terms["feature"].mean()
@@ -154,8 +157,7 @@ class DistillObjective:
         """The batch parts of the perturbation family on one extra forward: each sample gets one
         part. `own_cond`: the student's conditioning when it has its own encoders (end-to-end
         stage); new captions are then encoded on both sides and embedding noise is the same on both."""
-        lo, g, out = self.losses, self.gen, Terms()
-        parts = [name for name in PERTURBATIONS if lo.perturbations[name].enabled]
+        lo, g, out, parts = self.losses, self.gen, Terms(), self.parts
         if not parts:
             return out
         part_of = torch.randperm(x_t.shape[0], generator=g, device=self.device) % len(parts)  # (N,) balanced

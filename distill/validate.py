@@ -97,14 +97,6 @@ def _check_consistency(r: DictConfig, where: str) -> None:
         raise _fail("training.max_steps", "is null and so is training.num_epochs: set one of them", where)
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise _fail("optimizer.betas", f"must be two values in [0, 1), got {list(o.betas)}", where)
-    if o.name == "adamw8bit":
-        from distill.build import lowbit_adamw_backend, lowbit_missing_message
-
-        if o.fused:
-            raise _fail("optimizer.fused", "is true, and 8-bit AdamW (optimizer.name=adamw8bit) has no fused kernel; "
-                        "leave it null", where)
-        if lowbit_adamw_backend() is None:
-            raise _fail("optimizer.name", f"is adamw8bit, which {lowbit_missing_message()}", where)
     if len(lo.guidance_range) != 2 or not 0 <= lo.guidance_range[0] <= lo.guidance_range[1]:
         raise _fail("losses.guidance_range", f"must be [low, high] with 0 <= low <= high, got {list(lo.guidance_range)}",
                     where)

@@ -572,10 +572,13 @@ class SiT(ModelMixin, ConfigMixin):
         """DDPM x_t at step t -> (x_s, s, a, sigma) on SiT's linear interpolant at the same SNR."""
         n = x.shape[0]
         t = torch.as_tensor(t, device=x.device).expand(n)
-        abar = self._ddpm._alphas_cumprod_at(t, x.float())                    # (N,) fp32, as the teacher's schedule
+        if self._ddpm.alphas_cumprod.device != x.device:  # moved once, not copied every forward
+            self._ddpm.to(x.device)
+        xf = x.float()
+        abar = self._ddpm._alphas_cumprod_at(t, xf)                           # (N,) fp32, as the teacher's schedule
         a, sigma = abar.sqrt(), (1 - abar).sqrt()
         view = (n,) + (1,) * (x.ndim - 1)
-        return (x.float() / (a + sigma).view(view)).to(x.dtype), a / (a + sigma), a, sigma
+        return (xf / (a + sigma).view(view)).to(x.dtype), a / (a + sigma), a, sigma
 
     def _from_sit(self, v: torch.Tensor, x_s: torch.Tensor, s, a, sigma) -> torch.Tensor:
         """SiT's velocity (x_data - noise) -> the student's prediction_type in the DDPM convention."""
