@@ -18,34 +18,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 TOY_PREFIX = "toy:"
 
 
-def check_names(recipe: DictConfig) -> None:
-    """Names that select from the project's dicts (presets, samplers, timestep samplers) exist.
-
-    Raises RecipeError naming the key and the valid names, so a typo in a real-size recipe shows
-    on `--dry-run`, before any weight is loaded.
-    """
-    from distill.recipe import RecipeError
-    from distill.sampling import SCHEDULERS
-    from distill.schedule import LOSS_WEIGHTINGS, TIMESTEP_SAMPLERS
-    from students import PRESETS
-
-    for key, value, valid in (("student.preset", recipe.student.preset, PRESETS),
-                              ("sampling.scheduler", recipe.sampling.scheduler, SCHEDULERS),
-                              ("losses.timestep_sampling", recipe.losses.timestep_sampling, TIMESTEP_SAMPLERS),
-                              ("losses.teacher_weighting", recipe.losses.teacher_weighting, LOSS_WEIGHTINGS)):
-        if value not in valid:
-            raise RecipeError(f"'{key}' is {value!r}; choose one of {', '.join(valid)}")
-    if recipe.losses.teacher_weighting == "min_snr" and recipe.losses.min_snr_gamma is None:
-        raise RecipeError("'losses.teacher_weighting' is 'min_snr', which needs losses.min_snr_gamma (e.g. 5)")
-    # Here, not in distill/validate.py alone: a Distiller given its teacher (benchmarks) runs only this.
-    if recipe.optimizer.name == "adamw8bit":
-        if recipe.optimizer.fused:
-            raise RecipeError("'optimizer.fused' is true, and 8-bit AdamW (optimizer.name=adamw8bit) has no fused "
-                              "kernel; leave it null")
-        if lowbit_adamw_backend() is None:
-            raise RecipeError(f"'optimizer.name' is adamw8bit, which {lowbit_missing_message()}")
-
-
 def resolve_teacher_source(source: str) -> str:
     """`toy:sd15` / `toy:sdxl` -> the cached toy teacher folder (built on first use)."""
     if source.startswith(TOY_PREFIX):

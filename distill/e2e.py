@@ -352,19 +352,5 @@ class EndToEnd:
                 "the teacher keeps its frozen copies")
 
 
-def check_recipe(recipe: DictConfig, needs_images: bool) -> None:
-    """What the end-to-end stage cannot do, said before anything is loaded."""
-    t, lo = recipe.training, recipe.losses
-    if t.train_vae and not needs_images:
-        raise ValueError("training.train_vae needs image data (a data-free run has no pixels to reconstruct)")
-    if recipe.e2e.feature_grad_to_vae and not (t.train_vae and lo.feature):
-        raise ValueError("e2e.feature_grad_to_vae needs training.train_vae and losses.feature > 0")
-    if recipe.e2e.feature_grad_to_vae and t.mixed_precision == "fp16":
-        raise NotImplementedError("e2e.feature_grad_to_vae with fp16 loss scaling; use bf16 or no")
-    if t.train_text_encoder and lo.perturb and lo.perturbations.trajectory.enabled:
-        raise NotImplementedError("losses.perturbations.trajectory with training.train_text_encoder: trajectory "
-                                  "states carry the teacher's conditioning, not the student side's")
-
-
 __all__ = ["EndToEnd", "load_student_side", "student_side", "resolve_init",
            "trainable_copy", "LoraWeights", "TEXT_LORA_TARGETS", "VAE_LORA_TARGETS"]

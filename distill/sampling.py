@@ -52,18 +52,25 @@ SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
 }
 
 
+def follows_zero_snr(name: str) -> bool:
+    """Whether ``SCHEDULERS[name]`` can follow a zero-terminal-SNR schedule (``rescale_betas_zero_snr``)."""
+    return "rescale_betas_zero_snr" in inspect.signature(SCHEDULERS[name][0].__init__).parameters
+
+
+def zero_snr_schedulers() -> list[str]:
+    """The names of ``SCHEDULERS`` that can follow a zero-terminal-SNR teacher."""
+    return sorted(name for name in SCHEDULERS if follows_zero_snr(name))
+
+
 def make_scheduler(name: str, scheduler_config: dict[str, Any], prediction_type: str = "epsilon", **overrides: Any):
     """A fresh ``SCHEDULERS[name]`` built from the teacher's scheduler config (its betas, spacing,
     zero-terminal-SNR rescaling), stepping outputs of ``prediction_type`` (the sampled model's)."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose from {sorted(SCHEDULERS)}")
     cls, options = SCHEDULERS[name]
-    if scheduler_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(
-            cls.__init__).parameters:
-        zsnr = sorted(n for n, (c, _) in SCHEDULERS.items() if "rescale_betas_zero_snr" in inspect.signature(
-            c.__init__).parameters)
+    if scheduler_config.get("rescale_betas_zero_snr") and not follows_zero_snr(name):
         raise ValueError(f"scheduler {name!r} ({cls.__name__}) cannot follow this teacher's zero-terminal-SNR "
-                         f"schedule (rescale_betas_zero_snr); choose from {zsnr}")
+                         f"schedule (rescale_betas_zero_snr); choose from {zero_snr_schedulers()}")
     return cls.from_config(dict(scheduler_config), **{**options, **overrides, "prediction_type": prediction_type})
 
 

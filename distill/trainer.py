@@ -20,9 +20,8 @@ from omegaconf import DictConfig
 
 from data.pipeline import DataExhausted
 from distill import run_report
-from distill.build import (build_lr_scheduler, build_optimizer, build_student_from_recipe, check_names,
-                           load_teacher_from_recipe)
-from distill.e2e import EndToEnd, check_recipe as check_e2e_recipe
+from distill.build import build_lr_scheduler, build_optimizer, build_student_from_recipe, load_teacher_from_recipe
+from distill.e2e import EndToEnd
 from distill.ema import EMA, local
 from distill.features import FeatureProjector, FeatureProjectors, capture
 from distill.losses import combine
@@ -31,6 +30,7 @@ from distill.recipe import save_recipe
 from distill.run_io import RunIO, TrainingStopped, TrainState, torch_optimizer
 from distill.sharding import GatheredModel, check_fsdp, full, shard_model
 from distill.timing import SectionTimer
+from distill.validate import check_loaded, validate_recipe
 
 __all__ = ["Distiller", "TrainingStopped", "TrainState", "clip_gradients", "foldable", "step_optimizer", "train"]
 
@@ -101,6 +101,9 @@ class Distiller:
 
         self.recipe = r = recipe
         t = r.training
+        # Every recipe check, before any model is loaded (a caller that brings its own teacher may
+        # use a placeholder source, and its own student another shape than the recipe's preset).
+        validate_recipe(r, files=teacher is None, student=student is None)
         self.accelerator = accelerator or Accelerator(
             mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
             cpu=not torch.cuda.is_available(),
@@ -112,11 +115,6 @@ class Distiller:
         self.fsdp = check_fsdp(r, acc)
 
         # Frozen teacher; the student is built to take its conditioning sizes.
-        check_names(r)
-        if teacher is None:  # (a caller that brings its own teacher may use a placeholder source)
-            from distill.validate import validate_recipe
-
-            validate_recipe(r)
         torch.manual_seed(t.seed)  # the student's init is the same on every rank
         self.teacher = teacher if teacher is not None else load_teacher_from_recipe(r.teacher, self.device)
         self.schedule = self.teacher.schedule
@@ -126,7 +124,7 @@ class Distiller:
             self.log(note)
         student = student if student is not None else build_student_from_recipe(r.student, self.teacher)
         config = student.config  # (before accelerate's wrapper hides it)
-        self.check_conflicts(student)
+        check_loaded(r, self.teacher, student, self.log)
         # End-to-end stage: trainable student-side copies of the VAE / text encoders (distill.e2e).
         self.e2e = EndToEnd(r, self.teacher) if t.train_vae or t.train_text_encoder else None
         if self.e2e is not None:
@@ -135,8 +133,6 @@ class Distiller:
         self.projector = None
         if r.losses.feature:
             f = r.losses.features
-            if len(f.student_blocks) != len(f.teacher_modules) or not f.student_blocks:
-                raise ValueError("losses.features: student_blocks and teacher_modules need the same non-zero length")
             dims = self.teacher_feature_dims(list(f.teacher_modules))
             self.projector = FeatureProjectors(
                 FeatureProjector(student.config.hidden_size, d, f.projector_hidden) for d in dims)
@@ -186,19 +182,7 @@ class Distiller:
         t = self.recipe.training
         if t.max_steps is not None:
             return int(t.max_steps)
-        if t.num_epochs is None:
-            raise ValueError("training: set max_steps or num_epochs")
         return t.num_epochs * math.ceil(self.data.batches_per_epoch / t.gradient_accumulation_steps)
-
-    def check_conflicts(self, student) -> None:
-        r = self.recipe
-        check_e2e_recipe(r, self.data.needs_images)
-        if r.losses.perturbations.prompt_file.enabled and not r.losses.perturbations.prompt_file.path:
-            raise ValueError("losses.perturbations.prompt_file.enabled needs losses.perturbations.prompt_file.path")
-        if r.losses.guided_teacher and not student.config.guidance_embed:
-            self.log("warning: losses.guided_teacher without student.guidance_embed: the student learns the "
-                     "teacher's guided prediction at the mean scale; sample it with guidance 1 (classifier-free "
-                     "guidance on top would guide twice), or set student.guidance_embed")
 
     @torch.no_grad()
     def teacher_feature_dims(self, paths: list[str]) -> list[int]:

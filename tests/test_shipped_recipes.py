@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data.buckets import validate_step
-from distill.build import check_names
+from distill.validate import check_names
 from distill.plan import FAMILY_COND_DIMS
 from distill.recipe import RecipeError, load_recipe
 from students import PRESETS, build_student
