@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every student")
     p.add_argument("--out", default="runs/study", help="study folder (default runs/study)")
     p.add_argument("--recipe", help="the students' base recipe, which is student B (default: recipes/study.yaml)")
-    p.add_argument("--teacher", help="teacher source (default: the recipe's, toy:sd15)")
+    p.add_argument("--teacher", help="teacher source (default: the recipe's, toy:sdxl)")
     p.add_argument("--students", nargs="+", default=list("ABCDE"), metavar="LETTER")
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2)")
     p.add_argument("--steps", type=int, help="training steps per student (default: the recipe's)")

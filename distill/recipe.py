@@ -574,6 +574,8 @@ def _check_choices(cfg: DictConfig, cls: type = Recipe, prefix: str = "") -> Non
                 _check_choices(value, inner, key + ".")
             continue
         choices = f.metadata.get("choices")
+        if choices and value == "False" and "no" in choices:
+            cfg[f.name] = value = "no"  # YAML 1.1 reads a bare `no` (accelerate's spelling) as false
         if choices and value not in choices:
             shown = "|".join("null" if c is None else str(c) for c in choices)
             raise RecipeError(f"'{key}' must be one of {shown}, got {value!r}")

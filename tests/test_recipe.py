@@ -60,6 +60,14 @@ def test_choices_are_checked():
         load_recipe(None, ["training.mixed_precision=fp8"])
 
 
+def test_bare_no_is_the_choice_no(tmp_path):
+    # YAML 1.1 reads a bare `no` as false; accelerate's configs spell mixed precision that way.
+    f = write(tmp_path / "r.yaml", "training:\n  mixed_precision: no\n")
+    assert load_recipe(f).training.mixed_precision == "no"
+    assert load_recipe(None, ["training.mixed_precision=no"]).training.mixed_precision == "no"
+    assert load_recipe(None, ["training.mixed_precision=bf16"]).training.mixed_precision == "bf16"
+
+
 def test_extends_chain_and_override_order(tmp_path):
     write(tmp_path / "base.yaml", "name: base\ntraining:\n  batch_size: 4\n  seed: 7\noptimizer:\n  lr: 1e-4\n")
     (tmp_path / "sub").mkdir()
