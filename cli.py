@@ -221,6 +221,17 @@ def cmd_curve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_handoff(args: argparse.Namespace) -> int:
+    from distill.handoff import run_handoff
+
+    _quiet_libraries()
+    try:
+        run_handoff(args.checkpoint, args.output_dir, args.at, args.num_prompts, weights=args.weights)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail(str(e), EXIT_USAGE)
+    return 0
+
+
 def cmd_toy_teacher(argv: list[str]) -> int:
     from teachers import toy
 
@@ -362,6 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher_curve", action="store_true",
                    help="also build the toy teacher again with snapshots and grade its own training")
     p.set_defaults(func=cmd_curve)
+
+    p = sub.add_parser("handoff", help="where the student loses what the teacher draws: sample with one model "
+                       "above a timestep and the other below", description="Grades, on held-out toy prompts with "
+                       "the checkpoint's sampler, the teacher and the student alone and every handoff between "
+                       "them: the student for t >= T and the teacher below, and the other way round. Prints the "
+                       "table; with --output_dir also writes handoff.md and handoff.json.")
+    p.add_argument("checkpoint", help="a toy-world checkpoint folder or run folder")
+    p.add_argument("--at", nargs="+", type=int, default=[600, 400, 200], metavar="T",
+                   help="handoff timesteps (default 600 400 200)")
+    p.add_argument("--num_prompts", type=int, default=64, help="held-out prompts (default 64)")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    p.add_argument("--output_dir", "--out", dest="output_dir", help="also write handoff.md and handoff.json here")
+    p.set_defaults(func=cmd_handoff)
 
     p = sub.add_parser("show-recipe", help="print a recipe fully resolved (extends + overrides)")
     _add_recipe_args(p)

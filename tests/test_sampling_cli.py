@@ -162,3 +162,41 @@ def test_a_pipeline_call_without_a_generator_uses_the_global_random_state(run, t
     torch.manual_seed(1)
     c = pipe("a red circle", **kw).images
     assert not torch.allclose(a, b) and torch.equal(a, c)
+
+
+def test_handoff_runs_each_model_on_its_side_of_the_timestep(models):
+    from distill.handoff import handoff
+    from distill.sampling import Denoiser, teacher_denoiser
+
+    teacher, student = models
+    t_fn, s_fn = teacher_denoiser(teacher), student_fn(student)
+    kw = dict(height=SIZE, width=SIZE, scheduler="ddim", steps=4, guidance_scale=3.0, seed=3)
+    prompts = ["a red circle at the top left"]
+    alone = {name: sample_latents(fn, teacher, prompts, **kw) for name, fn in (("teacher", t_fn), ("student", s_fn))}
+    # Above every timestep: the teacher throughout; at 0: the student throughout; between: neither.
+    torch.testing.assert_close(sample_latents(handoff(s_fn, t_fn, 1000), teacher, prompts, **kw), alone["teacher"],
+                               rtol=0, atol=0)
+    torch.testing.assert_close(sample_latents(handoff(s_fn, t_fn, 0), teacher, prompts, **kw), alone["student"],
+                               rtol=0, atol=0)
+    mixed = sample_latents(handoff(s_fn, t_fn, 500), teacher, prompts, **kw)
+    assert not torch.equal(mixed, alone["teacher"]) and not torch.equal(mixed, alone["student"])
+    with pytest.raises(ValueError, match="handoff between"):
+        handoff(s_fn, Denoiser(s_fn.fn, "v_prediction"), 500)
+
+
+def test_handoff_command_writes_its_table(run, tmp_path):
+    import json
+
+    import cli
+
+    out = tmp_path / "handoff"
+    assert cli.main(["handoff", str(run), "--at", "1000", "0", "--num_prompts", "2", "--output_dir", str(out)]) == 0
+    rates = json.loads((out / "handoff.json").read_text())["rates"]
+    assert list(rates) == ["the teacher throughout", "the student throughout",
+                           "the student for t >= 1000, the teacher below", "the student for t >= 0, the teacher below",
+                           "the teacher for t >= 1000, the student below", "the teacher for t >= 0, the student below"]
+    assert rates["the student for t >= 1000, the teacher below"] == rates["the teacher throughout"]
+    assert rates["the teacher for t >= 0, the student below"] == rates["the teacher throughout"]
+    assert rates["the student for t >= 0, the teacher below"] == rates["the student throughout"]
+    assert "| who denoises |" in (out / "handoff.md").read_text()
+    assert cli.main(["handoff", str(tmp_path / "missing")]) == 2
