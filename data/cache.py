@@ -167,13 +167,14 @@ class TextCache:
     sizes, and the unconditional input (an empty negative prompt) encoded once.
     """
 
-    def __init__(self, teacher, root: str | os.PathLike):
-        self.teacher = teacher
-        encoders = [m for name, m in teacher.modules().items() if name.startswith("text_encoder")]
-        tokenizers = [getattr(teacher, n).name_or_path for n in ("tokenizer", "tokenizer_2") if hasattr(teacher, n)]
+    def __init__(self, front, root: str | os.PathLike):
+        """`front`: the teacher's front end (`teacher.front`, frozen)."""
+        self.front = front
+        encoders = [m for name, m in front.modules().items() if name.startswith("text_encoder")]
+        tokenizers = [getattr(front, n).name_or_path for n in ("tokenizer", "tokenizer_2") if hasattr(front, n)]
         fp = hashlib.sha256("".join(module_fingerprint(e) for e in encoders).encode()
-                            + json.dumps([teacher.family, str(teacher.dtype), tokenizers]
-                                         + ([teacher.clip_skip] if getattr(teacher, "clip_skip", None) else [])
+                            + json.dumps([front.family, str(front.dtype), tokenizers]
+                                         + ([front.clip_skip] if front.clip_skip else [])
                                          ).encode()).hexdigest()[:32]
         self.store = TensorCache(root, "text", fp)
         self._uncond: dict[str, torch.Tensor] | None = None
@@ -184,18 +185,18 @@ class TextCache:
         misses = [c for c, k in zip(captions, keys) if entries[k] is None]
         if misses:
             unique = list(dict.fromkeys(misses))
-            cond = self.teacher.encode_prompt(unique)
+            cond = self.front.encode_prompt(unique)
             for i, c in enumerate(unique):
                 entry = {k: cond[k][i] for k in TEXT_KEYS if k in cond}
                 key = hashlib.sha256(c.encode()).hexdigest()[:40]
                 self.store.put(key, entry)
                 entries[key] = entry
-        device = self.teacher.device
+        device = self.front.device
         return {name: torch.stack([entries[k][name] for k in keys]).to(device)
                 for name in entries[keys[0]]}
 
     def encode(self, captions: list[str], **sizes: Any) -> tuple[dict, dict]:
-        te = self.teacher
+        te = self.front
         n = len(captions)
         cond = self._rows(list(captions))
         if self._uncond is None:

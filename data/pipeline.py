@@ -266,7 +266,7 @@ def build_train_data(recipe: DictConfig, teacher, *, rank: int = 0, world_size: 
     if text_on and t.train_text_encoder:
         reason += "; they serve the teacher only: the student's trainable encoders run every step"
     notes.append(reason)
-    text_cache = TextCache(teacher, Path(d.cache_dir) if d.cache_dir else cache_dir("text")) if text_on else None
+    text_cache = TextCache(teacher.front, Path(d.cache_dir) if d.cache_dir else cache_dir("text")) if text_on else None
     if not needs_images(recipe):  # data-free: the captions are used as text only
         side = d.resolution
         return TrainData(None, None, t.batch_size, False, (side, side), vae_factor, teacher=teacher, seed=t.seed,

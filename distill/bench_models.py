@@ -134,6 +134,7 @@ def set_teacher_dtype(teacher, dtype: torch.dtype) -> None:
     for name, module in teacher.modules().items():
         if name != "vae":
             module.to(dtype)
+    teacher.front.dtype = dtype  # the dtype conditioning is handed over in: the UNet's
 
 
 def image_folder(out: Path, side: int, n: int, unique: int = 8, seed: int = 0) -> Path:

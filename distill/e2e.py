@@ -18,9 +18,10 @@ ablations (with a warning).
 Two sides, never mixed:
   * the teacher keeps its frozen VAE and text encoders; its conditioning and its latent targets
     always come from them (or from caches of them), so its predictions never drift;
-  * the student side is a copy of the teacher object (`student_side`) whose `vae` / `text_encoder`
-    / `text_encoder_2` are trainable copies (full fine-tuning or peft LoRA). It runs the teacher's
-    own encoding code (`encode_prompt`), with gradients (`Teacher.encoders_grad`).
+  * the student side is a front end of its own (`teachers.frontend`, built by
+    `teacher.front.with_modules`) whose `vae` / `text_encoder` / `text_encoder_2` are trainable
+    copies (full fine-tuning or peft LoRA): the same encoding code on other weights, which builds a
+    graph because those weights train.
 
 Checkpoints hold the student-side parts as `vae/`, `text_encoder/`, `text_encoder_2/` folders:
 `save_pretrained` folders in full mode, `adapter_model.safetensors` + `adapter_config.json` in
@@ -43,6 +44,7 @@ from torch import nn
 from distill import checkpoint as ckpt
 from distill.losses import Terms, mse_per_sample
 from distill.perturb import where_rows
+from teachers.frontend import first_weight, scale_latents
 
 Tensor = torch.Tensor
 
@@ -50,7 +52,6 @@ Tensor = torch.Tensor
 # attention and every convolution of its resnets.
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 VAE_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv_in", "conv1", "conv2", "conv_out", "conv_shortcut"]
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 LORA_WEIGHTS = "adapter_model.safetensors"  # peft's file names
 LORA_CONFIG = "adapter_config.json"
 
@@ -144,20 +145,6 @@ def load_part(teacher_part: nn.Module, folder: Path) -> nn.Module:
     return part.requires_grad_(False).eval()
 
 
-def student_side(teacher, vae: nn.Module | None = None, text_encoders: dict[str, nn.Module] | None = None,
-                 grad: bool = False):
-    """A shallow copy of `teacher` whose VAE / text encoders are the given student-side ones: the
-    same `encode_prompt`, `encode_images`, `decode_latents` code on other weights. The UNet is
-    the teacher's (never used for the student). `grad` lets gradients through the encoders."""
-    side = copy.copy(teacher)
-    if vae is not None:
-        side.vae = vae
-    for name, module in (text_encoders or {}).items():
-        setattr(side, name, module)
-    side.encoders_grad = grad
-    return side
-
-
 def resolve_init(source: str | Path) -> Path:
     """`training.init_from`: a complete checkpoint folder, or a run folder (its latest one)."""
     path = Path(source)
@@ -171,32 +158,26 @@ def resolve_init(source: str | Path) -> Path:
 
 
 def load_student_side(checkpoint_dir: str | Path, teacher):
-    """The student's VAE and text encoders of a checkpoint, as a teacher-shaped object.
+    """The student's own front end of a checkpoint (its VAE and text encoders), or None when the
+    checkpoint holds none (a stage-1 checkpoint: the student samples through the teacher's).
 
     For sampling, export and evaluation: `side.encode_prompt(...)` gives the student's
     conditioning and `side.decode_latents(...)` decodes its samples. Parts the checkpoint does not
-    hold (a stage-1 checkpoint holds none) are the teacher's frozen ones, so callers can always go
-    through this function.
+    hold are the teacher's frozen ones.
     """
     path = Path(checkpoint_dir)
     vae = load_part(teacher.vae, path / "vae") if (path / "vae").is_dir() else None
-    encoders = {name: load_part(getattr(teacher, name), path / name)
-                for name in TEXT_ENCODERS if hasattr(teacher, name) and (path / name).is_dir()}
+    front = teacher.front
+    encoders = {name: load_part(getattr(front, name), path / name)
+                for name in front.TEXT_ENCODERS if (path / name).is_dir()}
     if vae is None and not encoders:
-        return teacher
-    return student_side(teacher, vae, encoders, grad=False)
+        return None
+    return front.with_modules(vae, **encoders)
 
 
 # ---------------------------------------------------------------------------------------------
 # Losses and measures
 # ---------------------------------------------------------------------------------------------
-
-
-def scaled(vae: nn.Module, z: Tensor) -> Tensor:
-    """Unscaled VAE latents -> the diffusion latents (the teachers' rule, teachers.base.scale_latents)."""
-    from teachers.base import scale_latents
-
-    return scale_latents(vae, z)
 
 
 def reconstruction_loss(recon: Tensor, pixels: Tensor, kind: str) -> Tensor:
@@ -232,7 +213,7 @@ class EndToEnd:
     """The student-side parts of a run and their losses; the trainer calls it from its step.
 
     `vae`: the trainable VAE or None; `text_encoders`: name -> trainable encoder (empty when the
-    encoders stay frozen); `side`: the student-side teacher-shaped object over them.
+    encoders stay frozen); `side`: the student's front end over them (the teacher's for the rest).
     """
 
     def __init__(self, recipe: DictConfig, teacher):
@@ -243,10 +224,11 @@ class EndToEnd:
             if t.train_vae else None
         if self.vae is not None and recipe.student.gradient_checkpointing:
             self.vae.enable_gradient_checkpointing()
-        self.text_encoders = {name: trainable_copy(getattr(teacher, name), e.text_encoder_mode,
+        front = teacher.front
+        self.text_encoders = {name: trainable_copy(getattr(front, name), e.text_encoder_mode,
                                                    targets=TEXT_LORA_TARGETS, **lora)
-                              for name in TEXT_ENCODERS if t.train_text_encoder and hasattr(teacher, name)}
-        self.side = student_side(teacher, self.vae, self.text_encoders, grad=True)
+                              for name in front.TEXT_ENCODERS if t.train_text_encoder}
+        self.side = front.with_modules(self.vae, **self.text_encoders)
         if e.diffusion_grad_to_vae and self.vae is not None:
             warnings.warn("e2e.diffusion_grad_to_vae=true: the diffusion losses train the VAE. REPA-E "
                           "reports that this collapses the latent space; use it for ablations only.",
@@ -303,16 +285,14 @@ class EndToEnd:
         (with diffusion_grad_to_vae the main backward already gets there)."""
         e, vae = self.cfg, self.vae
         out = Terms()
-        from teachers.base import first_weight
-
         dist = vae.encode(pixels.to(first_weight(vae).dtype)).latent_dist
         z = dist.sample(generator=generator)  # (N, C, h, w), unscaled
         recon = vae.decode(z, return_dict=False)[0]  # (N, 3, H, W)
         target = self.teacher.encode_images(pixels, sample=False)  # frozen teacher latent mean, no grad
         out.add("vae_recon", reconstruction_loss(recon, pixels, e.vae_recon_kind), e.vae_recon)
         out.add("vae_kl", kl_per_element(dist), e.vae_kl)
-        out.add("vae_align", mse_per_sample(scaled(vae, dist.mean), target), e.vae_align)
-        x0 = scaled(vae, z).to(pixels.dtype)
+        out.add("vae_align", mse_per_sample(scale_latents(vae, dist.mean), target), e.vae_align)
+        x0 = scale_latents(vae, z).to(pixels.dtype)
         attached = x0 if e.feature_grad_to_vae and not e.diffusion_grad_to_vae else None
         return (x0 if e.diffusion_grad_to_vae else x0.detach()), attached, out  # REPA-E's stop-gradient
 
@@ -352,5 +332,5 @@ class EndToEnd:
                 "the teacher keeps its frozen copies")
 
 
-__all__ = ["EndToEnd", "load_student_side", "student_side", "resolve_init",
+__all__ = ["EndToEnd", "load_student_side", "resolve_init",
            "trainable_copy", "LoraWeights", "TEXT_LORA_TARGETS", "VAE_LORA_TARGETS"]

@@ -338,7 +338,7 @@ def toy_fidelity(teacher, models: dict[str, Callable], prompts: Sequence[str], *
     sizes = [RESOLUTIONS[i % len(RESOLUTIONS)] for i in range(len(prompts))]
     out, seen = {}, {}
     for name, fn in models.items():
-        side = (sides or {}).get(name, teacher)
+        side = (sides or {}).get(name, teacher)  # a student's own front end, else the teacher
         images: list = [None] * len(prompts)
         for wh in sorted(set(sizes)):
             idx = [i for i, s in enumerate(sizes) if s == wh]
@@ -346,7 +346,7 @@ def toy_fidelity(teacher, models: dict[str, Callable], prompts: Sequence[str], *
                 chunk = idx[start:start + batch_size]
                 z = sample_latents(fn, side, [prompts[i] for i in chunk], height=wh[1], width=wh[0],
                                    scheduler=scheduler, steps=steps, guidance_scale=guidance_scale,
-                                   generator=[torch.Generator().manual_seed(seed + i) for i in chunk])
+                                   scheduler_config=teacher.scheduler_config, generator=[torch.Generator().manual_seed(seed + i) for i in chunk])
                 for i, im in zip(chunk, to_pil(side.decode_latents(z))):
                     images[i] = im
         seen[name] = [analyse(im) for im in images]  # each image analysed once, for both rates
@@ -393,16 +393,16 @@ def settings_from_recipe(recipe, **overrides: Any) -> EvalSettings:
 
 
 @torch.no_grad()
-def _samples(model_fn, teacher, prompts: list[str], st: EvalSettings) -> Tensor:
+def _samples(model_fn, front, prompts: list[str], st: EvalSettings, scheduler_config: dict) -> Tensor:
     """Latents for every (seed, prompt), seed-major; image i of seed s uses seed s + i (as `cli.py sample`)."""
     out = []
     for seed in st.seeds:
         for start in range(0, len(prompts), st.batch_size):
             chunk = prompts[start:start + st.batch_size]
-            out.append(sample_latents(model_fn, teacher, chunk, height=st.height, width=st.width,
+            out.append(sample_latents(model_fn, front, chunk, height=st.height, width=st.width,
                                       scheduler=st.scheduler, steps=st.num_inference_steps,
                                       guidance_scale=st.guidance_scale, negative_prompt=st.negative_prompt,
-                                      guidance_rescale=st.guidance_rescale,
+                                      guidance_rescale=st.guidance_rescale, scheduler_config=scheduler_config,
                                       generator=generators(seed + start, len(chunk))))
     return torch.cat(out)
 
@@ -413,7 +413,7 @@ def evaluate(teacher, students: dict[str, torch.nn.Module], prompts: list[str], 
              teacher_samples: dict | None = None) -> dict[str, Any]:
     """Write the report for ``students`` ({"student": ..., "baseline": ...}) against ``teacher``.
 
-    ``sides``: a student's own text encoders + VAE (``distill.e2e.load_student_side``) where the
+    ``sides``: a student's own front end (``distill.e2e.load_student_side``) where the
     end-to-end stage trained them; a student without an entry uses the teacher's.
 
     ``teacher_samples``: a dict kept by the caller across reports with the same teacher: the
@@ -437,7 +437,7 @@ def evaluate(teacher, students: dict[str, torch.nn.Module], prompts: list[str], 
         if k == "teacher" and teacher_samples is not None and memo_key in teacher_samples:
             latents[k] = teacher_samples[memo_key]
         else:
-            latents[k] = _samples(fn, side[k], prompts, st)
+            latents[k] = _samples(fn, side[k], prompts, st, teacher.scheduler_config)
     if teacher_samples is not None:
         teacher_samples[memo_key] = latents["teacher"]
     pixels = {k: torch.cat([side[k].decode_latents(z) for z in v.split(st.batch_size)]) for k, v in latents.items()}

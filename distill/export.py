@@ -149,8 +149,9 @@ def build_pipeline(source: StudentSource, *, weights: str = "ema", scheduler: st
     sampler = make_scheduler(scheduler or source.recipe.sampling.scheduler, teacher.scheduler_config,
                              student.config.prediction_type)  # the student's own output type
     # After the end-to-end stage the student has its own VAE / text encoders (else: the teacher's).
-    side = load_student_side(source.path, teacher) if source.kind == "checkpoint" else teacher
-    pipe = SiTPipeline.from_teacher(side, student, sampler, default_hw=default_pixel_size(source.recipe))
+    own = load_student_side(source.path, teacher) if source.kind == "checkpoint" else None
+    pipe = SiTPipeline.from_front_end(own or teacher.front, student, sampler,
+                                      default_hw=default_pixel_size(source.recipe))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

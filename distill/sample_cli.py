@@ -167,7 +167,7 @@ def eval_command(args: argparse.Namespace) -> int:
     device = _device(args)
     teacher = load_teacher_for(source, device)
     if args.clip_skip is not None:  # the teacher's (and so the student's) prompt encoding
-        teacher.clip_skip = args.clip_skip or None
+        teacher.front.clip_skip = args.clip_skip or None
     students = {"student": load_student(source, weights=args.weights, teacher=teacher, model_size=args.model_size,
                                         device=device)}
     labels = {"teacher": str(recipe.teacher.source), "student": source.label}
@@ -187,6 +187,7 @@ def eval_command(args: argparse.Namespace) -> int:
     # After the end-to-end stage a checkpoint holds its own VAE / text encoders.
     checkpoints = {"student": source, "baseline": baseline}
     sides = {k: load_student_side(checkpoints[k].path, teacher) for k in students if checkpoints[k].kind == "checkpoint"}
+    sides = {k: side for k, side in sides.items() if side is not None}
     metrics = evaluate(teacher, students, prompts, st, out, labels=labels,
                        held_out_combos=list(recipe.data.toy.exclude_combos), sides=sides)
     from distill.evaluate import results_table

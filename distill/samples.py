@@ -1,10 +1,11 @@
 """Sample latents and images from any epsilon model with a teacher's conditioning, plus grids.
 
-One code path for teacher and student: ``sample_latents(model_fn, parts, ...)`` encodes prompts
-with the teacher family's encoder (``parts.encode_prompt``, exactly what its diffusers pipeline
-hands the UNet) and runs ``distill.sampling.sample``. ``parts`` is a teacher, or the text
-encoders + VAE of an exported pipeline (``students.pipeline.TeacherParts``): both offer
-``encode_prompt``, ``vae_scale_factor``, ``latent_channels``, ``scheduler_config``, ``device``.
+One code path for teacher and student: ``sample_latents(model_fn, front, ...)`` encodes prompts
+with a front end (``teachers.frontend``: exactly what the family's diffusers pipeline hands the
+UNet) and runs ``distill.sampling.sample``. ``front`` is a teacher (its own front end), the
+student's front end after the end-to-end stage, or an exported pipeline's: each offers
+``encode_prompt``, ``vae_scale_factor``, ``latent_channels`` and ``device``. A sampler given by
+name is built from ``scheduler_config`` (default: the teacher's own).
 
 Seeds: image ``i`` of a call with base seed ``s`` starts from the noise of
 ``torch.Generator().manual_seed(s + i)`` (one generator per image, diffusers' list-of-generators
@@ -78,7 +79,7 @@ def png_info(**fields: Any) -> PngInfo:
 def sample_latents(model_fn, teacher, prompts: Sequence[str], *, height: int, width: int, scheduler: Any,
                    steps: int, guidance_scale: float, seed: int | None = None,
                    generator: torch.Generator | list[torch.Generator] | None = None,
-                   negative_prompt: str | Sequence[str] | None = None, guidance_rescale: float = 0.0) -> torch.Tensor:
+                   negative_prompt: str | Sequence[str] | None = None, guidance_rescale: float = 0.0, scheduler_config: dict | None = None) -> torch.Tensor:
     """Latents (N, C, height/f, width/f) for `prompts` from any model, with the teacher's
     conditioning and schedule.
 
@@ -111,7 +112,8 @@ def sample_latents(model_fn, teacher, prompts: Sequence[str], *, height: int, wi
     if generator is None and seed is not None:
         generator = generators(seed, len(prompts))
     if isinstance(scheduler, str):
-        scheduler = make_scheduler(scheduler, teacher.scheduler_config, prediction_type_of(model_fn))
+        config = scheduler_config if scheduler_config is not None else teacher.scheduler_config
+        scheduler = make_scheduler(scheduler, config, prediction_type_of(model_fn))
     return sample(model_fn, scheduler, cond=cond, uncond=uncond, shape=shape, guidance_scale=guidance_scale,
                   num_inference_steps=steps, generator=generator, device=teacher.device,
                   guidance_rescale=guidance_rescale)
@@ -120,14 +122,14 @@ def sample_latents(model_fn, teacher, prompts: Sequence[str], *, height: int, wi
 def teacher_student_grid(teacher, student, recipe, pixel_hw: tuple[int, int], student_side=None) -> Image.Image:
     """Rows = the recipe's sampling prompts; columns = teacher | student, same seed and sampler.
 
-    ``student_side``: the student's own text encoders + VAE (end-to-end stage); default the teacher's."""
-    side = student_side if student_side is not None else teacher
+    ``student_side``: the student's own front end (end-to-end stage); default the teacher's."""
+    side = student_side if student_side is not None else teacher.front
     s = recipe.sampling
     prompts = list(s.prompts) or ["a photograph"]
     h, w = (s.height or pixel_hw[0], s.width or pixel_hw[1])
     kw = dict(height=h, width=w, scheduler=s.scheduler, steps=s.num_inference_steps,
               guidance_scale=s.guidance_scale, seed=s.seed, negative_prompt=s.negative_prompt,
-              guidance_rescale=s.guidance_rescale)
+              guidance_rescale=s.guidance_rescale, scheduler_config=teacher.scheduler_config)
     was_training = student.training
     student.eval()
     try:

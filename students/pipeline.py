@@ -28,60 +28,10 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
-from teachers.base import Teacher
-from teachers.sd import SD15Teacher, SDXLTeacher
+from teachers.frontend import FrontEnd, SD15FrontEnd, SDXLFrontEnd, vae_scale_factor
 
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 7.5
-
-
-class _PartsOnly:
-    """Teacher behaviour without a UNet: dtype, device and default size are given, not read off it."""
-
-    def __init__(self, vae, scheduler_config: dict[str, Any], latent_channels: int, dtype: torch.dtype,
-                 default_hw: tuple[int, int], clip_skip: int | None = None):
-        # Teacher.__init__ reads the UNet; these are the attributes it would have set.
-        self.unet = None
-        self.vae = vae
-        self.scheduler_config = dict(scheduler_config)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.latent_channels = int(latent_channels)
-        self._dtype = dtype
-        self._default_hw = default_hw
-        self.clip_skip = clip_skip or None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.vae.device
-
-    def default_size(self) -> tuple[int, int]:
-        return self._default_hw
-
-
-class SD15Parts(_PartsOnly, SD15Teacher):
-    """An SD1.x teacher's text encoder + VAE: ``encode_prompt`` and ``decode_latents`` as the teacher."""
-
-    def __init__(self, vae, text_encoder, tokenizer, **kw: Any):
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        _PartsOnly.__init__(self, vae, **kw)
-
-
-class SDXLParts(_PartsOnly, SDXLTeacher):
-    """An SDXL teacher's two text encoders + VAE."""
-
-    def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, *,
-                 force_zeros_for_empty_prompt: bool = True, **kw: Any):
-        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
-        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
-        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
-        _PartsOnly.__init__(self, vae, **kw)
-
-
-TeacherParts = SD15Parts | SDXLParts
 
 
 class SiTPipeline(DiffusionPipeline):
@@ -101,31 +51,31 @@ class SiTPipeline(DiffusionPipeline):
                                 default_height=default_height, default_width=default_width, clip_skip=clip_skip)
 
     @classmethod
-    def from_teacher(cls, teacher: Teacher, transformer, scheduler, *, default_hw: tuple[int, int] | None = None
-                     ) -> "SiTPipeline":
-        """The pipeline of a student and the frozen parts of its teacher (shared, not copied)."""
-        h, w = default_hw or teacher.default_size()
-        parts = dict(transformer=transformer, vae=teacher.vae, text_encoder=teacher.text_encoder,
-                     tokenizer=teacher.tokenizer, scheduler=scheduler, default_height=int(h), default_width=int(w),
-                     clip_skip=teacher.clip_skip)
-        if teacher.family == "sdxl":
-            parts.update(text_encoder_2=teacher.text_encoder_2, tokenizer_2=teacher.tokenizer_2,
-                         force_zeros_for_empty_prompt=teacher.force_zeros_for_empty_prompt)
+    def from_front_end(cls, front: FrontEnd, transformer, scheduler, *, default_hw: tuple[int, int] | None = None
+                       ) -> "SiTPipeline":
+        """The pipeline of a student and the front end it samples with (the teacher's, or its own
+        after the end-to-end stage; shared, not copied)."""
+        h, w = default_hw or front.default_size()
+        parts = dict(transformer=transformer, vae=front.vae, text_encoder=front.text_encoder,
+                     tokenizer=front.tokenizer, scheduler=scheduler, default_height=int(h), default_width=int(w),
+                     clip_skip=front.clip_skip)
+        if front.family == "sdxl":
+            parts.update(text_encoder_2=front.text_encoder_2, tokenizer_2=front.tokenizer_2,
+                         force_zeros_for_empty_prompt=front.force_zeros_for_empty_prompt)
         return cls(**parts)
 
-    def teacher_parts(self) -> TeacherParts:
-        """The prompt encoder + VAE as a teacher-like object (``distill.samples.sample_latents`` takes it)."""
-        kw = dict(scheduler_config=dict(self.scheduler.config), latent_channels=self.transformer.config.in_channels,
-                  dtype=self.text_encoder.dtype, default_hw=self.default_hw(),
+    def front_end(self) -> FrontEnd:
+        """The prompt encoder(s) + VAE as a front end (``distill.samples.sample_latents`` takes it)."""
+        kw = dict(dtype=self.text_encoder.dtype, default_hw=self.default_hw(),
                   clip_skip=getattr(self.config, "clip_skip", None))
         if self.text_encoder_2 is not None:
-            return SDXLParts(self.vae, self.text_encoder, self.text_encoder_2, self.tokenizer, self.tokenizer_2,
-                             force_zeros_for_empty_prompt=self.config.force_zeros_for_empty_prompt, **kw)
-        return SD15Parts(self.vae, self.text_encoder, self.tokenizer, **kw)
+            return SDXLFrontEnd(self.vae, self.text_encoder, self.text_encoder_2, self.tokenizer, self.tokenizer_2,
+                                force_zeros_for_empty_prompt=self.config.force_zeros_for_empty_prompt, **kw)
+        return SD15FrontEnd(self.vae, self.text_encoder, self.tokenizer, **kw)
 
     def default_hw(self) -> tuple[int, int]:
         """The training resolution stored at export; else the student's default latent size."""
-        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        f = vae_scale_factor(self.vae.config.block_out_channels)
         side = int(self.transformer.config.input_size) * f
         return int(self.config.default_height or side), int(self.config.default_width or side)
 
@@ -144,16 +94,16 @@ class SiTPipeline(DiffusionPipeline):
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         dh, dw = self.default_hw()
-        parts = self.teacher_parts()
+        front = self.front_end()
         self.transformer.eval()
-        latents = sample_latents(student_fn(self.transformer), parts, prompts, height=height or dh, width=width or dw,
+        latents = sample_latents(student_fn(self.transformer), front, prompts, height=height or dh, width=width or dw,
                                  scheduler=self.scheduler, steps=num_inference_steps, guidance_scale=guidance_scale,
                                  generator=generator, negative_prompt=negative_prompt,
                                  guidance_rescale=guidance_rescale)
         if output_type == "latent":
             images: Any = latents
         else:
-            pixels = parts.decode_latents(latents)  # (N, 3, H, W) in [-1, 1]
+            pixels = front.decode_latents(latents)  # (N, 3, H, W) in [-1, 1]
             if output_type == "pil":
                 images = to_pil(pixels)
             elif output_type in ("np", "pt"):

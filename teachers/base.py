@@ -1,10 +1,12 @@
-"""What every teacher offers: encode prompts, encode/decode images, predict epsilon.
+"""What every teacher offers: a frozen UNet that predicts epsilon, and the front end that feeds it.
 
 A teacher is a frozen adapter around a foreign diffusion model (the pattern of k-diffusion's
 ``external.py``): whatever the source predicts (epsilon or v), ``predict_eps`` returns epsilon in
 the project's one noise convention (``distill.schedule.NoiseSchedule``, built from the teacher's
 own scheduler config). Conditioning is a plain dict of the keyword arguments the diffusers UNet
-takes (see ``encode_prompt``).
+takes. What turns prompts and images into those inputs, the text encoders, tokenizers and VAE, is
+the teacher's front end (``teacher.front``, ``teachers.frontend``); ``encode_prompt``,
+``encode_images`` and ``decode_latents`` here are the front end's, run without gradients.
 
 Frozen means frozen: every module is in eval mode with ``requires_grad_(False)``, every call runs
 under ``torch.no_grad()``, and a teacher is never part of a student's state dict.
@@ -19,8 +21,9 @@ from torch import nn
 from distill.guidance import cfg_batch, guide
 from distill.schedule import NoiseSchedule
 
+from .frontend import Cond, FrontEnd, first_weight, vae_scale_factor
+
 Tensor = torch.Tensor
-Cond = dict[str, Tensor]
 
 # Keys of the conditioning dict that the diffusers UNet takes inside ``added_cond_kwargs``.
 ADDED_COND_KEYS = ("text_embeds", "time_ids")
@@ -32,71 +35,59 @@ def freeze(module: nn.Module | None) -> None:
         module.eval().requires_grad_(False)
 
 
-def latent_stats(vae: nn.Module, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
-    """(mean, std) that normalise raw VAE latents before ``scaling_factor``: the config's
-    per-channel ``latents_mean`` / ``latents_std`` when it has both (Playground-style VAEs; what the
-    SDXL pipeline reads), else (``shift_factor`` or 0, 1)."""
-    cfg = vae.config
-    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-    if mean is not None and std is not None:
-        view = (1, -1) + (1,) * (like.ndim - 2)
-        return (torch.tensor(mean, device=like.device, dtype=like.dtype).view(view),
-                torch.tensor(std, device=like.device, dtype=like.dtype).view(view))
-    return getattr(cfg, "shift_factor", None) or 0.0, 1.0
-
-
-def scale_latents(vae: nn.Module, z: Tensor) -> Tensor:
-    """Raw VAE latents -> diffusion latents: (z - mean) * scaling_factor / std (``latent_stats``)."""
-    mean, std = latent_stats(vae, z)
-    return (z - mean) * vae.config.scaling_factor / std
-
-
-def unscale_latents(vae: nn.Module, latents: Tensor) -> Tensor:
-    """Diffusion latents -> raw VAE latents, the inverse of ``scale_latents`` (the pipelines' decode)."""
-    mean, std = latent_stats(vae, latents)
-    return latents * std / vae.config.scaling_factor + mean
-
-
-def first_weight(module: nn.Module) -> Tensor:
-    """A module's first parameter: its dtype and device in O(1). diffusers' `ModelMixin.dtype` /
-    `.device` walk every parameter in Python (4.3 ms a call on the SDXL UNet, asked several times a
-    step); a frozen teacher's networks each have one dtype and one device."""
-    return next(module.parameters())
+def unet_pixel_size(unet: nn.Module, vae: nn.Module) -> tuple[int, int]:
+    """The pixel (height, width) a pipeline defaults to: UNet sample_size * the VAE's factor."""
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else size
+    f = vae_scale_factor(vae.config.block_out_channels)
+    return h * f, w * f
 
 
 class Teacher:
-    """Base of all teacher families; subclasses implement ``encode_prompt`` and ``cond_dims``.
+    """Base of all teacher families; subclasses build their front end and implement ``cond_dims``.
 
-    Attributes: ``family``, ``unet``, ``vae``, ``schedule`` (NoiseSchedule with the source's
-    ``prediction_type``), ``scheduler_config`` (a dict; ``distill.sampling.make_scheduler`` builds
-    any diffusers sampler from it), ``vae_scale_factor`` (spatial), ``latent_channels``,
-    ``dtype`` (of the UNet), ``device``.
+    Attributes: ``family``, ``unet``, ``front`` (the ``FrontEnd``: VAE, text encoders, tokenizers),
+    ``schedule`` (NoiseSchedule with the source's ``prediction_type``), ``scheduler_config`` (a
+    dict; ``distill.sampling.make_scheduler`` builds any diffusers sampler from it),
+    ``latent_channels``, ``dtype`` (of the UNet), ``device``; ``vae`` and ``vae_scale_factor``
+    are the front end's.
 
     Deliberately not an ``nn.Module``: assigning a teacher to a student attribute registers no
     parameters, so a teacher can never end up in a student's state dict or optimizer.
     """
 
     family: str = "base"
-    # Gradients through the text encoders: never on a teacher; True only on the student-side copy
-    # of the end-to-end stage (distill.e2e), which reuses this encoding code on trainable encoders.
-    encoders_grad: bool = False
 
-    def __init__(self, unet: nn.Module, vae: nn.Module, scheduler_config: dict[str, Any]):
+    def __init__(self, unet: nn.Module, front: FrontEnd, scheduler_config: dict[str, Any]):
         self.unet = unet
-        self.vae = vae
+        self.front = front
         self.scheduler_config = dict(scheduler_config)
         self.schedule = NoiseSchedule.from_config(self.scheduler_config)
         self.prediction_type = self.schedule.prediction_type
-        # Spatial downsampling of the VAE: one factor 2 per block but the last (diffusers' rule).
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_channels = int(unet.config.in_channels)
         for module in self.modules().values():
             freeze(module)
 
     # ------------------------------------------------------------------ bookkeeping
     def modules(self) -> dict[str, nn.Module]:
-        """The teacher's networks by name (subclasses add their text encoders)."""
-        return {"unet": self.unet, "vae": self.vae}
+        """The teacher's networks by name: the UNet and its front end's."""
+        return {"unet": self.unet, **self.front.modules()}
+
+    @property
+    def vae(self) -> nn.Module:
+        return self.front.vae
+
+    def __getattr__(self, name: str):
+        """The front end's text encoders and tokenizers read through the teacher, as a pipeline's do
+        (``teacher.text_encoder``, ``teacher.tokenizer_2``); read-only."""
+        front = self.__dict__.get("front")
+        if front is not None and (name in front.TEXT_ENCODERS or name.startswith("tokenizer")):
+            return getattr(front, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.front.vae_scale_factor
 
     @property
     def dtype(self) -> torch.dtype:
@@ -105,10 +96,6 @@ class Teacher:
     @property
     def device(self) -> torch.device:
         return first_weight(self.unet).device
-
-    def _for_vae(self, x: Tensor) -> Tensor:
-        w = first_weight(self.vae)
-        return x.to(device=w.device, dtype=w.dtype)
 
     def to(self, device: torch.device | str) -> "Teacher":
         """Move every network (dtypes kept, so an fp32 VAE stays fp32)."""
@@ -124,14 +111,24 @@ class Teacher:
 
     def default_size(self) -> tuple[int, int]:
         """The pixel (height, width) the pipeline defaults to: UNet sample_size * vae_scale_factor."""
-        size = self.unet.config.sample_size
-        h, w = (size, size) if isinstance(size, int) else size
-        return h * self.vae_scale_factor, w * self.vae_scale_factor
+        return self.front.default_size()
 
+    # ------------------------------------------------------------------ the front end, frozen
+    @torch.no_grad()
     def encode_prompt(self, prompts: str | list[str], negative_prompts: str | list[str] | None = None,
                       height: int | None = None, width: int | None = None, *, do_cfg: bool = False,
                       **kw: Any) -> Cond | tuple[Cond, Cond]:
-        raise NotImplementedError
+        """The front end's ``encode_prompt`` (exactly what the family's diffusers pipeline hands its UNet)."""
+        return self.front.encode_prompt(prompts, negative_prompts, height, width, do_cfg=do_cfg, **kw)
+
+    def encode_images(self, pixels: Tensor, generator: torch.Generator | None = None, sample: bool = True) -> Tensor:
+        return self.front.encode_images(pixels, generator, sample)
+
+    def latent_posterior(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        return self.front.latent_posterior(pixels)
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        return self.front.decode_latents(latents)
 
     # ------------------------------------------------------------------ the model
     @torch.no_grad()
@@ -187,36 +184,6 @@ class Teacher:
         # Guidance on the raw output, as the pipelines do (a conversion is affine in the output at
         # fixed x_t, so guiding after it would be the same up to rounding).
         return guide(out_uncond, out_cond, g)
-
-    # ------------------------------------------------------------------ images <-> latents
-    @torch.no_grad()
-    def encode_images(self, pixels: Tensor, generator: torch.Generator | None = None,
-                      sample: bool = True) -> Tensor:
-        """Pixels in [-1, 1] (N, 3, H, W) -> scaled latents (N, C, H/f, W/f).
-
-        ``sample=True`` draws from the VAE posterior with ``generator`` (what SD training does);
-        ``sample=False`` takes its mode. Scaling from ``vae.config`` (and ``shift_factor`` if set).
-        """
-        dist = self.vae.encode(self._for_vae(pixels)).latent_dist
-        z = dist.sample(generator=generator) if sample else dist.mode()
-        return self._scaled(z).to(pixels.dtype)
-
-    @torch.no_grad()
-    def latent_posterior(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
-        """The VAE posterior of pixels in [-1, 1] as scaled (mean, std), float32: `encode_images`
-        samples mean + std * noise. What the latent cache stores."""
-        dist = self.vae.encode(self._for_vae(pixels)).latent_dist
-        _, std = latent_stats(self.vae, dist.mean)
-        return self._scaled(dist.mean).float(), (dist.std * self.vae.config.scaling_factor / std).float()
-
-    def _scaled(self, z: Tensor) -> Tensor:
-        return scale_latents(self.vae, z)
-
-    @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        """Scaled latents (N, C, h, w) -> pixels in [-1, 1] (clamped), (N, 3, h*f, w*f), float32."""
-        z = unscale_latents(self.vae, self._for_vae(latents))
-        return self.vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(family={self.family!r}, prediction_type={self.prediction_type!r}, "

@@ -81,7 +81,7 @@ def test_text_cache_equals_the_teacher_encoding(tmp_path):
                                                                  "target_size": [(64, 48)] * 3})):
         teacher = load_teacher(make(tmp_path / make.__name__))
         cond, uncond = teacher.encode_prompt(prompts, do_cfg=True, **kw)
-        cache = TextCache(teacher, tmp_path / "text")
+        cache = TextCache(teacher.front, tmp_path / "text")
         for _ in range(2):  # misses, then hits
             got, got_u = cache.encode(prompts, **kw)
             for k in cond:

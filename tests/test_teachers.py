@@ -168,7 +168,7 @@ def test_encode_decode_images_scaled(folders):
 def test_options_vae_override_dtype(folders, tmp_path):
     other = make_tiny_sd15(tmp_path / "other", seed=7)
     teacher = load_teacher(folders["sd15"], vae=other / "vae", dtype="bfloat16", vae_fp32=True)
-    assert teacher.dtype == torch.bfloat16 and teacher.text_encoder.dtype == torch.bfloat16
+    assert teacher.dtype == torch.bfloat16 and teacher.front.text_encoder.dtype == torch.bfloat16
     assert teacher.vae.dtype == torch.float32
     ref = load_teacher(other).vae.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in teacher.vae.state_dict().items())
@@ -227,7 +227,7 @@ def test_clip_skip_equals_the_pipelines_own(folders, name):
     negatives = ["blurry", "dark"]
     cond, uncond = teacher.encode_prompt(PROMPTS, negatives)
     if name == "sd15":
-        from teachers.sd import final_layer_norm
+        from teachers.frontend import final_layer_norm
 
         te = pipe.text_encoder
         norm = final_layer_norm(te)
@@ -260,12 +260,12 @@ def test_clip_skip_reaches_the_text_cache_key_and_the_exported_pipeline(folders,
     from distill.sampling import make_scheduler
 
     plain, skipped = load_teacher(folders["sd15"]), load_teacher(folders["sd15"], clip_skip=1)
-    assert TextCache(plain, tmp_path).store.dir != TextCache(skipped, tmp_path).store.dir
+    assert TextCache(plain.front, tmp_path).store.dir != TextCache(skipped.front, tmp_path).store.dir
     student = build_student("S/2", cond_dims=skipped.cond_dims, hidden_size=32, depth=1, num_heads=2)
-    pipe = SiTPipeline.from_teacher(skipped, student, make_scheduler("ddim", skipped.scheduler_config))
+    pipe = SiTPipeline.from_front_end(skipped.front, student, make_scheduler("ddim", skipped.scheduler_config))
     pipe.save_pretrained(tmp_path / "export")
     loaded = SiTPipeline.from_pretrained(tmp_path / "export")
-    parts = loaded.teacher_parts()
+    parts = loaded.front_end()
     assert parts.clip_skip == 1
     assert torch.equal(parts.encode_prompt(PROMPTS)["encoder_hidden_states"],
                        skipped.encode_prompt(PROMPTS)["encoder_hidden_states"])
