@@ -273,10 +273,22 @@ def _edm_lognormal(schedule: NoiseSchedule, n: int, generator: torch.Generator |
     return (log_snr_table[None, :] - log_snr_target[:, None]).abs().argmin(dim=1)
 
 
+def _uniform_and_low_noise(schedule: NoiseSchedule, n: int, generator: torch.Generator | None,
+                           device: torch.device) -> Tensor:
+    """Half the samples uniform, half from ``_edm_lognormal`` (mostly low noise), each sample's draw
+    chosen by a fair coin: extra training where a student sharpens edges (t < 400 on SD's schedule)
+    without starving the high-noise steps that place and colour the objects."""
+    coin = torch.rand(n, generator=generator, device=device) < 0.5
+    uniform = _uniform(schedule, n, generator, device)
+    low = _edm_lognormal(schedule, n, generator, device)
+    return torch.where(coin, uniform, low.to(uniform.dtype))
+
+
 TIMESTEP_SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "uniform": _uniform,
     "logit_normal": _logit_normal,
     "edm_lognormal": _edm_lognormal,
+    "uniform+edm_lognormal": _uniform_and_low_noise,
 }
 
 __all__ = ["NoiseSchedule", "TIMESTEP_SAMPLERS"]

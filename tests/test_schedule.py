@@ -163,6 +163,13 @@ def test_timestep_sampling_distributions(sd):
     edm = sd.sample_timesteps(n, generator=g, mode="edm_lognormal", p_mean=p_mean, p_std=1.0)
     log_sigma = -0.5 * torch.log(sd.snr(edm))
     assert log_sigma.median().item() == pytest.approx(p_mean, abs=0.05)
+    # The mixture: a fair coin between uniform and EDM lognormal (its defaults) per sample.
+    low = sd.sample_timesteps(n, generator=g, mode="edm_lognormal")
+    mix = sd.sample_timesteps(n, generator=g, mode="uniform+edm_lognormal")
+    below = lambda t: (t < 400).float().mean().item()  # noqa: E731
+    assert below(mix) == pytest.approx(0.5 * 0.4 + 0.5 * below(low), abs=0.02)
+    assert (mix >= 800).float().mean().item() == pytest.approx(0.5 * 0.2 + 0.5 * (low >= 800).float().mean().item(),
+                                                                abs=0.02)
     with pytest.raises(ValueError, match="uniform"):
         sd.sample_timesteps(3, mode="nope")
 
