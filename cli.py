@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from distill import sample_cli
+from distill.exits import EXIT_FAILED, EXIT_USAGE, fail
 
-EXIT_FAILED, EXIT_USAGE = 1, 2
 
 # The seed's training flags (sit-xl-e2e-sdxl `train.py`) and the recipe keys they stand for.
 # Flags that are given override the recipe; flags that are absent keep the recipe's value.
@@ -50,11 +50,6 @@ SAMPLE_COMMANDS = (  # (name, help, description)
 )
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
-
-
 # ---------------------------------------------------------------------------------------------
 # Subcommands
 # ---------------------------------------------------------------------------------------------
@@ -86,11 +81,11 @@ def _run_recipe(recipe_path: str | None, overrides: list[str], dry_run: bool) ->
     try:
         train(recipe)
     except TrainingStopped as e:
-        return _fail(str(e), EXIT_FAILED)
+        return fail(str(e), EXIT_FAILED)
     except CheckpointWriteError as e:  # a full disk: the previous checkpoint is still the latest
-        return _fail(e.strerror, EXIT_FAILED)
+        return fail(e.strerror, EXIT_FAILED)
     except UnsafeFileError as e:  # a pickle named by the recipe (student.init, a teacher .ckpt)
-        return _fail(str(e), EXIT_USAGE)
+        return fail(str(e), EXIT_USAGE)
     return 0
 
 
@@ -128,7 +123,7 @@ def cmd_data_report(args: argparse.Namespace) -> int:
     from distill.data_report import data_report
 
     if not Path(args.dir).is_dir():
-        return _fail(f"data-report: {args.dir} is not a folder", EXIT_USAGE)
+        return fail(f"data-report: {args.dir} is not a folder", EXIT_USAGE)
     print(data_report(args.dir, args.recipe, args.overrides))
     return 0
 
@@ -159,9 +154,9 @@ def _gpu_bench(args: argparse.Namespace) -> int:
     import torch
 
     if not args.output_dir:
-        return _fail("bench --gpu needs --output_dir DIR (results.md and results.json go there)", EXIT_USAGE)
+        return fail("bench --gpu needs --output_dir DIR (results.md and results.json go there)", EXIT_USAGE)
     if not args.tiny and not torch.cuda.is_available():
-        return _fail("bench --gpu needs a CUDA device; --tiny runs the same code on the CPU at stand-in sizes",
+        return fail("bench --gpu needs a CUDA device; --tiny runs the same code on the CPU at stand-in sizes",
                      EXIT_USAGE)
     from distill.bench_gpu import run_gpu_bench
 
@@ -187,7 +182,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     unknown = [k for k in args.students if k not in LETTERS]
     if unknown:
-        return _fail(f"--students: unknown {' '.join(unknown)}; choose from {' '.join(LETTERS)}", EXIT_USAGE)
+        return fail(f"--students: unknown {' '.join(unknown)}; choose from {' '.join(LETTERS)}", EXIT_USAGE)
     overrides = list(args.overrides) + ([f"teacher.source={args.teacher}"] if args.teacher else [])
     given = {k: v for k, v in (("seeds", tuple(args.seeds) if args.seeds else None), ("steps", args.steps),
                                ("eval_every", args.eval_every), ("eval_prompts", args.eval_prompts),
@@ -200,7 +195,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     try:
         run_study(args.out, plan)
     except ValueError as e:  # a study folder of another plan, a bad letter in a recipe override...
-        return _fail(str(e), EXIT_USAGE)
+        return fail(str(e), EXIT_USAGE)
     return 0
 
 
@@ -209,7 +204,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
 
     unknown = [k for k in args.students if k not in ARMS]
     if unknown:
-        return _fail(f"--students: unknown {' '.join(unknown)}; choose from {' '.join(ARMS)}", EXIT_USAGE)
+        return fail(f"--students: unknown {' '.join(unknown)}; choose from {' '.join(ARMS)}", EXIT_USAGE)
     plan = CurvePlan(arms=tuple(args.students), steps=args.steps, every=args.eval_every, prompts=args.num_prompts,
                      teacher_curve=args.teacher_curve, overrides=list(args.overrides),
                      **({"recipe": args.recipe} if args.recipe else {}))
@@ -217,7 +212,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
     try:
         run_curve(args.output_dir, plan)
     except ValueError as e:
-        return _fail(str(e), EXIT_USAGE)
+        return fail(str(e), EXIT_USAGE)
     return 0
 
 
@@ -228,7 +223,7 @@ def cmd_handoff(args: argparse.Namespace) -> int:
     try:
         run_handoff(args.checkpoint, args.output_dir, args.at, args.num_prompts, weights=args.weights)
     except (ValueError, FileNotFoundError) as e:
-        return _fail(str(e), EXIT_USAGE)
+        return fail(str(e), EXIT_USAGE)
     return 0
 
 
@@ -419,9 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except RecipeError as e:
-        return _fail(str(e), EXIT_USAGE)
+        return fail(str(e), EXIT_USAGE)
     except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+        return fail("interrupted", 130)
 
 
 if __name__ == "__main__":

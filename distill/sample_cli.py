@@ -12,7 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-EXIT_FAILED, EXIT_USAGE = 1, 2
+from distill.exits import fail
+
 # distill.export.WEIGHTS, spelled here so that building the parser imports no torch (`--help` stays instant).
 WEIGHTS = ("ema", "raw")
 DEFAULT_BATCH = 8
@@ -84,13 +85,6 @@ def _device(args: argparse.Namespace) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _error(message: str) -> int:
-    import sys
-
-    print(f"error: {message}", file=sys.stderr)
-    return EXIT_USAGE
-
-
 def _check_scheduler(name: str | None) -> None:
     from distill.sampling import SCHEDULERS
 
@@ -108,12 +102,12 @@ def sample_command(args: argparse.Namespace) -> int:
         _check_scheduler(args.scheduler)
         source = resolve_checkpoint(args.checkpoint, args.recipe)
     except (FileNotFoundError, ValueError) as e:
-        return _error(str(e))
+        return fail(str(e))
     prompts = list(args.prompt or []) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     s = source.recipe.sampling
     prompts = prompts or list(s.prompts)
     if not prompts:
-        return _error("no prompt: give --prompt or --prompts-file (the recipe has no sampling.prompts)")
+        return fail("no prompt: give --prompt or --prompts-file (the recipe has no sampling.prompts)")
     device = _device(args)
     pipe = build_pipeline(source, weights=args.weights, scheduler=args.scheduler, model_size=args.model_size,
                           device=device)
@@ -163,7 +157,7 @@ def eval_command(args: argparse.Namespace) -> int:
         baseline = resolve_checkpoint(baseline_path) if baseline_path else None
         prompts, origin = evaluation_prompts(recipe, args.prompts_file, args.prompt_source, args.num_prompts)
     except (FileNotFoundError, ValueError) as e:
-        return _error(str(e))
+        return fail(str(e))
     device = _device(args)
     teacher = load_teacher_for(source, device)
     if args.clip_skip is not None:  # the teacher's (and so the student's) prompt encoding
@@ -207,7 +201,7 @@ def export_command(args: argparse.Namespace) -> int:
         if Path(args.out).exists() and any(Path(args.out).iterdir()):
             raise FileExistsError(f"{args.out} exists and is not empty; choose a new folder")
     except (FileNotFoundError, FileExistsError, ValueError) as e:
-        return _error(str(e))
+        return fail(str(e))
     if args.format == "seed":
         out = export_seed(source, args.out, model_size=args.model_size)
         print(f"wrote {out} (sit_model.pt, ema_model.pt when kept, config.json, recipe.yaml)")
