@@ -171,7 +171,7 @@ class TextCache:
         """`front`: the teacher's front end (`teacher.front`, frozen)."""
         self.front = front
         encoders = [m for name, m in front.modules().items() if name.startswith("text_encoder")]
-        tokenizers = [getattr(front, n).name_or_path for n in ("tokenizer", "tokenizer_2") if hasattr(front, n)]
+        tokenizers = [getattr(front, n).name_or_path for n in front.TOKENIZERS]
         fp = hashlib.sha256("".join(module_fingerprint(e) for e in encoders).encode()
                             + json.dumps([front.family, str(front.dtype), tokenizers]
                                          + ([front.clip_skip] if front.clip_skip else [])

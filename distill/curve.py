@@ -79,14 +79,6 @@ def first_reach(steps: Sequence[int], values: Sequence[float], level: float) -> 
     return None
 
 
-def _grade(teacher, models: dict, prompts: list[str], recipe) -> dict:
-    from distill.evaluate import toy_fidelity
-
-    s = recipe.sampling
-    return toy_fidelity(teacher, models, prompts, scheduler=s.scheduler, steps=s.num_inference_steps,
-                        guidance_scale=s.guidance_scale, seed=s.seed)
-
-
 def _save(out: Path, results: dict) -> None:
     tmp = out / "curve.json.tmp"
     tmp.write_text(json.dumps(results, indent=1), encoding="utf-8")
@@ -96,7 +88,7 @@ def _save(out: Path, results: dict) -> None:
 def run_curve(out: str | Path, plan: CurvePlan, log=print) -> dict[str, Any]:
     from distill import checkpoint as ckpt
     from distill.build import load_teacher_from_recipe, resolve_teacher_source
-    from distill.evaluate import toy_prompts
+    from distill.evaluate import recipe_toy_fidelity, toy_prompts
     from distill.export import load_student, resolve_checkpoint
     from distill.recipe import load_recipe
     from distill.samples import student_fn
@@ -131,7 +123,7 @@ def run_curve(out: str | Path, plan: CurvePlan, log=print) -> dict[str, Any]:
     prompts = toy_prompts(base, plan.prompts)
     teacher = load_teacher_from_recipe(load_recipe(plan.recipe, common).teacher)
     if "teacher" not in results:
-        results["teacher"] = _rates(_grade(teacher, {"teacher": teacher_denoiser(teacher)}, prompts, base)["teacher"])
+        results["teacher"] = _rates(recipe_toy_fidelity(base, teacher, {"teacher": teacher_denoiser(teacher)}, prompts)["teacher"])
         _save(out, results)
     log(f"teacher: all three right {results['teacher']['all']:.2f} on {plan.prompts} held-out prompts")
 
@@ -151,7 +143,7 @@ def run_curve(out: str | Path, plan: CurvePlan, log=print) -> dict[str, Any]:
             if step in graded:
                 continue
             student = load_student(resolve_checkpoint(folder), weights="ema")
-            graded[step] = _rates(_grade(teacher, {arm: student_fn(student)}, prompts, base)[arm])
+            graded[step] = _rates(recipe_toy_fidelity(base, teacher, {arm: student_fn(student)}, prompts)[arm])
             log(f"student {arm} step {step}: all three {graded[step]['all']:.2f} "
                 f"(colour {graded[step]['colour']:.2f}, shape {graded[step]['shape']:.2f}, "
                 f"position {graded[step]['position']:.2f})")
@@ -164,7 +156,7 @@ def run_curve(out: str | Path, plan: CurvePlan, log=print) -> dict[str, Any]:
                 done[str(step)] = results["teacher"]
             if str(step) not in done:
                 snap = load_teacher_from_recipe(load_recipe(plan.recipe, common + [f"teacher.source={folder}"]).teacher)
-                done[str(step)] = _rates(_grade(snap, {"teacher": teacher_denoiser(snap)}, prompts, base)["teacher"])
+                done[str(step)] = _rates(recipe_toy_fidelity(base, snap, {"teacher": teacher_denoiser(snap)}, prompts)["teacher"])
                 log(f"the teacher's own training, step {step}: all three {done[str(step)]['all']:.2f}")
             _save(out, results)
     results["reach"] = reach_table(results)

@@ -358,6 +358,15 @@ def toy_fidelity(teacher, models: dict[str, Callable], prompts: Sequence[str], *
     return out
 
 
+def recipe_toy_fidelity(recipe, teacher, models: dict[str, Callable], prompts: Sequence[str],
+                        sides: dict[str, Any] | None = None) -> dict[str, dict]:
+    """``toy_fidelity`` with the recipe's sampler, steps, guidance and seed (``recipe.sampling``):
+    how a run, the curve and the handoff grade models alike."""
+    s = recipe.sampling
+    return toy_fidelity(teacher, models, prompts, scheduler=s.scheduler, steps=s.num_inference_steps,
+                        guidance_scale=s.guidance_scale, seed=s.seed, sides=sides)
+
+
 # --------------------------------------------------------------------------- the report
 
 @dataclass

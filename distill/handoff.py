@@ -20,9 +20,8 @@ RATES = ("colour", "shape", "position", "all")
 
 
 def handoff(high: Denoiser, low: Denoiser, at: int) -> Denoiser:
-    """A denoiser that runs ``high`` at timesteps >= ``at`` and ``low`` below, in epsilon space
-    (each model's output converted by its own prediction type is the sampler's job, so both must
-    predict the same type)."""
+    """A denoiser that runs ``high`` at timesteps >= ``at`` and ``low`` below. The sampler converts
+    one prediction type for the whole trajectory, so both models must predict the same type."""
     kind = prediction_type_of(high)
     if prediction_type_of(low) != kind:
         raise ValueError(f"handoff between a {kind} and a {prediction_type_of(low)} model")
@@ -43,16 +42,15 @@ def rows(at: Sequence[int]) -> list[tuple[str, str, str, int | None]]:
     return out
 
 
-def handoff_rates(teacher, student: Denoiser, prompts: Sequence[str], at: Sequence[int], *, scheduler: str,
-                  steps: int, guidance_scale: float, seed: int = 0) -> dict[str, dict]:
-    """Toy-grader rates of every row of ``rows(at)``: {label: {colour, shape, position, all, n}}."""
-    from distill.evaluate import toy_fidelity
+def handoff_rates(recipe, teacher, student: Denoiser, prompts: Sequence[str], at: Sequence[int]) -> dict[str, dict]:
+    """Toy-grader rates of every row of ``rows(at)`` with the recipe's sampler:
+    {label: {colour, shape, position, all, n}}."""
+    from distill.evaluate import recipe_toy_fidelity
     from distill.sampling import teacher_denoiser
 
     models = {"teacher": teacher_denoiser(teacher), "student": student}
     fns = {label: models[hi] if t is None else handoff(models[hi], models[lo], t) for label, hi, lo, t in rows(at)}
-    graded = toy_fidelity(teacher, fns, prompts, scheduler=scheduler, steps=steps, guidance_scale=guidance_scale,
-                          seed=seed)
+    graded = recipe_toy_fidelity(recipe, teacher, fns, prompts)
     return {label: {k: graded[label][k] for k in (*RATES, "n")} for label in fns}
 
 
@@ -76,9 +74,8 @@ def run_handoff(checkpoint: str, out: str | Path | None, at: Sequence[int], num_
         raise ValueError("handoff grades with the toy grader: the checkpoint's recipe must train on the toy world")
     teacher = load_teacher_for(source)
     student = student_fn(load_student(source, weights=weights))
+    rates = handoff_rates(source.recipe, teacher, student, toy_prompts(source.recipe, num_prompts), at)
     s = source.recipe.sampling
-    rates = handoff_rates(teacher, student, toy_prompts(source.recipe, num_prompts), at, scheduler=s.scheduler,
-                          steps=s.num_inference_steps, guidance_scale=s.guidance_scale, seed=s.seed)
     sampler = f"{s.scheduler}, {s.num_inference_steps} steps, guidance {s.guidance_scale}"
     table = render(rates, sampler)
     log(table)

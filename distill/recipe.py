@@ -491,7 +491,7 @@ def _read_yaml(path: Path) -> dict:
         raise RecipeError(f"cannot read recipe {path}: {e}") from None
     try:
         # SafeLoader: tags like !!python/object are refused, so YAML cannot build objects.
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark is not None else ""
@@ -531,7 +531,7 @@ def _parse_overrides(overrides: list[str]) -> dict:
         if not key:
             raise RecipeError(f"override '{item}' has no key")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = load_yaml(text) if text.strip() else ""
         except yaml.YAMLError:
             value = text  # a bare string such as `a: b` stays a string
         node = tree
@@ -563,6 +563,24 @@ def _merge(base: DictConfig, raw: dict, where: str) -> DictConfig:
         raise RecipeError(f"'{key}' expects {expected} in {where} ({value})") from None
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2's booleans: only true/false. YAML 1.1 (PyYAML's default) also reads a bare yes/no/
+    on/off as a boolean, which turns `mixed_precision: no` (accelerate's spelling) into false; the
+    schema's bool fields still accept yes/no/on/off as strings (omegaconf converts them)."""
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """A recipe's YAML (a file, an override's value, a checkpoint's recipe.yaml) with YAML 1.2 booleans."""
+    return yaml.load(text, Loader=_RecipeLoader)
+
+
 def _check_choices(cfg: DictConfig, cls: type = Recipe, prefix: str = "") -> None:
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
@@ -574,8 +592,6 @@ def _check_choices(cfg: DictConfig, cls: type = Recipe, prefix: str = "") -> Non
                 _check_choices(value, inner, key + ".")
             continue
         choices = f.metadata.get("choices")
-        if choices and value == "False" and "no" in choices:
-            cfg[f.name] = value = "no"  # YAML 1.1 reads a bare `no` (accelerate's spelling) as false
         if choices and value not in choices:
             shown = "|".join("null" if c is None else str(c) for c in choices)
             raise RecipeError(f"'{key}' must be one of {shown}, got {value!r}")

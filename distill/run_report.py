@@ -77,7 +77,7 @@ def save_sample_grid(out: Path, step: int, writer, teacher, model, recipe: DictC
 def final_fidelity(recipe: DictConfig, teacher, model, e2e) -> dict[str, Any]:
     """The toy grader's rates for the teacher and `model` on `evaluation.at_end` held-out prompts,
     same sampler, guidance and seeds."""
-    from distill.evaluate import toy_fidelity, toy_prompts
+    from distill.evaluate import recipe_toy_fidelity, toy_prompts
     from distill.samples import student_fn
     from distill.sampling import teacher_denoiser
 
@@ -87,10 +87,8 @@ def final_fidelity(recipe: DictConfig, teacher, model, e2e) -> dict[str, Any]:
     s = recipe.sampling
     t0 = time.perf_counter()
     try:
-        rates = toy_fidelity(teacher, {"teacher": teacher_denoiser(teacher), "student": student_fn(model)},
-                             toy_prompts(recipe, n), scheduler=s.scheduler, steps=s.num_inference_steps,
-                             guidance_scale=s.guidance_scale, seed=s.seed,
-                             sides={"student": e2e.side} if e2e is not None else None)
+        rates = recipe_toy_fidelity(recipe, teacher, {"teacher": teacher_denoiser(teacher), "student": student_fn(model)},
+                                    toy_prompts(recipe, n), sides={"student": e2e.side} if e2e is not None else None)
     finally:
         model.train(was_training)
     teacher_all = rates["teacher"]["all"]

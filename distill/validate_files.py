@@ -20,7 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from distill import checkpoint as ckpt
-from distill.recipe import RecipeError
+from distill.recipe import RecipeError, load_yaml
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TOY_FAMILIES = ("sd15", "sdxl")
@@ -152,7 +152,7 @@ def resume_checkpoint(r: DictConfig, where: str) -> Path | None:
 def check_resume_compatible(r: DictConfig, path: Path, where: str) -> None:
     """The keys of FIXED_ON_RESUME must equal those of the checkpoint's recipe."""
     try:
-        saved = yaml.safe_load(ckpt.read_recipe(path))
+        saved = load_yaml(ckpt.read_recipe(path))
     except (OSError, yaml.YAMLError):
         return  # a damaged checkpoint: the trainer's fallback deals with it
     if not isinstance(saved, dict):

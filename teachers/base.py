@@ -81,7 +81,7 @@ class Teacher:
         """The front end's text encoders and tokenizers read through the teacher, as a pipeline's do
         (``teacher.text_encoder``, ``teacher.tokenizer_2``); read-only."""
         front = self.__dict__.get("front")
-        if front is not None and (name in front.TEXT_ENCODERS or name.startswith("tokenizer")):
+        if front is not None and name in front.TEXT_ENCODERS + front.TOKENIZERS:
             return getattr(front, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 

@@ -150,6 +150,7 @@ class FrontEnd:
 
     family: str = "base"
     TEXT_ENCODERS: tuple[str, ...] = ()
+    TOKENIZERS: tuple[str, ...] = ()
 
     def __init__(self, vae: nn.Module, *, dtype: torch.dtype, default_hw: tuple[int, int],
                  clip_skip: int | None = None):
@@ -223,6 +224,7 @@ class SD15FrontEnd(FrontEnd):
 
     family = "sd15"
     TEXT_ENCODERS = ("text_encoder",)
+    TOKENIZERS = ("tokenizer",)
 
     def __init__(self, vae, text_encoder, tokenizer, *, dtype: torch.dtype, default_hw: tuple[int, int],
                  clip_skip: int | None = None):
@@ -271,6 +273,7 @@ class SDXLFrontEnd(FrontEnd):
 
     family = "sdxl"
     TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+    TOKENIZERS = ("tokenizer", "tokenizer_2")
 
     def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, *, dtype: torch.dtype,
                  default_hw: tuple[int, int], force_zeros_for_empty_prompt: bool = True, clip_skip: int | None = None):
