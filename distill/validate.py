@@ -198,6 +198,8 @@ def vae_factor_of(r: DictConfig) -> int | None:
     anything (toy teachers: 4; a local folder: its vae/config.json); None when unknown here."""
     import json
 
+    from teachers.frontend import vae_scale_factor
+
     source = r.teacher.source
     if source.startswith("toy:"):
         return 4
@@ -208,9 +210,8 @@ def vae_factor_of(r: DictConfig) -> int | None:
                 blocks = json.loads(file.read_text()).get("block_out_channels")
             except (OSError, ValueError):
                 return None
-            return 2 ** (len(blocks) - 1) if blocks else None
+            return vae_scale_factor(blocks) if blocks else None
     return None
-
 
 
 def _check_grid(r: DictConfig, where: str) -> None:
@@ -238,7 +239,6 @@ def _check_grid(r: DictConfig, where: str) -> None:
         if value is not None and value % unit:
             raise fail(key, f"{value} must be a multiple of VAE factor {factor} x student patch "
                         f"{preset['patch_size']} = {unit}", where)
-
 
 
 def zero_terminal_snr_of(r: DictConfig) -> bool | None:
