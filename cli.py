@@ -228,7 +228,7 @@ def cmd_handoff(args: argparse.Namespace) -> int:
 
 
 def cmd_toy_teacher(argv: list[str]) -> int:
-    from teachers import toy
+    from teachers import toy_cli as toy
 
     _quiet_libraries()
     parser = both_spellings(toy.build_parser())

@@ -66,7 +66,7 @@ def scheduler_config(family: str) -> dict[str, Any]:
 @functools.lru_cache(maxsize=None)
 def tokenizer(pad_token: str | None = None):
     """The toy BPE tokenizer at CLIP's 77 tokens (SDXL's second one pads with "!")."""
-    from teachers.toy import EOS, train_tokenizer
+    from teachers.toy_parts import EOS, train_tokenizer
 
     return train_tokenizer(TEXT_LEN, pad_token or EOS)
 

@@ -252,7 +252,7 @@ def render(results: dict) -> str:
 
 
 def plot(results: dict):
-    from distill.evaluate import line_plot
+    from distill.metrics import line_plot
 
     curves = dict(results["students"])
     if "teacher_curve" in results:

@@ -104,6 +104,9 @@ class DistillObjective:
                 own_cond, e2e_terms = e2e.conditioning(captions, drop, cond, **self.size_kwargs(batch))
                 out.update(e2e_terms)
             cond = where_rows(drop, uncond, cond)
+            k = n // 2 if lo.guidance_pairs else 0  # CFG pairs: rows k..2k are rows 0..k, unconditional
+            if k:
+                cond = {key: torch.cat([v[:k], uncond[key][:k], v[2 * k:]]) for key, v in cond.items()}
             s_cond = cond if own_cond is None else own_cond
 
         # 2. The noisy state, in the teacher's convention.
@@ -117,6 +120,8 @@ class DistillObjective:
                 x0 = self.latents(batch)  # (N, C, h, w)
             noise = torch.randn(x0.shape, generator=g, device=dev)
             t = sched.sample_timesteps(n, generator=g, device=dev, mode=lo.timestep_sampling)  # (N,)
+            if k:  # each pair shares its clean latent, noise and timestep
+                x0, noise, t = (torch.cat([v[:k], v[:k], v[2 * k:]]) for v in (x0, noise, t))
             x_t = sched.add_noise(x0, noise, t)
             if x0_attached is not None:
                 x_t.requires_grad_(True)  # to carry the alignment term's gradient on to the VAE
@@ -140,6 +145,9 @@ class DistillObjective:
             out.add("eps", eps_loss(s_eps, sched.target(x0, noise, t, self.target_type), w), lo.eps)
         if lo.teacher:
             out.add("teacher", teacher_loss(s_eps, t_eps, self.teacher_weight(t)), lo.teacher)
+        if k:  # the guidance direction cond - uncond of each pair, student against teacher
+            out.add("guidance", teacher_loss(s_eps[:k] - s_eps[k:2 * k], t_eps[:k] - t_eps[k:2 * k],
+                                             self.teacher_weight(t[:k])), lo.guidance_pairs)
         if lo.feature:
             projected = self.projector(s_feats)  # one call: the DDP wrapper syncs their gradients
             # A guided teacher ran one batch [uncond, cond]: align to the conditional half.

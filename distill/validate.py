@@ -132,6 +132,19 @@ def _check_losses(r: DictConfig, where: str) -> None:
     if lo.feature and (not f.student_blocks or len(f.student_blocks) != len(f.teacher_modules)):
         raise fail("losses.features.student_blocks", "and losses.features.teacher_modules need the same non-zero "
                     f"length when losses.feature > 0 (got {len(f.student_blocks)} and {len(f.teacher_modules)})", where)
+    if lo.guidance_pairs < 0:
+        raise fail("losses.guidance_pairs", f"must be >= 0, got {lo.guidance_pairs}", where)
+    if lo.guidance_pairs and not (lo.teacher or lo.feature):
+        raise fail("losses.guidance_pairs", "needs the teacher's prediction: losses.teacher (or losses.feature) > 0",
+                    where)
+    if lo.guidance_pairs and lo.guided_teacher:
+        raise fail("losses.guidance_pairs", "cannot run with losses.guided_teacher: a guided target has no "
+                    "unconditional half to pair", where)
+    if lo.guidance_pairs and r.training.batch_size < 2:
+        raise fail("losses.guidance_pairs", f"needs training.batch_size >= 2 (pairs), got {r.training.batch_size}", where)
+    if lo.guidance_pairs and r.training.train_text_encoder:
+        raise fail("losses.guidance_pairs", "cannot run with training.train_text_encoder: the pairs use the "
+                    "teacher's unconditional input, not the student side's", where)
     pf = lo.perturbations.prompt_file
     if pf.enabled and not pf.path:
         raise fail("losses.perturbations.prompt_file.path", "is null but losses.perturbations.prompt_file.enabled is true",

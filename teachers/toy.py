@@ -34,7 +34,6 @@ place at the end, so an interrupted build never looks finished.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -49,10 +48,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data import toy as world
+from teachers.toy_parts import (PRESETS, SDXL_PAD, _tokenize, build_text_encoder, build_unet, build_vae,
+                                encode_text, sdxl_time_ids, train_tokenizer)
 
 TOY_TEACHER_VERSION = "3"  # bump when a change here alters what a UNet/text-encoder build produces
 TOY_VAE_VERSION = "1"      # bump when a change here alters what the (shared) VAE build produces
@@ -63,8 +63,6 @@ FAMILIES = ("sd15", "sdxl")
 UNET_STEPS = {"sd15": 4000, "sdxl": 4000}
 FINISHED_MARKER = "toy_teacher.json"  # written last inside the temporary folder, before the rename
 VAE_INIT_LOGVAR = -6.0
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-SDXL_PAD = "!"
 
 # The real teachers' scheduler configs (what SD1.5 / SDXL ship), so the toy teachers are read by
 # the same loading and schedule code as the real ones.
@@ -78,15 +76,6 @@ SCHEDULER_CONFIGS = {
              "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
              "clip_sample": False, "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True},
 }
-
-# Model sizes. "small" is the real toy teacher; "tiny" exists for tests (seconds to build).
-PRESETS = {
-    "small": dict(vae_channels=(16, 32, 32), unet_channels=(32, 64, 64), text_hidden=64, text_hidden_2=64,
-                  text_layers=2, text_heads=4, projection_dim=32, time_embed_dim=8, attention_head_dim=8),
-    "tiny": dict(vae_channels=(8, 16, 16), unet_channels=(16, 32, 32), text_hidden=16, text_hidden_2=16,
-                 text_layers=2, text_heads=2, projection_dim=8, time_embed_dim=4, attention_head_dim=4),
-}
-
 
 @dataclass(frozen=True)
 class ToyTeacherSettings:
@@ -143,100 +132,6 @@ def default_cache_root() -> Path:
         return Path(cache_dir())
     except ImportError:
         return Path(os.environ.get("SITDISTILL_CACHE", os.path.expanduser("~/.cache/sitdistill")))
-
-
-# --- Tokenizer ----------------------------------------------------------------------------------
-def toy_corpus() -> list[str]:
-    """Every caption the world can write (full and short forms): the tokenizer's training text."""
-    out = []
-    for colour, shape in world.all_combos():
-        for pos in world.POSITIONS:
-            short = f"a {colour} {shape} {world.POSITION_PHRASES[pos]}"
-            out.append(short)
-            for size in world.SIZES:
-                for bg in world.BACKGROUNDS:
-                    out.append(world.ToySpec(colour, shape, pos, size, bg).caption)
-    return out
-
-
-def train_tokenizer(max_length: int, pad_token: str = EOS):
-    """BPE trained with the ``tokenizers`` library on the toy corpus, wrapped as a CLIPTokenizer.
-
-    CLIP's BPE marks word ends with ``</w>`` and needs every byte-level character, alone and with
-    ``</w>``, in the vocabulary (so any text tokenizes); merges then make each toy word one token.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import CLIPTokenizer
-
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=100_000, initial_alphabet=alphabet, end_of_word_suffix="</w>",
-                                  special_tokens=[BOS, EOS], show_progress=False)
-    bpe.train_from_iterator(toy_corpus(), trainer)
-    model = json.loads(bpe.to_str())["model"]
-    vocab: dict[str, int] = dict(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
-    for ch in sorted(alphabet):
-        for piece in (ch, ch + "</w>"):
-            vocab.setdefault(piece, len(vocab))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=max_length)
-
-
-def _tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
-    # Exactly what the pipelines do: pad to model_max_length, truncate.
-    return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
-
-
-# --- Models -------------------------------------------------------------------------------------
-def build_vae(preset: str):
-    from diffusers import AutoencoderKL
-    ch = PRESETS[preset]["vae_channels"]
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=ch,
-                         down_block_types=("DownEncoderBlock2D",) * len(ch),
-                         up_block_types=("UpDecoderBlock2D",) * len(ch), layers_per_block=1,
-                         norm_num_groups=8, sample_size=64, mid_block_add_attention=False)
-
-
-def build_text_encoder(preset: str, tokenizer, hidden: int, with_projection: bool = False):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    p = PRESETS[preset]
-    # eos_token_id must be the tokenizer's: the default (2) selects the legacy argmax pooling.
-    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                            num_hidden_layers=p["text_layers"], num_attention_heads=p["text_heads"],
-                            max_position_embeddings=tokenizer.model_max_length, projection_dim=p["projection_dim"],
-                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id, hidden_act="gelu")
-    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
-
-
-def build_unet(preset: str, family: str, cross_attention_dim: int, sample_size: int = 16, text_pool: bool = False,
-               levels: int = 3):
-    """``levels``: 3 (16, 8, 4 on a 16x16 latent) or 4, which adds a 2x2 level whose cells are the
-    image's quadrants, as SD's UNet has four (64 -> 8 latent at 512 px)."""
-    from diffusers import UNet2DConditionModel
-    p = PRESETS[preset]
-    if levels not in (3, 4):
-        raise ValueError(f"toy UNet levels must be 3 or 4, got {levels}")
-    channels = tuple(p["unet_channels"]) + ((p["unet_channels"][-1],) if levels == 4 else ())
-    extra = {}
-    if text_pool and family == "sd15":
-        # diffusers' addition_embed_type="text" (DeepFloyd IF's): an attention pooling of the text
-        # states added to the time embedding, a global text signal like SDXL's pooled embeds. The
-        # SD pipeline needs no extra input for it.
-        extra = dict(addition_embed_type="text", addition_embed_type_num_heads=p["text_heads"])
-    if family == "sdxl":
-        # Pooled text (projection_dim) + 6 micro-conditioning ids, each embedded in time_embed_dim.
-        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=p["time_embed_dim"],
-                     projection_class_embeddings_input_dim=p["projection_dim"] + 6 * p["time_embed_dim"])
-    return UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=channels,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=p["attention_head_dim"],
-        norm_num_groups=8, **extra)
 
 
 # --- Data ---------------------------------------------------------------------------------------
@@ -332,30 +227,6 @@ def ensure_toy_vae(settings: ToyTeacherSettings, groups: dict, cache_dir: Path |
             train_vae(settings, groups, tmp)
     print(f"toy VAE from {final}", flush=True)
     return AutoencoderKL.from_pretrained(final).eval().requires_grad_(False)
-
-
-# --- Text conditioning, as the pipelines build it ------------------------------------------------
-def encode_text(family: str, encoders: list, ids: list[torch.Tensor], drop: torch.Tensor) -> dict:
-    """UNet keyword arguments for token ids; ``drop`` (B,) bool marks CFG-dropped captions.
-
-    SD1.5: last hidden state of the encoder (ids of dropped captions are already the empty prompt's).
-    SDXL: penultimate hidden states of both encoders concatenated, pooled = encoder 2's projected
-    output, dropped captions zeroed (``force_zeros_for_empty_prompt``) — StableDiffusionXLPipeline's
-    ``encode_prompt``.
-    """
-    if family == "sd15":
-        return {"encoder_hidden_states": encoders[0](ids[0])[0]}  # (B, L, D)
-    out1 = encoders[0](ids[0], output_hidden_states=True)
-    out2 = encoders[1](ids[1], output_hidden_states=True)
-    states = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)  # (B, L, D1 + D2)
-    pooled = out2.text_embeds  # (B, projection_dim)
-    keep = (~drop).to(states.dtype)
-    return {"encoder_hidden_states": states * keep[:, None, None], "text_embeds": pooled * keep[:, None]}
-
-
-def sdxl_time_ids(height: int, width: int, batch: int) -> torch.Tensor:
-    """original_size (h, w) + crop (top, left) + target_size (h, w): the pipeline's default ids."""
-    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(batch, 1)
 
 
 # --- The build ----------------------------------------------------------------------------------
@@ -558,100 +429,3 @@ def ensure_toy_teacher(family: str = "sd15", cache_dir: str | Path | None = None
     if not is_finished(final):
         build_toy_teacher(final, s, cache_dir=root)
     return final
-
-
-# --- Fidelity -----------------------------------------------------------------------------------
-EVAL_SEED = 10_007         # held-out prompts: a seed the training data (seed 0.. by default) does not use
-EVAL_STEPS = 25
-EVAL_GUIDANCE = 5.0
-
-
-def evaluate(folder: str | Path, n: int = 64, seed: int = EVAL_SEED, steps: int = EVAL_STEPS,
-             guidance: float = EVAL_GUIDANCE, batch_size: int = 16) -> dict:
-    """Sample the saved pipeline (loaded with diffusers' from_pretrained) on n held-out prompts and grade.
-
-    Sampler: DDIM (built from the saved scheduler config), ``steps`` steps, CFG ``guidance``; each
-    prompt is sampled at its spec's resolution, so all aspect ratios are covered.
-    """
-    from diffusers import DDIMScheduler, DiffusionPipeline
-
-    folder = Path(folder)
-    pipe = DiffusionPipeline.from_pretrained(folder)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    info = json.loads((folder / FINISHED_MARKER).read_text()) if (folder / FINISHED_MARKER).exists() else {}
-    res = tuple(map(tuple, info.get("settings", {}).get("resolutions", world.RESOLUTIONS)))
-    specs = world.ToyWorld(resolutions=res).sample(n, seed)
-    images: list = [None] * n
-    t0 = time.time()
-    gen = torch.Generator().manual_seed(seed)
-    for wh in sorted({(s.width, s.height) for s in specs}):
-        idx = [i for i, s in enumerate(specs) if (s.width, s.height) == wh]
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start:start + batch_size]
-            out = pipe([specs[i].caption for i in chunk], width=wh[0], height=wh[1], num_inference_steps=steps,
-                       guidance_scale=guidance, generator=gen, output_type="pil").images
-            for i, im in zip(chunk, out):
-                images[i] = im
-    rates = world.fidelity(images, specs)
-    rates.update(sampler="DDIM", steps=steps, guidance=guidance, seed=seed, sample_s=round(time.time() - t0, 1),
-                 build_s=round(info.get("timings", {}).get("total_s", float("nan")), 1))
-    return rates
-
-
-# --- Command line -------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--family", choices=FAMILIES, default="sd15")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="build into this folder (default: the cache, <cache>/toy-teacher/<family>-<key>)")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="cache root (default $SITDISTILL_CACHE)")
-    parser.add_argument("--preset", choices=list(PRESETS), default="small")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--unet-steps", type=int, default=None)
-    parser.add_argument("--vae-steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--loss-weighting", default=None, help="UNet loss weighting: none, min_snr or v "
-                        "(distill.schedule.LOSS_WEIGHTINGS; default min_snr)")
-    parser.add_argument("--text-pool", action=argparse.BooleanOptionalAction, default=None,
-                        help="SD1.5 family: pooled text added to the UNet's time embedding (default on)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's own choice; 1 is faster on a busy shared CPU)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if a finished build exists")
-    parser.add_argument("--eval", type=int, default=0, metavar="N",
-                        help="after building, sample N held-out prompts and print colour/shape/position fidelity")
-    return parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return add_arguments(argparse.ArgumentParser(prog="toy-teacher", description=__doc__.split("\n")[0]))
-
-
-def run(args: argparse.Namespace) -> Path:
-    overrides = {k: v for k, v in (("unet_steps", args.unet_steps), ("vae_steps", args.vae_steps),
-                                   ("batch_size", args.batch_size), ("loss_weighting", args.loss_weighting),
-                                   ("text_pool", args.text_pool))
-                 if v is not None}
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    s = ToyTeacherSettings(family=args.family, preset=args.preset, seed=args.seed, **overrides)
-    cache = args.cache_dir if args.cache_dir is not None else default_cache_root()
-    folder = args.out if args.out is not None else toy_teacher_dir(s, cache)
-    done = is_finished(folder) and json.loads((Path(folder) / FINISHED_MARKER).read_text()).get("settings") == \
-        json.loads(json.dumps(asdict(s), default=list))
-    if args.force or not done:
-        build_toy_teacher(folder, s, cache_dir=cache)
-    else:
-        print(f"toy {s.family} teacher already built at {folder}", flush=True)
-    if args.eval:
-        print(json.dumps(evaluate(folder, n=args.eval)), flush=True)
-    print(folder)
-    return Path(folder)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    run(build_parser().parse_args(argv))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

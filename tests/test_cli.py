@@ -102,10 +102,10 @@ def test_toy_teacher_options_are_the_builders(capsys):
 
 
 def test_toy_teacher_options_reach_the_builder(monkeypatch, tmp_path):
-    from teachers import toy
+    from teachers import toy_cli
 
     seen = {}
-    monkeypatch.setattr(toy, "run", lambda args: seen.update(vars(args)))
+    monkeypatch.setattr(toy_cli, "run", lambda args: seen.update(vars(args)))
     assert cli.main(["toy-teacher", "--family", "sdxl", "--out", str(tmp_path), "--eval", "4"]) == 0
     assert seen["family"] == "sdxl" and str(seen["out"]) == str(tmp_path) and seen["eval"] == 4
 
@@ -116,7 +116,7 @@ def test_every_flag_has_one_convention_and_both_spellings():
     import argparse
 
     import cli
-    from teachers import toy
+    from teachers import toy_cli as toy
 
     def parsers(p):
         yield p

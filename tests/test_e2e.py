@@ -9,7 +9,7 @@ import torch
 
 from distill import checkpoint as ckpt
 from distill.e2e import LORA_WEIGHTS, load_student_side
-from distill.evaluate import reconstruction_psnr
+from distill.metrics import reconstruction_psnr
 from distill.recipe import load_recipe
 from distill.trainer import Distiller
 from test_trainer import tiny_recipe

@@ -66,3 +66,33 @@ def test_the_objective_is_reproducible_from_its_generator(tiny_teachers, tmp_pat
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     tc, _, _ = a(batch)  # the generator moved on: other noise, other values
     assert not torch.equal(tc["eps"], ta["eps"])
+
+
+def test_cfg_pairs_share_x_t_and_learn_the_guidance_direction(tiny_teachers, tmp_path):
+    obj = build(tiny_teachers["sdxl"], tmp_path, "losses.guidance_pairs=2.0", "data.caption_dropout=0")
+    seen = {}
+    teacher_eps, student_eps = obj.teacher_eps, obj.student_eps
+
+    def spy_teacher(x_t, t, cond, uncond, scale=None):
+        seen.update(x_t=x_t, t=t, cond=cond, uncond=uncond)
+        seen["teacher"] = out = teacher_eps(x_t, t, cond, uncond, scale)
+        return out
+
+    def spy_student(x_t, t, cond, blocks=None):
+        seen["student"] = out = student_eps(x_t, t, cond, blocks)
+        return out
+
+    obj.teacher_eps, obj.student_eps = spy_teacher, spy_student
+    batch = next(iter(obj.data.epoch_batches(0)))
+    terms, weights, _ = obj(batch)
+    x_t, t, cond, uncond = seen["x_t"], seen["t"], seen["cond"], seen["uncond"]
+    assert x_t.shape[0] == 4 and weights["guidance"] == 2.0 and terms["guidance"].shape == (2,)
+    assert torch.equal(x_t[2:], x_t[:2]) and torch.equal(t[2:], t[:2])  # a pair: one state, one timestep
+    for key in cond:  # rows 0-1 their captions, rows 2-3 the pipeline's unconditional input
+        assert torch.equal(cond[key][2:], uncond[key][:2])
+        assert not torch.equal(cond[key][:2], uncond[key][:2]) or key == "time_ids"
+    s, te = seen["student"], seen["teacher"]
+    want = ((s[:2] - s[2:]) - (te[:2] - te[2:])).pow(2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(terms["guidance"], want)
+    plain = build(tiny_teachers["sdxl"], tmp_path / "plain", "data.caption_dropout=0")
+    assert "guidance" not in plain(batch)[0]

@@ -137,7 +137,7 @@ def test_perturbation_table_is_keyed_by_the_recipes_names():
     part has a batch of its own (distill.trajectory)."""
     from dataclasses import fields
 
-    from distill.recipe import PerturbConfig
+    from distill.schema import PerturbConfig
 
     assert set(PERTURBATIONS) | {"trajectory"} == {f.name for f in fields(PerturbConfig)}
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from students import PRESETS, SiT, build_student, count_parameters
-from students.sit import sincos_pos_embed_2d
+from students.layers import sincos_pos_embed_2d
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from data.pipeline import needs_images
 from data.toy import parse_caption
-from distill import study
+from distill import study, study_report
 from distill.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def test_prompt_file_covers_the_whole_world(tmp_path):
 def _results(values: dict) -> dict:
     """A results dict with one seed, one step; values: {set: {who: {metric: v}}}."""
     r = {"plan": {"letters": list("ABCD"), "eval_steps": [10], "seeds": [0]}, "by_seed": {"0": {"10": values}}}
-    r["summary"] = study.summarise(r)
+    r["summary"] = study_report.summarise(r)
     return r
 
 
@@ -66,14 +66,14 @@ def test_claims_follow_the_numbers():
                    "C": {"noise_mse": 0.1, "latent_mse": 0.4, "fidelity": 0.4},
                    "D": {"noise_mse": 0.3, "latent_mse": 0.6, "fidelity": 0.3},
                    "teacher": {"fidelity": 0.5}} for name in study.SETS}
-    claims = study.check_claims(_results(good))
+    claims = study_report.check_claims(_results(good))
     assert [c["holds"] for c in claims] == [True, True, True]
     assert "60 %" in claims[2]["detail"]
     bad = json.loads(json.dumps(good))
     bad["held_out"]["B"]["fidelity"] = 0.05  # B worse than A on one metric, and better than C there
     bad["held_out"]["C"]["fidelity"] = 0.04
     bad["seen"]["D"]["fidelity"] = 0.1       # 20 % of the teacher
-    claims = study.check_claims(_results(bad))
+    claims = study_report.check_claims(_results(bad))
     assert [c["holds"] for c in claims] == [False, False, False]
     assert "B not better" in claims[0]["detail"] and "C not better" in claims[1]["detail"]
 
@@ -81,7 +81,7 @@ def test_claims_follow_the_numbers():
 def test_summary_is_mean_and_sample_std_over_seeds():
     r = {"plan": {"letters": ["A"], "eval_steps": [5], "seeds": [0, 1, 2]},
          "by_seed": {str(s): {"5": {"seen": {"A": {"noise_mse": v}}}} for s, v in enumerate((1.0, 2.0, 6.0))}}
-    mean, std = study.summarise(r)["seen"]["5"]["A"]["noise_mse"]
+    mean, std = study_report.summarise(r)["seen"]["5"]["A"]["noise_mse"]
     assert mean == pytest.approx(3.0) and std == pytest.approx(math.sqrt(7.0))
 
 
@@ -138,12 +138,12 @@ def test_claims_say_when_a_difference_is_within_the_seeds_spread():
     by_seed = {str(s): {"10": {"seen": {"A": {"noise_mse": a}, "B": {"noise_mse": b}}}}
                for s, (a, b) in enumerate([(0.50, 0.30), (0.52, 0.31), (0.48, 0.29)])}
     r = {"plan": {"letters": ["A", "B"], "eval_steps": [10], "seeds": [0, 1, 2]}, "by_seed": by_seed}
-    r["summary"] = study.summarise(r)
-    assert "within the seeds' spread" not in study.check_claims(r)[0]["detail"]  # 0.2 apart, std 0.02
+    r["summary"] = study_report.summarise(r)
+    assert "within the seeds' spread" not in study_report.check_claims(r)[0]["detail"]  # 0.2 apart, std 0.02
     for seed, (a, b) in zip(by_seed, [(0.50, 0.45), (0.40, 0.47), (0.45, 0.40)]):
         by_seed[seed]["10"]["seen"] = {"A": {"noise_mse": a}, "B": {"noise_mse": b}}
-    r["summary"] = study.summarise(r)
-    claim = study.check_claims(r)[0]
+    r["summary"] = study_report.summarise(r)
+    claim = study_report.check_claims(r)[0]
     assert claim["holds"] and "B better, within the seeds' spread" in claim["detail"]
 
 

@@ -8,6 +8,7 @@ from PIL import Image
 
 from data import toy
 from teachers import toy as toy_teacher
+from teachers import toy_cli
 
 # A toy teacher small enough to build in seconds: 32 px images, a handful of steps.
 TINY = dict(preset="tiny", n_images=24, resolutions=((32, 32), (32, 16)), vae_steps=2, vae_batch=4, vae_crop=16,
@@ -231,10 +232,10 @@ def test_interrupted_build_is_not_taken_as_finished(tiny_teachers, monkeypatch):
 
 def test_cli_parser_builds_into_out(tmp_path, monkeypatch):
     monkeypatch.setenv("SITDISTILL_CACHE", str(tmp_path / "cache"))
-    args = toy_teacher.build_parser().parse_args(["--family", "sdxl", "--out", str(tmp_path / "t"), "--eval", "4"])
+    args = toy_cli.build_parser().parse_args(["--family", "sdxl", "--out", str(tmp_path / "t"), "--eval", "4"])
     assert args.family == "sdxl" and args.eval == 4 and args.out == tmp_path / "t"
     with pytest.raises(SystemExit):
-        toy_teacher.build_parser().parse_args(["--family", "sd3"])
+        toy_cli.build_parser().parse_args(["--family", "sd3"])
 
 
 def test_toy_vae_training_is_deterministic_by_seed():

@@ -40,6 +40,11 @@ CONFLICTS = [
     ("trajectory prompts from no file", ["losses.perturb=1", "losses.perturbations.trajectory.enabled=true",
                                          "losses.perturbations.trajectory.prompts=prompt_file"],
      "losses.perturbations.prompt_file.path"),
+    ("CFG pairs with a guided target", ["losses.guidance_pairs=1", "losses.guided_teacher=true"],
+     "losses.guidance_pairs"),
+    ("CFG pairs in a batch of one", ["losses.guidance_pairs=1", "training.batch_size=1"], "losses.guidance_pairs"),
+    ("CFG pairs with student text encoders", ["losses.guidance_pairs=1", "training.train_text_encoder=true"],
+     "losses.guidance_pairs"),
 ]
 
 
