@@ -14,8 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from distill import sample_cli
-from distill.exits import EXIT_FAILED, EXIT_USAGE, fail
+from distill.apps import sample_cli
+from distill.core.exits import EXIT_FAILED, EXIT_USAGE, fail
 
 
 # The seed's training flags (sit-xl-e2e-sdxl `train.py`) and the recipe keys they stand for.
@@ -56,26 +56,26 @@ SAMPLE_COMMANDS = (  # (name, help, description)
 
 
 def cmd_show_recipe(args: argparse.Namespace) -> int:
-    from distill.recipe import load_recipe, to_yaml
+    from distill.core.recipe import load_recipe, to_yaml
 
     print(to_yaml(load_recipe(args.recipe, args.overrides)), end="")
     return 0
 
 
 def _run_recipe(recipe_path: str | None, overrides: list[str], dry_run: bool) -> int:
-    from distill.plan import describe_plan
-    from distill.recipe import load_recipe
+    from distill.train.plan import describe_plan
+    from distill.core.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
-    from distill.validate import validate_recipe
+    from distill.train.validate import validate_recipe
 
     validate_recipe(recipe, recipe_source(recipe_path, overrides))
     if dry_run:
         print(describe_plan(recipe))
         print("dry run: nothing was trained or written.")
         return 0
-    from distill.checkpoint import CheckpointWriteError, UnsafeFileError
-    from distill.trainer import TrainingStopped, train
+    from distill.core.checkpoint import CheckpointWriteError, UnsafeFileError
+    from distill.train.trainer import TrainingStopped, train
 
     _quiet_libraries()
     try:
@@ -120,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data_report(args: argparse.Namespace) -> int:
-    from distill.data_report import data_report
+    from distill.apps.data_report import data_report
 
     if not Path(args.dir).is_dir():
         return fail(f"data-report: {args.dir} is not a folder", EXIT_USAGE)
@@ -141,7 +141,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from distill.bench import run_bench
+    from distill.apps.bench import run_bench
 
     if args.gpu:
         return _gpu_bench(args)
@@ -158,7 +158,7 @@ def _gpu_bench(args: argparse.Namespace) -> int:
     if not args.tiny and not torch.cuda.is_available():
         return fail("bench --gpu needs a CUDA device; --tiny runs the same code on the CPU at stand-in sizes",
                      EXIT_USAGE)
-    from distill.bench_gpu import run_gpu_bench
+    from distill.apps.bench_gpu import run_gpu_bench
 
     _quiet_libraries()
     run_gpu_bench(args.output_dir, tiny=args.tiny, budget_s=args.budget_s)
@@ -178,7 +178,7 @@ def _quiet_libraries() -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from distill.study import LETTERS, StudyPlan, quick_plan, run_study
+    from distill.apps.study import LETTERS, StudyPlan, quick_plan, run_study
 
     unknown = [k for k in args.students if k not in LETTERS]
     if unknown:
@@ -200,7 +200,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_curve(args: argparse.Namespace) -> int:
-    from distill.curve import ARMS, CurvePlan, run_curve
+    from distill.apps.curve import ARMS, CurvePlan, run_curve
 
     unknown = [k for k in args.students if k not in ARMS]
     if unknown:
@@ -217,7 +217,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
 
 
 def cmd_handoff(args: argparse.Namespace) -> int:
-    from distill.handoff import run_handoff
+    from distill.apps.handoff import run_handoff
 
     _quiet_libraries()
     try:
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p, required=False)
     p.set_defaults(func=cmd_train)
 
-    # Sampling, evaluation and export: their arguments and commands live in distill/sample_cli.py.
+    # Sampling, evaluation and export: their arguments and commands live in distill/apps/sample_cli.py.
     for name, help_text, description in SAMPLE_COMMANDS:
         p = sub.add_parser(name, help=help_text, description=description)
         getattr(sample_cli, f"add_{name}_arguments")(p)
@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.recipe import RecipeError
+    from distill.core.recipe import RecipeError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["toy-teacher"]:  # the toy builder parses its own options

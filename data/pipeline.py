@@ -31,9 +31,9 @@ from omegaconf import DictConfig
 from data.buckets import BucketBatchSampler, validate_step
 from data.cache import LatentCache, TextCache, cache_policy, module_fingerprint, text_cache_policy
 from data.folder import UNLOADABLE, build_folder_dataset, collate
-from distill.paths import cache_dir
-from distill.perturb import BATCH_PARTS
-from distill.recipe import RecipeError, as_dict
+from distill.core.paths import cache_dir
+from distill.core.schema import BATCH_PARTS
+from distill.core.recipe import RecipeError, as_dict
 
 log = logging.getLogger(__name__)
 

@@ -154,7 +154,7 @@ def _read_entry(path: Path, verify: bool, max_pixels: int | None) -> list:
 
 def _default_cache_file(root: Path) -> Path:
     try:
-        from distill.paths import cache_dir
+        from distill.core.paths import cache_dir
         base = Path(cache_dir())
     except ImportError:
         base = Path(os.environ.get("SITDISTILL_CACHE", os.path.expanduser("~/.cache/sitdistill")))

@@ -78,7 +78,7 @@ def load_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path)
-    from distill.checkpoint import load_weights_only
+    from distill.core.checkpoint import load_weights_only
 
     state = load_weights_only(path)
     for key in ("ema", "model"):

@@ -16,7 +16,7 @@ as ``["students.sit", "SiT"]`` (an importable module + class), like any library 
 
 Prompts are encoded by the teacher family's own code (``teachers.sd``, which reproduces
 ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline.encode_prompt``) and sampled by
-``distill.samples.sample_latents``, the function `cli.py sample` and `cli.py eval` use, so the
+``distill.infer.samples.sample_latents``, the function `cli.py sample` and `cli.py eval` use, so the
 pipeline's images equal theirs for the same settings.
 """
 
@@ -65,7 +65,7 @@ class SiTPipeline(DiffusionPipeline):
         return cls(**parts)
 
     def front_end(self) -> FrontEnd:
-        """The prompt encoder(s) + VAE as a front end (``distill.samples.sample_latents`` takes it)."""
+        """The prompt encoder(s) + VAE as a front end (``distill.infer.samples.sample_latents`` takes it)."""
         kw = dict(dtype=self.text_encoder.dtype, default_hw=self.default_hw(),
                   clip_skip=getattr(self.config, "clip_skip", None))
         if self.text_encoder_2 is not None:
@@ -90,7 +90,7 @@ class SiTPipeline(DiffusionPipeline):
         output_type: "pil", "np" ((N, H, W, 3) float in [0, 1]), "pt" ((N, 3, H, W) in [0, 1]) or
         "latent" (the scaled latents the VAE would decode). ``generator``: one, or one per prompt.
         """
-        from distill.samples import sample_latents, student_fn, to_pil
+        from distill.infer.samples import sample_latents, student_fn, to_pil
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         dh, dw = self.default_hw()

@@ -50,7 +50,7 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from distill.guidance import cfg_batch, guide
+from distill.core.guidance import cfg_batch, guide
 from students.layers import (ZERO_INIT_STD, AddedCondEmbedder, FinalLayer, LabelEmbedder,
                              PatchEmbed, SiTBlock, TimestepEmbedder, sincos_pos_embed_2d)
 from students.official import (_SIZES, OFFICIAL_HEADS_BY_WIDTH, LoadReport, load_into, load_official_state_dict,
@@ -121,7 +121,7 @@ class SiT(ModelMixin, ConfigMixin):
         if time_input not in TIME_INPUTS:
             raise ValueError(f"time_input must be one of {TIME_INPUTS}, got {time_input!r}")
         if time_input == "sit":
-            from distill.schedule import NoiseSchedule
+            from distill.core.schedule import NoiseSchedule
 
             if not noise_schedule:
                 raise ValueError("time_input='sit' needs noise_schedule (the teacher's scheduler-config betas)")

@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--vae-steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--loss-weighting", default=None, help="UNet loss weighting: none, min_snr or v "
-                        "(distill.schedule.LOSS_WEIGHTINGS; default min_snr)")
+                        "(distill.core.schedule.LOSS_WEIGHTINGS; default min_snr)")
     parser.add_argument("--text-pool", action=argparse.BooleanOptionalAction, default=None,
                         help="SD1.5 family: pooled text added to the UNet's time embedding (default on)")
     parser.add_argument("--threads", type=int, default=None,

@@ -69,7 +69,7 @@ def test_seed_training_flags_map_to_recipe_keys():
         "--train_text_encoder", "--mixed_precision", "--use_ema",
     ])
     ov = cli.seed_flags_to_overrides(args)
-    from distill.recipe import load_recipe
+    from distill.core.recipe import load_recipe
 
     r = load_recipe(args.recipe, ov)
     assert r.data.root == "/data" and r.output.dir == "/out" and r.student.preset == "3b"

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from distill import curve
-from distill.recipe import load_recipe
+from distill.apps import curve
+from distill.core.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_TEACHER = dict(preset="tiny", n_images=24, resolutions=((32, 32), (32, 16)), vae_steps=2, vae_batch=4,

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from distill import checkpoint as ckpt
-from distill.e2e import LORA_WEIGHTS, load_student_side
-from distill.metrics import reconstruction_psnr
-from distill.recipe import load_recipe
-from distill.trainer import Distiller
+from distill.core import checkpoint as ckpt
+from distill.train.e2e import LORA_WEIGHTS, load_student_side
+from distill.evaluation.metrics import reconstruction_psnr
+from distill.core.recipe import load_recipe
+from distill.train.trainer import Distiller
 from test_trainer import tiny_recipe
 from tiny_models import one_thread  # noqa: F401 (fixture)
 
@@ -149,7 +149,7 @@ def test_lora_mode_trains_adapters_only_and_resumes(tiny_teachers, tmp_path):
                                    again.teacher.vae.encode(pixels).latent_dist.mean), name  # the adapter counts
 
     # Export writes the merged parts as plain components; from_pretrained gives the same VAE back.
-    from distill.export import export_diffusers, resolve_checkpoint
+    from distill.apps.export import export_diffusers, resolve_checkpoint
     from students.pipeline import SiTPipeline
 
     out = export_diffusers(resolve_checkpoint(latest), tmp_path / "export")
@@ -187,7 +187,7 @@ def test_stage_two_starts_from_a_stage_one_checkpoint(tiny_teachers, tmp_path):
     assert reconstruction_psnr(side, pixels) > 0
 
     # Sampling and export use the student-side VAE and text encoder of a stage-2 checkpoint.
-    from distill.export import build_pipeline, resolve_checkpoint
+    from distill.apps.export import build_pipeline, resolve_checkpoint
 
     pipe = build_pipeline(resolve_checkpoint(tmp_path / "stage2"))
     assert not changed(params(d.e2e.vae), pipe.vae)
@@ -205,7 +205,7 @@ def test_stage_two_starts_from_a_stage_one_checkpoint(tiny_teachers, tmp_path):
     assert len(metrics["noise_mse"]["student"]) == 2 and (report / "report.md").is_file()
     # VAE reconstruction: the student's own VAE vs the teacher's, on the same drawn toy images.
     from data.toy import draw, spec_from_caption
-    from distill.evaluate import toy_reconstruction_psnr
+    from distill.evaluation.evaluate import toy_reconstruction_psnr
 
     recon = metrics["recon_psnr"]
     assert recon["student"] != recon["teacher"]

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from distill import checkpoint as ckpt
-from distill.build import build_student_from_recipe, load_teacher_from_recipe
-from distill.recipe import to_yaml
-from distill.sample_cli import add_export_arguments, add_sample_arguments, export_command, sample_command
-from distill.samples import generators
+from distill.core import checkpoint as ckpt
+from distill.train.build import build_student_from_recipe, load_teacher_from_recipe
+from distill.core.recipe import to_yaml
+from distill.apps.sample_cli import add_export_arguments, add_sample_arguments, export_command, sample_command
+from distill.infer.samples import generators
 from students.pipeline import SiTPipeline
 from test_trainer import tiny_recipe
 from tiny_models import make_tiny_sd15, make_tiny_sdxl

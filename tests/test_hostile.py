@@ -17,9 +17,9 @@ import torch
 import cli
 import hostile_corpus as corpus
 from data.folder import scan_folder
-from distill import checkpoint as ckpt
-from distill.recipe import load_recipe
-from distill.trainer import Distiller
+from distill.core import checkpoint as ckpt
+from distill.core.recipe import load_recipe
+from distill.train.trainer import Distiller
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = str(ROOT / "recipes" / "toy.yaml")
@@ -132,7 +132,7 @@ def test_a_data_root_without_a_usable_image_is_exit_2_after_the_scan(tiny_teache
 
 
 def test_a_teacher_named_like_a_hub_id_is_left_to_the_hub_client(tmp_path):
-    from distill.validate import validate_recipe
+    from distill.train.validate import validate_recipe
 
     # Not a local path and shaped org/name: validation passes it on (only loading can tell).
     validate_recipe(load_recipe(RECIPE, [f"output.dir={tmp_path / 'run'}", "teacher.source=someone/some-model",
@@ -384,7 +384,7 @@ def test_a_full_disk_during_a_save_says_so_and_keeps_the_last_checkpoint(error, 
 
 
 def test_the_intact_message_appears_only_when_a_checkpoint_exists(tiny_teachers, tmp_path):
-    from distill.trainer import TrainingStopped
+    from distill.train.trainer import TrainingStopped
 
     d = Distiller(load_recipe(RECIPE, [f"teacher.source={tiny_teachers['sd15']}", f"output.dir={tmp_path / 'run'}",
                                        *TINY, "training.max_bad_steps=1"]))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from data.buckets import validate_step
-from distill.validate import check_names
-from distill.plan import FAMILY_COND_DIMS
-from distill.recipe import RecipeError, load_recipe
+from distill.train.validate import check_names
+from distill.train.plan import FAMILY_COND_DIMS
+from distill.core.recipe import RecipeError, load_recipe
 from students import PRESETS, build_student
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +22,7 @@ def test_shipped_recipe_builds(path, tiny_teachers, tmp_path, monkeypatch):
     recipe = load_recipe(path)
     check_names(recipe)
     if recipe.teacher.source.startswith("toy:"):
-        from distill.trainer import Distiller
+        from distill.train.trainer import Distiller
 
         monkeypatch.setenv("SITDISTILL_CACHE", str(tmp_path / "cache"))
         family = recipe.teacher.source.split(":", 1)[1]

@@ -9,8 +9,8 @@ from PIL import Image
 
 from data.pipeline import needs_images
 from data.toy import parse_caption
-from distill import study, study_report
-from distill.recipe import load_recipe
+from distill.apps import study, study_report
+from distill.core.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 HELD = ["red circle", "green square", "blue triangle", "yellow diamond"]

@@ -257,7 +257,7 @@ def test_clip_skip_reaches_the_text_cache_key_and_the_exported_pipeline(folders,
     from data.cache import TextCache
     from students import build_student
     from students.pipeline import SiTPipeline
-    from distill.sampling import make_scheduler
+    from distill.infer.sampling import make_scheduler
 
     plain, skipped = load_teacher(folders["sd15"]), load_teacher(folders["sd15"], clip_skip=1)
     assert TextCache(plain.front, tmp_path).store.dir != TextCache(skipped.front, tmp_path).store.dir

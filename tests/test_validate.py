@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import cli
-from distill.recipe import RecipeError, load_recipe
-from distill.validate import check_loaded, validate_recipe
+from distill.core.recipe import RecipeError, load_recipe
+from distill.train.validate import check_loaded, validate_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = str(ROOT / "recipes" / "toy.yaml")
@@ -53,11 +53,11 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    import distill.build
+    import distill.train.build
     import teachers
     import teachers.sd
 
-    monkeypatch.setattr(distill.build, "load_teacher_from_recipe", refuse)
+    monkeypatch.setattr(distill.train.build, "load_teacher_from_recipe", refuse)
     monkeypatch.setattr(teachers.sd, "load_teacher", refuse)
     monkeypatch.setattr(teachers, "load_teacher", refuse)
 
