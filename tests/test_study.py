@@ -65,7 +65,7 @@ def test_claims_follow_the_numbers():
                    "B": {"noise_mse": 0.2, "latent_mse": 0.5, "fidelity": 0.3},
                    "C": {"noise_mse": 0.1, "latent_mse": 0.4, "fidelity": 0.4},
                    "D": {"noise_mse": 0.3, "latent_mse": 0.6, "fidelity": 0.3},
-                   "teacher": {"fidelity": 0.5}} for name in study.SETS}
+                   "teacher": {"fidelity": 0.5}} for name in study_report.SETS}
     claims = study_report.check_claims(_results(good))
     assert [c["holds"] for c in claims] == [True, True, True]
     assert "60 %" in claims[2]["detail"]
@@ -92,10 +92,10 @@ def test_quick_study_trains_evaluates_and_reports_every_student(tiny_teachers, t
     results = study.run_study(out, plan)
     assert results["plan"]["eval_steps"] == [1, 2]
     for step in ("1", "2"):
-        for name in study.SETS:
+        for name in study_report.SETS:
             cell = results["by_seed"]["0"][step][name]
             for k in study.LETTERS:
-                assert all(math.isfinite(cell[k][m]) for m in study.METRICS), (step, name, k)
+                assert all(math.isfinite(cell[k][m]) for m in study_report.METRICS), (step, name, k)
             assert "fidelity" in cell["teacher"]
     for k in study.LETTERS:  # ordinary training runs, one checkpoint per evaluation step
         run = out / "runs" / "seed0" / k
@@ -129,7 +129,7 @@ def test_study_runs_in_two_processes(tiny_teachers, tmp_path):
     plan.steps, plan.eval_every, plan.workers = 1, 1, 2
     results = study.run_study(tmp_path / "study", plan)
     assert results["plan"]["eval_steps"] == [1] and results["seconds"]["workers"] == 2
-    for name in study.SETS:
+    for name in study_report.SETS:
         assert set(results["by_seed"]["0"]["1"][name]) == {"A", "D", "teacher"}
     assert (tmp_path / "study" / "results.md").is_file()
 

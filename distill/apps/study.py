@@ -41,25 +41,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from distill.apps.study_report import (ATTRIBUTES, DESCRIPTIONS, check_claims, plot_study, render_results,
+                                       render_table, summarise)
+
 STUDY_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "study.yaml"
 LETTERS = ("A", "B", "C", "D", "E")
-DESCRIPTIONS = {
-    "A": "eps only (no teacher)",
-    "B": "eps + teacher",
-    "C": "eps + teacher + perturbation",
-    "D": "teacher trajectories only (data-free)",
-    "E": "C + feature alignment",
-}
 PROMPT_FILE = "prompts_all_combos.txt"
 PROMPT_FILE_SEED = 424242  # the text-only prompt list; neither the training images nor the eval use it
 EVAL_SEED = 777_001        # eval prompts: a seed the training set (data.toy.seed) does not use
-SETS = ("seen", "held_out")
-ATTRIBUTES = ("colour", "shape", "position")
-METRICS = {  # name in results -> (label, lower is better)
-    "noise_mse": ("eps MSE to teacher", True),
-    "latent_mse": ("sample latent MSE to teacher", True),
-    "fidelity": ("prompt fidelity", False),  # the grader's colour, shape and position rates, averaged
-}
 
 
 def letter_overrides(letter: str, prompt_file: str) -> list[str]:
@@ -273,7 +262,6 @@ def run_study(out: str | Path, plan: StudyPlan, log=print) -> dict:
     from distill.train.build import resolve_teacher_source
     from distill.core.checkpoint import checkpoint_step, find_latest
     from distill.core.recipe import load_recipe, save_recipe
-    from distill.apps.study_report import check_claims, plot_study, render_results, render_table, summarise
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,21 @@ from typing import Sequence
 
 import numpy as np
 
-from distill.apps.study import ATTRIBUTES, DESCRIPTIONS, METRICS, SETS
+# The vocabulary of the results: the students' descriptions, prompt sets, attributes and metrics.
+DESCRIPTIONS = {
+    "A": "eps only (no teacher)",
+    "B": "eps + teacher",
+    "C": "eps + teacher + perturbation",
+    "D": "teacher trajectories only (data-free)",
+    "E": "C + feature alignment",
+}
+SETS = ("seen", "held_out")
+ATTRIBUTES = ("colour", "shape", "position")
+METRICS = {  # name in results -> (label, lower is better)
+    "noise_mse": ("eps MSE to teacher", True),
+    "latent_mse": ("sample latent MSE to teacher", True),
+    "fidelity": ("prompt fidelity", False),  # the grader's colour, shape and position rates, averaged
+}
 
 
 def _values(results: dict, step: int | str, name: str, who: str, metric: str) -> list[float]:

@@ -37,6 +37,11 @@ from distill.train.timing import SectionTimer
 Tensor = torch.Tensor
 
 
+def pair_rows(a: Tensor, b: Tensor, k: int) -> Tensor:
+    """CFG pairs: rows 0..k of `a`, then rows 0..k of `b` in place of a's rows k..2k, then a's rest."""
+    return torch.cat([a[:k], b[:k], a[2 * k:]])
+
+
 class DistillObjective:
     """`terms, weights, logs = objective(batch)`: the loss terms of one micro-batch.
 
@@ -106,7 +111,7 @@ class DistillObjective:
             cond = where_rows(drop, uncond, cond)
             k = n // 2 if lo.guidance_pairs else 0  # CFG pairs: rows k..2k are rows 0..k, unconditional
             if k:
-                cond = {key: torch.cat([v[:k], uncond[key][:k], v[2 * k:]]) for key, v in cond.items()}
+                cond = {key: pair_rows(v, uncond[key], k) for key, v in cond.items()}
             s_cond = cond if own_cond is None else own_cond
 
         # 2. The noisy state, in the teacher's convention.
@@ -120,8 +125,10 @@ class DistillObjective:
                 x0 = self.latents(batch)  # (N, C, h, w)
             noise = torch.randn(x0.shape, generator=g, device=dev)
             t = sched.sample_timesteps(n, generator=g, device=dev, mode=lo.timestep_sampling)  # (N,)
-            if k:  # each pair shares its clean latent, noise and timestep
-                x0, noise, t = (torch.cat([v[:k], v[:k], v[2 * k:]]) for v in (x0, noise, t))
+            if k:  # each pair shares its clean latent (with its VAE graph), noise and timestep
+                x0, noise, t = (pair_rows(v, v, k) for v in (x0, noise, t))
+                if x0_attached is not None:
+                    x0_attached = pair_rows(x0_attached, x0_attached, k)
             x_t = sched.add_noise(x0, noise, t)
             if x0_attached is not None:
                 x_t.requires_grad_(True)  # to carry the alignment term's gradient on to the VAE
