@@ -23,8 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from students import PRESETS, build_student  # noqa: E402
-from students.layers import sincos_pos_embed_2d  # noqa: E402
+from sitdistill.students import PRESETS, build_student  # noqa: E402
+from sitdistill.students.layers import sincos_pos_embed_2d  # noqa: E402
 
 NUM_CLASSES = 1000
 

@@ -4,8 +4,8 @@
 
 Plain: `torch.nn.utils.clip_grad_norm_`, `torch.optim.AdamW` with its default implementation, an
 EMA that lerps tensor by tensor (what most training scripts write). Ours: the trainer's folded
-clipping (`distill.train.trainer.clip_gradients(fold=True)` + `step_optimizer`: the clip divisor applied
-inside the fused AdamW kernel), fused AdamW (`distill.train.build.build_optimizer`), and `distill.train.ema.EMA`.
+clipping (`sitdistill.train.trainer.clip_gradients(fold=True)` + `step_optimizer`: the clip divisor applied
+inside the fused AdamW kernel), fused AdamW (`sitdistill.train.build.build_optimizer`), and `sitdistill.train.ema.EMA`.
 Both start from the same student and the same gradients (global norm above the clip limit, so
 clipping acts), run interleaved after a warm-up, and must end with the same weights; the table
 gives medians and ratio = plain / ours (> 1: ours is faster).
@@ -23,11 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from accelerate import Accelerator  # noqa: E402
 
-from distill.train.build import build_optimizer  # noqa: E402
-from distill.train.ema import EMA  # noqa: E402
-from distill.core.recipe import load_recipe  # noqa: E402
-from distill.train.trainer import clip_gradients, step_optimizer  # noqa: E402
-from students import build_student  # noqa: E402
+from sitdistill.train.build import build_optimizer  # noqa: E402
+from sitdistill.train.ema import EMA  # noqa: E402
+from sitdistill.core.recipe import load_recipe  # noqa: E402
+from sitdistill.train.trainer import clip_gradients, step_optimizer  # noqa: E402
+from sitdistill.students import build_student  # noqa: E402
 
 
 def student(preset: str):

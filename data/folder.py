@@ -7,12 +7,12 @@
 Images: `.png .jpg .jpeg .webp` in any letter case, found recursively. Captions: the same stem with
 `caption_extension`. Metadata: the same stem with `.json` (an object), kept in `ImageRecord.meta`.
 
-Bad files never stop a run. `scan_folder` (`data.scan`) skips them and lists each with a reason from
+Bad files never stop a run. `scan_folder` (`sitdistill.data.scan`) skips them and lists each with a reason from
 SKIP_REASONS (dangling links, link loops and unreadable files included; images above the pixel
 budget `max_pixels` are skipped from their header, before anything is decoded). An image that only
 fails when it is decoded for training is replaced by another item of the same bucket and reported
 in the sample's `load_errors`; when no image of a bucket loads, the item comes back as a marker
-(`UNLOADABLE`) and the batch is refilled from another bucket (`data.pipeline.TrainData`).
+(`UNLOADABLE`) and the batch is refilled from another bucket (`sitdistill.data.pipeline.TrainData`).
 
 Image sizes come from headers and are cached (keyed by path, mtime and byte size), so a rescan of
 a large folder opens no image at all. With `verify_images` the scan also reads each image's data
@@ -31,16 +31,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from data.buckets import (SMALL_BUCKET_POLICIES, Bucket, assign_bucket, bucket_histogram,
+from sitdistill.data.buckets import (SMALL_BUCKET_POLICIES, Bucket, assign_bucket, bucket_histogram,
                           make_buckets, resize_and_crop)
-from data.captions import CaptionProcessor
+from sitdistill.data.captions import CaptionProcessor
 
 log = logging.getLogger(__name__)
 # The scan enforces its own pixel budget (data.max_pixels) from the header, before any decoding;
 # Pillow's warning for the same case would only repeat it.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
-from data.scan import (DEFAULT_MAX_PIXELS, DEFAULT_SCAN_WORKERS, ORIENTATIONS_SWAPPING_SIDES, SKIP_REASONS,
+from sitdistill.data.scan import (DEFAULT_MAX_PIXELS, DEFAULT_SCAN_WORKERS, ORIENTATIONS_SWAPPING_SIDES, SKIP_REASONS,
                        ImageRecord, ScanResult, Skipped, _header_orientation, scan_folder)
 
 UNLOADABLE = "unloadable_bucket"  # the key of the marker item a dataset returns for a dead bucket

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from data.buckets import BucketBatchSampler, validate_step
-from data.cache import LatentCache, TextCache, cache_policy, module_fingerprint, text_cache_policy
-from data.folder import UNLOADABLE, build_folder_dataset, collate
-from distill.core.paths import cache_dir
-from distill.core.schema import BATCH_PARTS
-from distill.core.recipe import RecipeError, as_dict
+from sitdistill.data.buckets import BucketBatchSampler, validate_step
+from sitdistill.data.cache import LatentCache, TextCache, cache_policy, module_fingerprint, text_cache_policy
+from sitdistill.data.folder import UNLOADABLE, build_folder_dataset, collate
+from sitdistill.core.paths import cache_dir
+from sitdistill.core.schema import BATCH_PARTS
+from sitdistill.core.recipe import RecipeError, as_dict
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ _NOT_FOLDER_KEYS = ("root", "toy", "num_workers", "cache_latents", "cache_dir")
 
 def toy_data_folder(data_cfg: DictConfig) -> Path:
     """The toy world as a tagutl folder, drawn once per (n, seed, held-out combos) and cached."""
-    from data.toy import ToyWorld
+    from sitdistill.data.toy import ToyWorld
 
     toy = data_cfg.toy
     excluded = tuple(tuple(c.split()) for c in toy.exclude_combos)
@@ -294,7 +294,7 @@ def build_train_data(recipe: DictConfig, teacher, *, rank: int = 0, world_size: 
 
 
 def _student_patch(recipe: DictConfig) -> int:
-    from students import PRESETS
+    from sitdistill.students import PRESETS
 
     preset = recipe.student.preset
     if preset not in PRESETS:

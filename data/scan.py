@@ -1,4 +1,4 @@
-"""Finding the images of a folder and reading their sizes: `scan_folder` (see `data.folder`).
+"""Finding the images of a folder and reading their sizes: `scan_folder` (see `sitdistill.data.folder`).
 
 Bad files never stop a scan: each is skipped and listed with a reason from SKIP_REASONS (dangling
 links, link loops and unreadable files included; images above the pixel budget `max_pixels` are
@@ -154,7 +154,7 @@ def _read_entry(path: Path, verify: bool, max_pixels: int | None) -> list:
 
 def _default_cache_file(root: Path) -> Path:
     try:
-        from distill.core.paths import cache_dir
+        from sitdistill.core.paths import cache_dir
         base = Path(cache_dir())
     except ImportError:
         base = Path(os.environ.get("SITDISTILL_CACHE", os.path.expanduser("~/.cache/sitdistill")))

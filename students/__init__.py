@@ -1,4 +1,4 @@
 """Students: the SiT transformer that learns from the teacher."""
-from students.sit import PRESETS, SiT, LoadReport, build_student, count_parameters
+from sitdistill.students.sit import PRESETS, SiT, LoadReport, build_student, count_parameters
 
 __all__ = ["PRESETS", "SiT", "LoadReport", "build_student", "count_parameters"]

@@ -1,6 +1,6 @@
 """The SiT's building blocks: embedders, fp32 norms and adaLN modulation, attention, the block
 and the final layer (module names and tensor layouts are the official SiT/DiT ones; see
-`students.sit`)."""
+`sitdistill.students.sit`)."""
 from __future__ import annotations
 
 import math

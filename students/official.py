@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from students.layers import sincos_pos_embed_2d
+from sitdistill.students.layers import sincos_pos_embed_2d
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def load_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path)
-    from distill.core.checkpoint import load_weights_only
+    from sitdistill.core.checkpoint import load_weights_only
 
     state = load_weights_only(path)
     for key in ("ema", "model"):

@@ -4,7 +4,7 @@ Components: ``transformer`` (the SiT student), ``vae``, ``text_encoder`` (+ ``te
 ``tokenizer`` (+ ``tokenizer_2``) and ``scheduler``: the teacher's own VAE and text encoders,
 since the student was trained on their latents and embeddings. Load an exported folder with
 
-    from students.pipeline import SiTPipeline
+    from sitdistill.students.pipeline import SiTPipeline
     pipe = SiTPipeline.from_pretrained("exported/")
     image = pipe("a red circle at the top left", generator=torch.Generator().manual_seed(0)).images[0]
 
@@ -12,11 +12,11 @@ since the student was trained on their latents and embeddings. Load an exported 
 ``_class_name`` of ``model_index.json`` up in its own module namespace (``_get_pipeline_class``
 in diffusers 0.42), and the only other route, ``custom_pipeline``, runs a Python file, which this
 project never does. The components themselves are found by ``model_index.json`` entries such
-as ``["students.sit", "SiT"]`` (an importable module + class), like any library component.
+as ``["sitdistill.students.sit", "SiT"]`` (an importable module + class), like any library component.
 
-Prompts are encoded by the teacher family's own code (``teachers.sd``, which reproduces
+Prompts are encoded by the teacher family's own code (``sitdistill.teachers.sd``, which reproduces
 ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline.encode_prompt``) and sampled by
-``distill.infer.samples.sample_latents``, the function `cli.py sample` and `cli.py eval` use, so the
+``sitdistill.infer.samples.sample_latents``, the function `cli.py sample` and `cli.py eval` use, so the
 pipeline's images equal theirs for the same settings.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
-from teachers.frontend import FrontEnd, SD15FrontEnd, SDXLFrontEnd, vae_scale_factor
+from sitdistill.teachers.frontend import FrontEnd, SD15FrontEnd, SDXLFrontEnd, vae_scale_factor
 
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 7.5
@@ -65,7 +65,7 @@ class SiTPipeline(DiffusionPipeline):
         return cls(**parts)
 
     def front_end(self) -> FrontEnd:
-        """The prompt encoder(s) + VAE as a front end (``distill.infer.samples.sample_latents`` takes it)."""
+        """The prompt encoder(s) + VAE as a front end (``sitdistill.infer.samples.sample_latents`` takes it)."""
         kw = dict(dtype=self.text_encoder.dtype, default_hw=self.default_hw(),
                   clip_skip=getattr(self.config, "clip_skip", None))
         if self.text_encoder_2 is not None:
@@ -90,7 +90,7 @@ class SiTPipeline(DiffusionPipeline):
         output_type: "pil", "np" ((N, H, W, 3) float in [0, 1]), "pt" ((N, 3, H, W) in [0, 1]) or
         "latent" (the scaled latents the VAE would decode). ``generator``: one, or one per prompt.
         """
-        from distill.infer.samples import sample_latents, student_fn, to_pil
+        from sitdistill.infer.samples import sample_latents, student_fn, to_pil
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         dh, dw = self.default_hw()

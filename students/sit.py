@@ -50,10 +50,10 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from distill.core.guidance import cfg_batch, guide
-from students.layers import (ZERO_INIT_STD, AddedCondEmbedder, FinalLayer, LabelEmbedder,
+from sitdistill.core.guidance import cfg_batch, guide
+from sitdistill.students.layers import (ZERO_INIT_STD, AddedCondEmbedder, FinalLayer, LabelEmbedder,
                              PatchEmbed, SiTBlock, TimestepEmbedder, sincos_pos_embed_2d)
-from students.official import (_SIZES, OFFICIAL_HEADS_BY_WIDTH, LoadReport, load_into, load_official_state_dict,
+from sitdistill.students.official import (_SIZES, OFFICIAL_HEADS_BY_WIDTH, LoadReport, load_into, load_official_state_dict,
                                official_config_from_state_dict)
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class SiT(ModelMixin, ConfigMixin):
         if time_input not in TIME_INPUTS:
             raise ValueError(f"time_input must be one of {TIME_INPUTS}, got {time_input!r}")
         if time_input == "sit":
-            from distill.core.schedule import NoiseSchedule
+            from sitdistill.core.schedule import NoiseSchedule
 
             if not noise_schedule:
                 raise ValueError("time_input='sit' needs noise_schedule (the teacher's scheduler-config betas)")

@@ -2,10 +2,10 @@
 
 A teacher is a frozen adapter around a foreign diffusion model (the pattern of k-diffusion's
 ``external.py``): whatever the source predicts (epsilon or v), ``predict_eps`` returns epsilon in
-the project's one noise convention (``distill.core.schedule.NoiseSchedule``, built from the teacher's
+the project's one noise convention (``sitdistill.core.schedule.NoiseSchedule``, built from the teacher's
 own scheduler config). Conditioning is a plain dict of the keyword arguments the diffusers UNet
 takes. What turns prompts and images into those inputs, the text encoders, tokenizers and VAE, is
-the teacher's front end (``teacher.front``, ``teachers.frontend``); ``encode_prompt``,
+the teacher's front end (``teacher.front``, ``sitdistill.teachers.frontend``); ``encode_prompt``,
 ``encode_images`` and ``decode_latents`` here are the front end's, run without gradients.
 
 Frozen means frozen: every module is in eval mode with ``requires_grad_(False)``, every call runs
@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.core.guidance import cfg_batch, guide
-from distill.core.schedule import NoiseSchedule
+from sitdistill.core.guidance import cfg_batch, guide
+from sitdistill.core.schedule import NoiseSchedule
 
 from .frontend import Cond, FrontEnd, first_weight, vae_scale_factor
 
@@ -48,7 +48,7 @@ class Teacher:
 
     Attributes: ``family``, ``unet``, ``front`` (the ``FrontEnd``: VAE, text encoders, tokenizers),
     ``schedule`` (NoiseSchedule with the source's ``prediction_type``), ``scheduler_config`` (a
-    dict; ``distill.infer.sampling.make_scheduler`` builds any diffusers sampler from it),
+    dict; ``sitdistill.infer.sampling.make_scheduler`` builds any diffusers sampler from it),
     ``latent_channels``, ``dtype`` (of the UNet), ``device``; ``vae`` and ``vae_scale_factor``
     are the front end's.
 
@@ -145,7 +145,7 @@ class Teacher:
     @torch.no_grad()
     def predict(self, x_t: Tensor, t: Tensor | int | float, cond: Cond) -> Tensor:
         """The raw UNet output at (x_t, t), in the teacher's own ``prediction_type`` (what its
-        pipeline's scheduler steps; ``distill.infer.sampling.teacher_denoiser``)."""
+        pipeline's scheduler steps; ``sitdistill.infer.sampling.teacher_denoiser``)."""
         return self._unet_output(x_t, t, cond)
 
     @torch.no_grad()

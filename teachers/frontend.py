@@ -3,7 +3,7 @@
 A teacher is its frozen UNet plus a front end (``Teacher.front``); the student samples through the
 same front end, or, after the end-to-end stage, through one of its own built on its trainable
 VAE / text encoders (``FrontEnd.with_modules``): the same encoding code on other weights. An
-exported pipeline's parts are a front end too (``students.pipeline``).
+exported pipeline's parts are a front end too (``sitdistill.students.pipeline``).
 
 ``encode_prompt`` reproduces what ``StableDiffusionPipeline.encode_prompt`` /
 ``StableDiffusionXLPipeline.encode_prompt`` (+ ``_get_add_time_ids``) hand to the UNet, step for

@@ -1,6 +1,6 @@
 """SD1.5- and SDXL-family teachers via diffusers (a pipeline folder, a hub id, or a single file).
 
-A teacher here is the frozen UNet plus the family's front end (``teachers.frontend``: the prompt
+A teacher here is the frozen UNet plus the family's front end (``sitdistill.teachers.frontend``: the prompt
 encoding that reproduces the diffusers pipelines, and the VAE); ``load_teacher`` reads both from
 one source.
 """
@@ -134,7 +134,7 @@ def load_teacher(source: str | Path, family: str | None = None, *, config: str |
         family: one of ``TEACHER_FAMILIES``; detected from the UNet config when None.
         config: for a single file, the diffusers folder or hub id holding the configs (and, for a
             UNet-only file, the other components). None: the model type is read from the file's keys
-            and the configs that ship with the package are used, offline (``teachers.single_file``).
+            and the configs that ship with the package are used, offline (``sitdistill.teachers.single_file``).
         vae: a VAE override (folder / hub id / module), e.g. the fp16-fix SDXL VAE. It is loaded with
             ``vae_variant`` / ``vae_revision`` (default none), never the teacher's ``variant`` /
             ``revision``.
@@ -176,7 +176,7 @@ def load_teacher(source: str | Path, family: str | None = None, *, config: str |
     if vae_fp32 is None:
         force_upcast = bool(_vae_config(source, config, vae, load_kwargs, vae_kwargs).get("force_upcast", False))
         vae_fp32 = dtype == torch.float16 and force_upcast
-    keys = list(shapes) if single else None  # tensor names (teachers.single_file.read_shapes)
+    keys = list(shapes) if single else None  # tensor names (sitdistill.teachers.single_file.read_shapes)
     extra: dict[str, Any] = {**_dtype_kw(dtype), **load_kwargs}
     extra["vae"] = _load_vae(source, config, vae, torch.float32 if vae_fp32 else dtype, keys, load_kwargs, vae_kwargs)
     if family == "sd15":

@@ -64,7 +64,7 @@ def read_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
 
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    from distill.core.checkpoint import UnsafeFileError, load_weights_only
+    from sitdistill.core.checkpoint import UnsafeFileError, load_weights_only
 
     try:
         state = load_weights_only(path, mmap=True)
@@ -141,7 +141,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def default_root() -> Path:
-    from distill.core.paths import cache_dir
+    from sitdistill.core.paths import cache_dir
 
     return cache_dir("single-file")
 

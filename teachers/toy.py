@@ -50,8 +50,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from data import toy as world
-from teachers.toy_parts import (PRESETS, SDXL_PAD, _tokenize, build_text_encoder, build_unet, build_vae,
+from sitdistill.data import toy as world
+from sitdistill.teachers.toy_parts import (PRESETS, SDXL_PAD, _tokenize, build_text_encoder, build_unet, build_vae,
                                 encode_text, sdxl_time_ids, train_tokenizer)
 
 TOY_TEACHER_VERSION = "3"  # bump when a change here alters what a UNet/text-encoder build produces
@@ -98,13 +98,13 @@ class ToyTeacherSettings:
     warmup_steps: int = 100
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
-    loss_weighting: str = "min_snr"  # a key of distill.core.schedule.LOSS_WEIGHTINGS
+    loss_weighting: str = "min_snr"  # a key of sitdistill.core.schedule.LOSS_WEIGHTINGS
     text_pool: bool = True          # SD1.5 family: pooled text added to the time embedding (build_unet)
     unet_levels: int = 3            # resolution levels of the UNet (build_unet)
     snr_gamma: float | None = 5.0   # gamma of min-SNR-gamma (Hang et al. 2023)
 
     def __post_init__(self) -> None:
-        from distill.core.schedule import LOSS_WEIGHTINGS
+        from sitdistill.core.schedule import LOSS_WEIGHTINGS
 
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"unknown loss weighting {self.loss_weighting!r}; choose from {list(LOSS_WEIGHTINGS)}")
@@ -128,7 +128,7 @@ def _key(payload: dict, version: str = TOY_TEACHER_VERSION) -> str:
 
 def default_cache_root() -> Path:
     try:
-        from distill.core.paths import cache_dir
+        from sitdistill.core.paths import cache_dir
         return Path(cache_dir())
     except ImportError:
         return Path(os.environ.get("SITDISTILL_CACHE", os.path.expanduser("~/.cache/sitdistill")))
@@ -266,7 +266,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
     """
     from diffusers import DDPMScheduler
 
-    from distill.core.schedule import NoiseSchedule
+    from sitdistill.core.schedule import NoiseSchedule
 
     snapshots = {int(n) for n in snapshots}
     if snapshots and snapshot_dir is None:
@@ -340,7 +340,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
         pred = unet(x_t, t, **cond).sample  # epsilon prediction, like SD
         per_sample = (pred - noise).square().mean(dim=(1, 2, 3))  # (B,)
         # The loss weighting decides how much the high-noise steps, where layout and shape are
-        # decided, count (distill.core.schedule.NoiseSchedule.loss_weight).
+        # decided, count (sitdistill.core.schedule.NoiseSchedule.loss_weight).
         per_sample = per_sample * schedule.loss_weight(t, settings.loss_weighting, settings.snr_gamma)
         loss = per_sample.mean()
         for pg in opt.param_groups:

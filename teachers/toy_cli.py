@@ -11,8 +11,8 @@ from typing import Sequence
 
 import torch
 
-from data import toy as world
-from teachers.toy import (FAMILIES, FINISHED_MARKER, PRESETS, ToyTeacherSettings, build_toy_teacher,
+from sitdistill.data import toy as world
+from sitdistill.teachers.toy import (FAMILIES, FINISHED_MARKER, PRESETS, ToyTeacherSettings, build_toy_teacher,
                           default_cache_root, is_finished, toy_teacher_dir)
 
 
@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--vae-steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--loss-weighting", default=None, help="UNet loss weighting: none, min_snr or v "
-                        "(distill.core.schedule.LOSS_WEIGHTINGS; default min_snr)")
+                        "(sitdistill.core.schedule.LOSS_WEIGHTINGS; default min_snr)")
     parser.add_argument("--text-pool", action=argparse.BooleanOptionalAction, default=None,
                         help="SD1.5 family: pooled text added to the UNet's time embedding (default on)")
     parser.add_argument("--threads", type=int, default=None,

@@ -1,5 +1,5 @@
 """The toy teacher's parts: its BPE tokenizer, the small VAE, text encoder(s) and UNet built from
-`PRESETS`, and the text conditioning as the pipelines build it (see `teachers.toy`)."""
+`PRESETS`, and the text conditioning as the pipelines build it (see `sitdistill.teachers.toy`)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from data import toy as world
+from sitdistill.data import toy as world
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 SDXL_PAD = "!"

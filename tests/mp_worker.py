@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from distill.core.recipe import load_recipe
-from distill.train.sharding import local
-from distill.train.trainer import Distiller
+from sitdistill.core.recipe import load_recipe
+from sitdistill.train.sharding import local
+from sitdistill.train.trainer import Distiller
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     if d.fsdp:  # a folder missing a weight is refused, not filled in from the current model
         from safetensors.torch import load_file
 
-        from distill.train.sharding import WEIGHTS_NAME, GatheredModel
+        from sitdistill.train.sharding import WEIGHTS_NAME, GatheredModel
 
         state = load_file(Path(d.recipe.output.dir) / f"checkpoint-{d.state.step}" / "student" / WEIGHTS_NAME)
         state.pop("final_layer.linear.weight")

@@ -13,10 +13,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import cli
-from distill.apps.bench_runner import double_until
-from distill.apps.flops import peak_tflops, sit_forward_flops, train_flops
-from students import build_student
+from sitdistill import cli
+from sitdistill.apps.bench_runner import double_until
+from sitdistill.apps.flops import peak_tflops, sit_forward_flops, train_flops
+from sitdistill.students import build_student
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,9 +82,9 @@ def test_doubling_search_stops_at_the_first_failure_or_the_cap():
 
 
 def test_adamw8bit_is_refused_without_a_package(monkeypatch):
-    from distill.train import build
-    from distill.core.recipe import RecipeError, load_recipe
-    from distill.train.validate import validate_recipe
+    from sitdistill.train import build
+    from sitdistill.core.recipe import RecipeError, load_recipe
+    from sitdistill.train.validate import validate_recipe
 
     monkeypatch.setattr(build, "lowbit_adamw_backend", lambda: None)
     recipe = load_recipe(ROOT / "recipes" / "toy.yaml", ["optimizer.name=adamw8bit"])
@@ -100,8 +100,8 @@ def test_adamw8bit_is_refused_without_a_package(monkeypatch):
 
 
 def test_adamw8bit_takes_the_recipe_settings(monkeypatch):
-    from distill.train import build
-    from distill.core.recipe import load_recipe
+    from sitdistill.train import build
+    from sitdistill.core.recipe import load_recipe
 
     made = {}
 

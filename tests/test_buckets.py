@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.buckets import (SMALL_BUCKET_POLICIES, BucketBatchSampler, assign_bucket,
+from sitdistill.data.buckets import (SMALL_BUCKET_POLICIES, BucketBatchSampler, assign_bucket,
                           bucket_histogram, make_buckets, resize_and_crop, validate_step)
 
 GRIDS = [(512, 256, 1024, 64), (1024, 512, 2048, 64), (256, 128, 512, 32), (64, 32, 128, 16),

@@ -2,9 +2,9 @@
 
 import torch
 
-from data.cache import LatentCache, TensorCache, TextCache, cache_policy, module_fingerprint, text_cache_policy
-from distill.core.recipe import load_recipe
-from teachers import load_teacher
+from sitdistill.data.cache import LatentCache, TensorCache, TextCache, cache_policy, module_fingerprint, text_cache_policy
+from sitdistill.core.recipe import load_recipe
+from sitdistill.teachers import load_teacher
 from tiny_models import make_tiny_sd15, make_tiny_sdxl
 from PIL import Image
 

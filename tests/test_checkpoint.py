@@ -10,10 +10,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from distill.core import checkpoint as ckpt
-from distill.core.checkpoint import (COMPLETE, find_latest, list_checkpoints, load_checkpoint, read_recipe,
+from sitdistill.core import checkpoint as ckpt
+from sitdistill.core.checkpoint import (COMPLETE, find_latest, list_checkpoints, load_checkpoint, read_recipe,
                                 resolve_resume, save_checkpoint)
-from distill.train.ema import EMA
+from sitdistill.train.ema import EMA
 
 STEPS = 3  # N
 WARMUP_STEPS = 4

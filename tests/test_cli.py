@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import cli
+from sitdistill import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,7 +69,7 @@ def test_seed_training_flags_map_to_recipe_keys():
         "--train_text_encoder", "--mixed_precision", "--use_ema",
     ])
     ov = cli.seed_flags_to_overrides(args)
-    from distill.core.recipe import load_recipe
+    from sitdistill.core.recipe import load_recipe
 
     r = load_recipe(args.recipe, ov)
     assert r.data.root == "/data" and r.output.dir == "/out" and r.student.preset == "3b"
@@ -102,7 +102,7 @@ def test_toy_teacher_options_are_the_builders(capsys):
 
 
 def test_toy_teacher_options_reach_the_builder(monkeypatch, tmp_path):
-    from teachers import toy_cli
+    from sitdistill.teachers import toy_cli
 
     seen = {}
     monkeypatch.setattr(toy_cli, "run", lambda args: seen.update(vars(args)))
@@ -115,8 +115,8 @@ def test_every_flag_has_one_convention_and_both_spellings():
     output folder (`--out` kept): checked on every subcommand, the toy builder's included."""
     import argparse
 
-    import cli
-    from teachers import toy_cli as toy
+    from sitdistill import cli
+    from sitdistill.teachers import toy_cli as toy
 
     def parsers(p):
         yield p

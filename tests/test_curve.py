@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from distill.apps import curve
-from distill.core.recipe import load_recipe
+from sitdistill.apps import curve
+from sitdistill.core.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_TEACHER = dict(preset="tiny", n_images=24, resolutions=((32, 32), (32, 16)), vae_steps=2, vae_batch=4,
@@ -61,7 +61,7 @@ def test_quick_curve_with_the_teachers_own_training(tmp_path, capsys):
         assert (saved.losses.feature > 0) == (arm == "E") and (saved.losses.teacher > 0) == (arm != "A")
     # A snapshot swaps the EMA in and out: both sets of weights come back bit for bit, so the
     # training goes on as without snapshots.
-    from teachers.toy import _swap
+    from sitdistill.teachers.toy import _swap
 
     params, ema = [torch.randn(3, 2), torch.randn(4)], [torch.randn(3, 2), torch.randn(4)]
     before = [t.clone() for t in params + ema]
@@ -86,7 +86,7 @@ def test_quick_curve_with_the_teachers_own_training(tmp_path, capsys):
 
 
 def test_cli_curve_refuses_an_unknown_student(capsys):
-    import cli
+    from sitdistill import cli
 
     assert cli.main(["curve", "--students", "A", "Z"]) == 2
     assert "unknown Z" in capsys.readouterr().err

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data.buckets import BucketBatchSampler, make_buckets
-from data.captions import CaptionProcessor
-from data.folder import (SKIP_REASONS, FolderDataset, build_folder_dataset, collate, data_report,
+from sitdistill.data.buckets import BucketBatchSampler, make_buckets
+from sitdistill.data.captions import CaptionProcessor
+from sitdistill.data.folder import (SKIP_REASONS, FolderDataset, build_folder_dataset, collate, data_report,
                          load_image, scan_folder)
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
@@ -275,8 +275,8 @@ def test_a_finished_toy_folder_is_never_replaced_by_a_later_writer(tmp_path, mon
     finished copy (a rank may be reading it) and leaves no temporary folder behind."""
     from omegaconf import OmegaConf
 
-    from data import pipeline
-    from data.toy import ToyWorld
+    from sitdistill.data import pipeline
+    from sitdistill.data.toy import ToyWorld
 
     monkeypatch.setenv("SITDISTILL_CACHE", str(tmp_path / "cache"))
     cfg = OmegaConf.create({"toy": {"num_images": 6, "seed": 0, "exclude_combos": []}})

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from distill.core import checkpoint as ckpt
-from distill.train.e2e import LORA_WEIGHTS, load_student_side
-from distill.evaluation.metrics import reconstruction_psnr
-from distill.core.recipe import load_recipe
-from distill.train.trainer import Distiller
+from sitdistill.core import checkpoint as ckpt
+from sitdistill.train.e2e import LORA_WEIGHTS, load_student_side
+from sitdistill.evaluation.metrics import reconstruction_psnr
+from sitdistill.core.recipe import load_recipe
+from sitdistill.train.trainer import Distiller
 from test_trainer import tiny_recipe
 from tiny_models import one_thread  # noqa: F401 (fixture)
 
@@ -149,8 +149,8 @@ def test_lora_mode_trains_adapters_only_and_resumes(tiny_teachers, tmp_path):
                                    again.teacher.vae.encode(pixels).latent_dist.mean), name  # the adapter counts
 
     # Export writes the merged parts as plain components; from_pretrained gives the same VAE back.
-    from distill.apps.export import export_diffusers, resolve_checkpoint
-    from students.pipeline import SiTPipeline
+    from sitdistill.apps.export import export_diffusers, resolve_checkpoint
+    from sitdistill.students.pipeline import SiTPipeline
 
     out = export_diffusers(resolve_checkpoint(latest), tmp_path / "export")
     pipe = SiTPipeline.from_pretrained(out)
@@ -187,7 +187,7 @@ def test_stage_two_starts_from_a_stage_one_checkpoint(tiny_teachers, tmp_path):
     assert reconstruction_psnr(side, pixels) > 0
 
     # Sampling and export use the student-side VAE and text encoder of a stage-2 checkpoint.
-    from distill.apps.export import build_pipeline, resolve_checkpoint
+    from sitdistill.apps.export import build_pipeline, resolve_checkpoint
 
     pipe = build_pipeline(resolve_checkpoint(tmp_path / "stage2"))
     assert not changed(params(d.e2e.vae), pipe.vae)
@@ -196,7 +196,7 @@ def test_stage_two_starts_from_a_stage_one_checkpoint(tiny_teachers, tmp_path):
     # ... and so does the evaluation report (the student column, its noise-prediction inputs).
     import json
 
-    import cli
+    from sitdistill import cli
 
     report = tmp_path / "report"
     assert cli.main(["eval", str(tmp_path / "stage2"), "--out", str(report), "--num_prompts", "2",
@@ -204,8 +204,8 @@ def test_stage_two_starts_from_a_stage_one_checkpoint(tiny_teachers, tmp_path):
     metrics = json.loads((report / "metrics.json").read_text())
     assert len(metrics["noise_mse"]["student"]) == 2 and (report / "report.md").is_file()
     # VAE reconstruction: the student's own VAE vs the teacher's, on the same drawn toy images.
-    from data.toy import draw, spec_from_caption
-    from distill.evaluation.evaluate import toy_reconstruction_psnr
+    from sitdistill.data.toy import draw, spec_from_caption
+    from sitdistill.evaluation.evaluate import toy_reconstruction_psnr
 
     recon = metrics["recon_psnr"]
     assert recon["student"] != recon["teacher"]

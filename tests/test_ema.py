@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from distill.train.ema import EMA
+from sitdistill.train.ema import EMA
 
 
 def const_model(value: float, dtype=torch.float32) -> nn.Module:

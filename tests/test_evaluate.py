@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from distill.evaluation.evaluate import evaluation_prompts
-from distill.evaluation.metrics import (PSNR_MSE_FLOOR, SSIM_K1, frechet_distance, gaussian_window, line_plot, noise_prediction_mse,
+from sitdistill.evaluation.evaluate import evaluation_prompts
+from sitdistill.evaluation.metrics import (PSNR_MSE_FLOOR, SSIM_K1, frechet_distance, gaussian_window, line_plot, noise_prediction_mse,
                              psnr, ssim)
-from distill.apps.export import load_teacher_for, resolve_checkpoint
-from distill.apps.sample_cli import add_eval_arguments, eval_command
+from sitdistill.apps.export import load_teacher_for, resolve_checkpoint
+from sitdistill.apps.sample_cli import add_eval_arguments, eval_command
 from test_export import write_checkpoint
 from tiny_models import make_tiny_sd15
 
@@ -135,7 +135,7 @@ def test_clip_score_and_features_from_a_local_tiny_clip(tmp_path):
     from PIL import Image
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from distill.evaluation.metrics import clip_score, image_features
+    from sitdistill.evaluation.metrics import clip_score, image_features
     from tiny_models import make_tiny_tokenizer
 
     tok = make_tiny_tokenizer(max_length=16)

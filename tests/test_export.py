@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.core import checkpoint as ckpt
-from distill.train.build import build_student_from_recipe, load_teacher_from_recipe
-from distill.core.recipe import to_yaml
-from distill.apps.sample_cli import add_export_arguments, add_sample_arguments, export_command, sample_command
-from distill.infer.samples import generators
-from students.pipeline import SiTPipeline
+from sitdistill.core import checkpoint as ckpt
+from sitdistill.train.build import build_student_from_recipe, load_teacher_from_recipe
+from sitdistill.core.recipe import to_yaml
+from sitdistill.apps.sample_cli import add_export_arguments, add_sample_arguments, export_command, sample_command
+from sitdistill.infer.samples import generators
+from sitdistill.students.pipeline import SiTPipeline
 from test_trainer import tiny_recipe
 from tiny_models import make_tiny_sd15, make_tiny_sdxl
 
@@ -64,7 +64,7 @@ def test_export_round_trip_gives_the_cli_images(checkpoints, tmp_path, family, s
     assert export_command(parse(add_export_arguments, [str(checkpoints[family]), "--out", str(out),
                                                       "--scheduler", scheduler])) == 0
     index = json.loads((out / "model_index.json").read_text())
-    assert index["_class_name"] == "SiTPipeline" and index["transformer"] == ["students.sit", "SiT"]
+    assert index["_class_name"] == "SiTPipeline" and index["transformer"] == ["sitdistill.students.sit", "SiT"]
     assert (index["text_encoder_2"][0] is not None) == (family == "sdxl")
     assert (out / "recipe.yaml").is_file() and list((out / "transformer").glob("*.safetensors"))
 
@@ -87,7 +87,7 @@ def test_export_round_trip_gives_the_cli_images(checkpoints, tmp_path, family, s
 
 
 def test_exported_student_is_the_ema_or_raw_checkpoint_weights(checkpoints, tmp_path):
-    from students import SiT
+    from sitdistill.students import SiT
 
     source = checkpoints["sd15"]
     for weights, folder in (("ema", "ema"), ("raw", "student")):

@@ -3,8 +3,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from distill.train.features import FeatureProjector, capture, tokens_from_map
-from distill.train.losses import feature_loss
+from sitdistill.train.features import FeatureProjector, capture, tokens_from_map
+from sitdistill.train.losses import feature_loss
 
 
 def tiny_unet():
@@ -79,7 +79,7 @@ def test_projector_aligns_student_tokens_and_round_trips(tmp_path):
 
 def test_projectors_are_one_module_for_all_aligned_blocks():
     """One forward serves every projector (what lets a DDP wrapper sync their gradients)."""
-    from distill.train.features import FeatureProjector, FeatureProjectors
+    from sitdistill.train.features import FeatureProjector, FeatureProjectors
 
     projs = FeatureProjectors([FeatureProjector(8, 4, 16), FeatureProjector(8, 6, 16)])
     feats = [torch.randn(2, 5, 8), torch.randn(2, 5, 8)]

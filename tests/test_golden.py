@@ -52,9 +52,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.core import checkpoint as ckpt
-from distill.core.recipe import load_recipe
-from distill.train.trainer import Distiller
+from sitdistill.core import checkpoint as ckpt
+from sitdistill.core.recipe import load_recipe
+from sitdistill.train.trainer import Distiller
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = Path(__file__).resolve().parent / "golden_weights.json"

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
+from sitdistill import cli
 import hostile_corpus as corpus
-from data.folder import scan_folder
-from distill.core import checkpoint as ckpt
-from distill.core.recipe import load_recipe
-from distill.train.trainer import Distiller
+from sitdistill.data.folder import scan_folder
+from sitdistill.core import checkpoint as ckpt
+from sitdistill.core.recipe import load_recipe
+from sitdistill.train.trainer import Distiller
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = str(ROOT / "recipes" / "toy.yaml")
@@ -132,7 +132,7 @@ def test_a_data_root_without_a_usable_image_is_exit_2_after_the_scan(tiny_teache
 
 
 def test_a_teacher_named_like_a_hub_id_is_left_to_the_hub_client(tmp_path):
-    from distill.train.validate import validate_recipe
+    from sitdistill.train.validate import validate_recipe
 
     # Not a local path and shaped org/name: validation passes it on (only loading can tell).
     validate_recipe(load_recipe(RECIPE, [f"output.dir={tmp_path / 'run'}", "teacher.source=someone/some-model",
@@ -194,7 +194,7 @@ def test_data_report_of_a_missing_folder_is_one_line(capsys, tmp_path):
 def _folder_with_a_lone_undecodable_image(root: Path) -> Path:
     """4 good 64x64 toy images and one 64x48 image that passes the scan but does not decode: it is
     alone in its bucket, so no substitute exists."""
-    from data.toy import ToyWorld
+    from sitdistill.data.toy import ToyWorld
 
     ToyWorld(resolutions=((64, 64),)).write_folder(root, 4, seed=3, metadata=False)
     bad = corpus.undecodable_png(root / "lone.png", 64, 48)
@@ -384,7 +384,7 @@ def test_a_full_disk_during_a_save_says_so_and_keeps_the_last_checkpoint(error, 
 
 
 def test_the_intact_message_appears_only_when_a_checkpoint_exists(tiny_teachers, tmp_path):
-    from distill.train.trainer import TrainingStopped
+    from sitdistill.train.trainer import TrainingStopped
 
     d = Distiller(load_recipe(RECIPE, [f"teacher.source={tiny_teachers['sd15']}", f"output.dir={tmp_path / 'run'}",
                                        *TINY, "training.max_bad_steps=1"]))

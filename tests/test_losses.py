@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from distill.train import losses
-from distill.train.losses import (LOSSES, combine, eps_loss, feature_loss, mse_per_sample,
+from sitdistill.train import losses
+from sitdistill.train.losses import (LOSSES, combine, eps_loss, feature_loss, mse_per_sample,
                             sample_guidance_scale, teacher_loss)
 
 
@@ -56,7 +56,7 @@ def test_feature_loss_cosine_and_mse_golden():
 
 
 def test_guidance_per_sample_scale_golden():
-    from distill.core.guidance import cfg_batch, guide
+    from sitdistill.core.guidance import cfg_batch, guide
 
     u = torch.zeros(2, 1, 2, 2)
     c = torch.ones(2, 1, 2, 2)

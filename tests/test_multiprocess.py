@@ -67,7 +67,7 @@ def test_two_processes_keep_identical_weights(ddp_run):
 
 
 def test_fsdp_trains_like_ddp_saves_full_weights_and_resumes_exactly(ddp_run, tmp_path):
-    from students import SiT
+    from sitdistill.students import SiT
 
     ddp_tmp, teacher = ddp_run
     run = tmp_path / "run"

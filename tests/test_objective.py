@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.train.build import build_student_from_recipe, load_teacher_from_recipe
-from distill.train.losses import combine
-from distill.train.objective import DistillObjective
-from distill.train.perturb import PERTURBATIONS
+from sitdistill.train.build import build_student_from_recipe, load_teacher_from_recipe
+from sitdistill.train.losses import combine
+from sitdistill.train.objective import DistillObjective
+from sitdistill.train.perturb import PERTURBATIONS
 from test_trainer import tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("private_cache")  # tiny_teachers: tests/conftest.py
@@ -17,8 +17,8 @@ PP = "losses.perturbations"
 
 
 def build(teacher_dir: Path, tmp_path: Path, *overrides: str) -> DistillObjective:
-    from data.pipeline import build_train_data
-    from distill.train.features import FeatureProjector, FeatureProjectors
+    from sitdistill.data.pipeline import build_train_data
+    from sitdistill.train.features import FeatureProjector, FeatureProjectors
 
     prompts = tmp_path / "prompts.txt"
     tmp_path.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
-from distill.train.perturb import (PERTURBATIONS, draw_prompts, jitter_timesteps, load_prompt_file,
+from sitdistill.train.perturb import (PERTURBATIONS, draw_prompts, jitter_timesteps, load_prompt_file,
                              perturb_embeddings, perturb_input, recombine_captions, split_tags,
                              teacher_trajectory_states)
 
@@ -134,18 +134,18 @@ def test_teacher_trajectory_unguided_draws_stops_and_refuses_sigma_schedulers():
 
 def test_perturbation_table_is_keyed_by_the_recipes_names():
     """Every batch part of the recipe has its entry, under the recipe's own name; the trajectory
-    part has a batch of its own (distill.train.trajectory)."""
+    part has a batch of its own (sitdistill.train.trajectory)."""
     from dataclasses import fields
 
-    from distill.core.schema import PerturbConfig
+    from sitdistill.core.schema import PerturbConfig
 
     assert set(PERTURBATIONS) | {"trajectory"} == {f.name for f in fields(PerturbConfig)}
 
 
 def test_input_noise_is_ddpm_ip_the_noise_perturbed():
     """x_t + scale * xi equals the state built from the perturbed noise eps + gamma * xi, at every t."""
-    from distill.train.perturb import input_noise_scale
-    from distill.core.schedule import NoiseSchedule
+    from sitdistill.train.perturb import input_noise_scale
+    from sitdistill.core.schedule import NoiseSchedule
 
     sched = NoiseSchedule.from_config({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
                                        "beta_start": 0.00085, "beta_end": 0.012})

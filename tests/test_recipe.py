@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.core.recipe import RecipeError, all_keys, load_recipe, save_recipe, to_yaml
+from sitdistill.core.recipe import RecipeError, all_keys, load_recipe, save_recipe, to_yaml
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 

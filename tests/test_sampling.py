@@ -3,8 +3,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from distill.infer.sampling import SCHEDULERS, make_scheduler, sample, sample_teacher
-from teachers import load_teacher
+from sitdistill.infer.sampling import SCHEDULERS, make_scheduler, sample, sample_teacher
+from sitdistill.teachers import load_teacher
 from tiny_models import make_tiny_sd15, make_tiny_sdxl, make_zsnr_v
 from tiny_models import one_thread  # noqa: F401  (autouse: one intra-op thread for this module)
 
@@ -134,7 +134,7 @@ def test_a_scheduler_that_cannot_follow_zero_terminal_snr_is_refused(zsnr):
 
 
 def test_trajectory_states_of_a_zero_terminal_snr_teacher_stay_finite(zsnr):
-    from distill.train.perturb import teacher_trajectory_states
+    from sitdistill.train.perturb import teacher_trajectory_states
 
     teacher, _ = zsnr
     cond, uncond = teacher.encode_prompt(PROMPTS, do_cfg=True)

@@ -7,12 +7,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from distill.core import checkpoint as ckpt
-from distill.apps.export import load_student, load_teacher_for, resolve_checkpoint
-from distill.apps.sample_cli import add_export_arguments, add_sample_arguments, export_command, sample_command
-from distill.infer.samples import sample_latents, student_fn
-from distill.infer.sampling import SCHEDULERS
-from distill.train.trainer import Distiller
+from sitdistill.core import checkpoint as ckpt
+from sitdistill.apps.export import load_student, load_teacher_for, resolve_checkpoint
+from sitdistill.apps.sample_cli import add_export_arguments, add_sample_arguments, export_command, sample_command
+from sitdistill.infer.samples import sample_latents, student_fn
+from sitdistill.infer.sampling import SCHEDULERS
+from sitdistill.train.trainer import Distiller
 from test_trainer import tiny_recipe
 from tiny_models import make_tiny_sd15
 
@@ -49,7 +49,7 @@ def parse(add, argv):
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
 def test_every_scheduler_samples_teacher_and_student(models, name):
     if name not in SCHEDULERS:
-        pytest.skip(f"{name} is not in distill.infer.sampling.SCHEDULERS (DPMSolverSDEScheduler needs torchsde)")
+        pytest.skip(f"{name} is not in sitdistill.infer.sampling.SCHEDULERS (DPMSolverSDEScheduler needs torchsde)")
     teacher, student = models
     kw = dict(height=SIZE, width=SIZE, scheduler=name, steps=2, guidance_scale=3.0, negative_prompt="dark")
     prompts = ["a red circle at the top left", "a blue square in the center"]
@@ -120,10 +120,10 @@ def test_seed_format_file_samples_like_the_checkpoint(run, tmp_path):
 
 
 def test_parser_choices_match_the_library():
-    import distill.apps.export
-    import distill.apps.sample_cli
+    import sitdistill.apps.export
+    import sitdistill.apps.sample_cli
 
-    assert distill.apps.sample_cli.WEIGHTS == distill.apps.export.WEIGHTS
+    assert sitdistill.apps.sample_cli.WEIGHTS == sitdistill.apps.export.WEIGHTS
 
 
 def test_bad_checkpoint_is_a_usage_error(tmp_path):
@@ -135,8 +135,8 @@ def test_bad_checkpoint_is_a_usage_error(tmp_path):
 
 def test_explicit_empty_negative_is_encoded_and_none_is_the_pipeline_default(tmp_path):
     """diffusers' SDXL rule: negative_prompt None -> zeros (force_zeros_for_empty_prompt); "" -> encoded."""
-    from distill.infer.sampling import make_scheduler, sample
-    from teachers import load_teacher
+    from sitdistill.infer.sampling import make_scheduler, sample
+    from sitdistill.teachers import load_teacher
     from tiny_models import make_tiny_sdxl
 
     teacher = load_teacher(make_tiny_sdxl(tmp_path / "sdxl"))
@@ -152,7 +152,7 @@ def test_explicit_empty_negative_is_encoded_and_none_is_the_pipeline_default(tmp
 
 
 def test_a_pipeline_call_without_a_generator_uses_the_global_random_state(run, tmp_path):
-    from distill.apps.export import build_pipeline
+    from sitdistill.apps.export import build_pipeline
 
     pipe = build_pipeline(resolve_checkpoint(run))
     kw = dict(height=SIZE, width=SIZE, num_inference_steps=2, output_type="latent")
@@ -165,8 +165,8 @@ def test_a_pipeline_call_without_a_generator_uses_the_global_random_state(run, t
 
 
 def test_handoff_runs_each_model_on_its_side_of_the_timestep(models):
-    from distill.apps.handoff import handoff
-    from distill.infer.sampling import Denoiser, teacher_denoiser
+    from sitdistill.apps.handoff import handoff
+    from sitdistill.infer.sampling import Denoiser, teacher_denoiser
 
     teacher, student = models
     t_fn, s_fn = teacher_denoiser(teacher), student_fn(student)
@@ -187,7 +187,7 @@ def test_handoff_runs_each_model_on_its_side_of_the_timestep(models):
 def test_handoff_command_writes_its_table(run, tmp_path):
     import json
 
-    import cli
+    from sitdistill import cli
 
     out = tmp_path / "handoff"
     assert cli.main(["handoff", str(run), "--at", "1000", "0", "--num_prompts", "2", "--output_dir", str(out)]) == 0

@@ -7,7 +7,7 @@ import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler
 from diffusers.training_utils import compute_snr
 
-from distill.core.schedule import TIMESTEP_SAMPLERS, NoiseSchedule
+from sitdistill.core.schedule import TIMESTEP_SAMPLERS, NoiseSchedule
 
 SD_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  steps_offset=1, skip_prk_steps=True, prediction_type="epsilon")

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.buckets import validate_step
-from distill.train.validate import check_names
-from distill.train.plan import FAMILY_COND_DIMS
-from distill.core.recipe import RecipeError, load_recipe
-from students import PRESETS, build_student
+from sitdistill.data.buckets import validate_step
+from sitdistill.train.validate import check_names
+from sitdistill.train.plan import FAMILY_COND_DIMS
+from sitdistill.core.recipe import RecipeError, load_recipe
+from sitdistill.students import PRESETS, build_student
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -22,7 +22,7 @@ def test_shipped_recipe_builds(path, tiny_teachers, tmp_path, monkeypatch):
     recipe = load_recipe(path)
     check_names(recipe)
     if recipe.teacher.source.startswith("toy:"):
-        from distill.train.trainer import Distiller
+        from sitdistill.train.trainer import Distiller
 
         monkeypatch.setenv("SITDISTILL_CACHE", str(tmp_path / "cache"))
         family = recipe.teacher.source.split(":", 1)[1]

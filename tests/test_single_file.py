@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from teachers.single_file import CONFIGS, SingleFileError, config_folder, detect, scheduler_overrides
+from sitdistill.teachers.single_file import CONFIGS, SingleFileError, config_folder, detect, scheduler_overrides
 from tiny_models import (clip_state_dict_to_ldm, make_tiny_tokenizer, open_clip_state_dict_to_ldm,
                          unet_state_dict_to_ldm, vae_state_dict_to_ldm)
 
@@ -127,7 +127,7 @@ def test_a_real_size_sd15_single_file_loads_offline_with_the_packages_configs(tm
     teacher.config: the family, the weights and the prompt path all come out right."""
     from safetensors.torch import save_file
 
-    from teachers import load_teacher
+    from sitdistill.teachers import load_teacher
 
     torch.manual_seed(0)
     models = _models("sd1", device="meta")
@@ -160,7 +160,7 @@ def test_a_real_size_sdxl_single_file_loads_offline_with_the_packages_configs(tm
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from teachers import load_teacher
+    from sitdistill.teachers import load_teacher
 
     torch.manual_seed(0)
     default = torch.get_default_dtype()

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from students import PRESETS, SiT, build_student, count_parameters
-from students.layers import sincos_pos_embed_2d
+from sitdistill.students import PRESETS, SiT, build_student, count_parameters
+from sitdistill.students.layers import sincos_pos_embed_2d
 
 
 @pytest.fixture(autouse=True)
@@ -397,7 +397,7 @@ def test_official_checkpoint_with_text_overrides(tmp_path):
 
 
 def test_the_guidance_input_starts_as_nothing_and_is_saved_in_the_config(tmp_path):
-    from students import SiT
+    from sitdistill.students import SiT
 
     torch.manual_seed(0)
     m = SiT(input_size=4, hidden_size=32, depth=1, num_heads=2, text_dim=8, guidance_embed=True)
@@ -426,7 +426,7 @@ def test_an_official_sit_predicts_the_noise_of_ddpm_states_better_after_the_equa
     """A tiny SiT trained the official way (x_s = s x_data + (1 - s) noise, s in [0, 1], velocity
     target), saved in the official layout, then read as a student: fed the teacher's DDPM states,
     its noise prediction is far better with the mapping than with the raw DDPM step."""
-    from distill.core.schedule import NoiseSchedule
+    from sitdistill.core.schedule import NoiseSchedule
 
     sched_cfg = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
                  "beta_end": 0.012}
@@ -468,7 +468,7 @@ def test_an_official_sit_predicts_the_noise_of_ddpm_states_better_after_the_equa
 
 def test_the_sit_time_mapping_converts_velocity_to_eps_and_v_exactly():
     """With the exact velocity of a known x0, the mapped student returns the exact eps (and DDPM v)."""
-    from distill.core.schedule import NoiseSchedule
+    from sitdistill.core.schedule import NoiseSchedule
 
     sched_cfg = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
                  "beta_end": 0.012}

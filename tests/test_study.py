@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data.pipeline import needs_images
-from data.toy import parse_caption
-from distill.apps import study, study_report
-from distill.core.recipe import load_recipe
+from sitdistill.data.pipeline import needs_images
+from sitdistill.data.toy import parse_caption
+from sitdistill.apps import study, study_report
+from sitdistill.core.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 HELD = ["red circle", "green square", "blue triangle", "yellow diamond"]
@@ -149,7 +149,7 @@ def test_claims_say_when_a_difference_is_within_the_seeds_spread():
 
 @pytest.mark.usefixtures("private_cache")
 def test_cli_study_command(tiny_teachers, tmp_path, capsys):
-    import cli
+    from sitdistill import cli
 
     assert cli.main(["study", "--students", "A", "X"]) == 2  # a bad letter: one line, nothing run
     assert "unknown X" in capsys.readouterr().err

@@ -3,7 +3,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from teachers import TEACHER_FAMILIES, SD15Teacher, SDXLTeacher, detect_family, load_teacher
+from sitdistill.teachers import TEACHER_FAMILIES, SD15Teacher, SDXLTeacher, detect_family, load_teacher
 from tiny_models import make_tiny_sd15, make_tiny_sdxl, write_ldm_checkpoint
 from tiny_models import one_thread  # noqa: F401  (autouse: one intra-op thread for this module)
 
@@ -227,7 +227,7 @@ def test_clip_skip_equals_the_pipelines_own(folders, name):
     negatives = ["blurry", "dark"]
     cond, uncond = teacher.encode_prompt(PROMPTS, negatives)
     if name == "sd15":
-        from teachers.frontend import final_layer_norm
+        from sitdistill.teachers.frontend import final_layer_norm
 
         te = pipe.text_encoder
         norm = final_layer_norm(te)
@@ -254,10 +254,10 @@ def test_clip_skip_equals_the_pipelines_own(folders, name):
 
 
 def test_clip_skip_reaches_the_text_cache_key_and_the_exported_pipeline(folders, tmp_path):
-    from data.cache import TextCache
-    from students import build_student
-    from students.pipeline import SiTPipeline
-    from distill.infer.sampling import make_scheduler
+    from sitdistill.data.cache import TextCache
+    from sitdistill.students import build_student
+    from sitdistill.students.pipeline import SiTPipeline
+    from sitdistill.infer.sampling import make_scheduler
 
     plain, skipped = load_teacher(folders["sd15"]), load_teacher(folders["sd15"], clip_skip=1)
     assert TextCache(plain.front, tmp_path).store.dir != TextCache(skipped.front, tmp_path).store.dir

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data import toy
-from teachers import toy as toy_teacher
-from teachers import toy_cli
+from sitdistill.data import toy
+from sitdistill.teachers import toy as toy_teacher
+from sitdistill.teachers import toy_cli
 
 # A toy teacher small enough to build in seconds: 32 px images, a handful of steps.
 TINY = dict(preset="tiny", n_images=24, resolutions=((32, 32), (32, 16)), vae_steps=2, vae_batch=4, vae_crop=16,
@@ -172,7 +172,7 @@ def test_sd15_teacher_with_pooled_text_and_four_levels_is_still_an_sd15_pipeline
     runs it with no extra input, on every toy aspect ratio, and the project loads it as SD1.5."""
     from diffusers import StableDiffusionPipeline
 
-    from teachers import load_teacher
+    from sitdistill.teachers import load_teacher
 
     settings = {**TINY, "text_pool": True, "unet_levels": 4}
     folder = toy_teacher.ensure_toy_teacher("sd15", cache_dir=tmp_path, **settings)

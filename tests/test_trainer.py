@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.core import checkpoint as ckpt
-from distill.core.recipe import load_recipe
-from distill.train.trainer import Distiller, TrainingStopped
+from sitdistill.core import checkpoint as ckpt
+from sitdistill.core.recipe import load_recipe
+from sitdistill.train.trainer import Distiller, TrainingStopped
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,7 @@ def test_two_steps_train_save_and_leave_the_teacher_untouched(tiny_teachers, tmp
     assert (run / "summary.json").is_file() and list((run / "logs").iterdir())
     # The teacher is never saved with the student.
     assert sorted(p.name for p in latest.iterdir() if p.is_dir()) == ["ema", "student"]
-    from students import SiT
+    from sitdistill.students import SiT
 
     assert SiT.from_pretrained(latest / "student").config.text_dim == 32
 
@@ -162,13 +162,13 @@ def test_trajectory_states_carry_caption_dropout_and_read_the_prompt_file(tiny_t
 
 def test_fsdp_refuses_a_launch_it_cannot_use(tmp_path):
     """(What the recipe combines with FSDP, fp16 or the end-to-end stage, is refused by
-    distill.train.validate: tests/test_validate.py.)"""
+    sitdistill.train.validate: tests/test_validate.py.)"""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
-    from distill.core.recipe import RecipeError
-    from distill.train.sharding import check_fsdp
+    from sitdistill.core.recipe import RecipeError
+    from sitdistill.train.sharding import check_fsdp
 
     r = tiny_recipe(tmp_path / "teacher", tmp_path / "run", "training.fsdp=true")
     acc = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=1)
@@ -187,7 +187,7 @@ def test_fsdp_refuses_a_launch_it_cannot_use(tmp_path):
 def test_clipping_matches_torch_and_folds_into_the_fused_step(scale):
     from accelerate import Accelerator
 
-    from distill.train.trainer import clip_gradients, foldable, step_optimizer
+    from sitdistill.train.trainer import clip_gradients, foldable, step_optimizer
 
     acc = Accelerator(cpu=True)
     g = torch.Generator().manual_seed(0)
@@ -250,8 +250,8 @@ def test_run_ends_with_prompt_fidelity_of_teacher_and_student(tiny_teachers, tmp
 def test_toy_fidelity_grades_every_model_on_the_same_prompts_seeds_and_sampler(tiny_teachers):
     """The same eps function under two names gets the same images, hence the same rates; another
     seed draws other images."""
-    from distill.evaluation.evaluate import toy_fidelity
-    from teachers import load_teacher
+    from sitdistill.evaluation.evaluate import toy_fidelity
+    from sitdistill.teachers import load_teacher
 
     teacher = load_teacher(str(tiny_teachers["sd15"]))
     prompts = ["a red circle at the top left", "a large blue square in the center on a plain background",
@@ -272,7 +272,7 @@ def test_toy_fidelity_grades_every_model_on_the_same_prompts_seeds_and_sampler(t
 
 
 def test_agreement_counts_matching_analyses_and_never_matches_nothing():
-    from data.toy import match_rates
+    from sitdistill.data.toy import match_rates
 
     nothing = {"colour": None, "shape": None, "position": None}
     seen = [{"colour": "red", "shape": "circle", "position": "center"}, nothing,
@@ -298,8 +298,8 @@ def test_a_zero_terminal_snr_v_teacher_trains_with_trajectories_and_stays_finite
 
 
 def test_a_v_student_learns_from_a_zero_terminal_snr_v_teacher_in_v_and_samples_in_v(tmp_path):
-    from distill.apps.export import build_pipeline, resolve_checkpoint
-    from distill.core.schedule import NoiseSchedule
+    from sitdistill.apps.export import build_pipeline, resolve_checkpoint
+    from sitdistill.core.schedule import NoiseSchedule
     from tiny_models import make_zsnr_v
 
     teacher_dir = make_zsnr_v(tmp_path / "zsnr", vae_blocks=3)
@@ -330,7 +330,7 @@ def test_a_v_student_learns_from_a_zero_terminal_snr_v_teacher_in_v_and_samples_
 
 
 def test_the_loss_weighting_is_defined_in_the_students_space():
-    from distill.core.schedule import NoiseSchedule
+    from sitdistill.core.schedule import NoiseSchedule
 
     sched = NoiseSchedule.from_config({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
                                        "beta_start": 0.00085, "beta_end": 0.012})
@@ -344,7 +344,7 @@ def test_the_loss_weighting_is_defined_in_the_students_space():
 
 
 def test_guided_teacher_distillation_feeds_w_to_the_student_and_samples_without_cfg(tiny_teachers, tmp_path, capsys):
-    from distill.infer.samples import sample_latents, student_fn
+    from sitdistill.infer.samples import sample_latents, student_fn
 
     r = tiny_recipe(tiny_teachers["sd15"], tmp_path / "run", "losses.guided_teacher=true",
                     "losses.guidance_range=[2.0,6.0]", "student.guidance_embed=true", "losses.eps=0")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-import cli
-from distill.core.recipe import RecipeError, load_recipe
-from distill.train.validate import check_loaded, validate_recipe
+from sitdistill import cli
+from sitdistill.core.recipe import RecipeError, load_recipe
+from sitdistill.train.validate import check_loaded, validate_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = str(ROOT / "recipes" / "toy.yaml")
@@ -53,13 +53,13 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    import distill.train.build
-    import teachers
-    import teachers.sd
+    import sitdistill.train.build
+    import sitdistill.teachers
+    import sitdistill.teachers.sd
 
-    monkeypatch.setattr(distill.train.build, "load_teacher_from_recipe", refuse)
-    monkeypatch.setattr(teachers.sd, "load_teacher", refuse)
-    monkeypatch.setattr(teachers, "load_teacher", refuse)
+    monkeypatch.setattr(sitdistill.train.build, "load_teacher_from_recipe", refuse)
+    monkeypatch.setattr(sitdistill.teachers.sd, "load_teacher", refuse)
+    monkeypatch.setattr(sitdistill.teachers, "load_teacher", refuse)
 
 
 @pytest.mark.parametrize("name, overrides, key", CONFLICTS, ids=[c[0] for c in CONFLICTS])

@@ -2,7 +2,7 @@
 
 They are real pipelines at toy width (every component of the real architecture, a few thousand
 parameters each), seeded so two calls with the same arguments write the same weights. Tests load
-them back through the same code users use (``teachers.load_teacher``, ``*.from_pretrained``).
+them back through the same code users use (``sitdistill.teachers.load_teacher``, ``*.from_pretrained``).
 
 Also here: ``write_ldm_checkpoint``, which writes a pipeline folder as one original-layout (ldm /
 CompVis) single-file checkpoint. The diffusers package ships only the original -> diffusers

@@ -36,20 +36,20 @@ def _peak_memory_mb(device: torch.device) -> float:
 def sd15_shaped_teacher(device: torch.device):
     """An SD1.5-shaped UNet (random weights, the real config at 32x32 latents) behind the real
     SD15Teacher adapter."""
-    from distill.apps.bench_models import random_teacher, real_unet_config
+    from sitdistill.apps.bench_models import random_teacher, real_unet_config
 
     return random_teacher("sd15", {**real_unet_config("sd15"), "sample_size": 32}, device)
 
 
 def _config(name: str, workdir: Path, device: torch.device):
-    from distill.core.recipe import load_recipe
+    from sitdistill.core.recipe import load_recipe
 
     common = [f"output.dir={workdir / name}", f"data.cache_dir={workdir / 'cache'}", "training.sample_every=0",
               "output.tensorboard=false"]
     if name == "toy":
         return load_recipe(ROOT / "recipes" / "toy.yaml", common), None
     if name == "mid":
-        from data.toy import ToyWorld
+        from sitdistill.data.toy import ToyWorld
 
         images = workdir / "mid-data"
         ToyWorld(resolutions=((256, 256),)).write_folder(images, 32, seed=0)
@@ -111,7 +111,7 @@ def time_steps(d, steps: int, warmup: int, after_warmup=None) -> dict[str, Any]:
 
 
 def bench_config(name: str, workdir: Path, steps: int, warmup: int) -> dict[str, Any]:
-    from distill.train.trainer import Distiller
+    from sitdistill.train.trainer import Distiller
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     recipe, teacher = _config(name, workdir, device)

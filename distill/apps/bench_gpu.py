@@ -19,10 +19,10 @@ teacher; our student against the plain reference implementation of `benchmarks/b
 memory. Results go to `results.json` and `results.md` after every measurement, so a run cut short
 still leaves what it measured.
 
-Text encoders and VAE are tiny (`distill.apps.bench_models`): latents and text embeddings are cached and
+Text encoders and VAE are tiny (`sitdistill.apps.bench_models`): latents and text embeddings are cached and
 out of the step. Models are built on the GPU directly. Peak memory is
 `torch.cuda.max_memory_allocated` from the end of the trainer's construction to the last timed step
-(teacher, student, EMA and optimizer state included). MFU: `distill.apps.flops`.
+(teacher, student, EMA and optimizer state included). MFU: `sitdistill.apps.flops`.
 
 `--tiny` runs the same code on the CPU with stand-in sizes (the shipped UNet configs shrunk, a
 2-block SiT of width 64, 64 and 128 px images) in well under a minute; `torch.compile` then uses
@@ -41,9 +41,9 @@ from typing import Any
 
 import torch
 
-from distill.apps.bench import ROOT
-from distill.apps.bench_models import real_unet_config, tiny_unet_config
-from distill.apps.bench_runner import GpuBench, Profile, Setting, double_until
+from sitdistill.apps.bench import ROOT
+from sitdistill.apps.bench_models import real_unet_config, tiny_unet_config
+from sitdistill.apps.bench_runner import GpuBench, Profile, Setting, double_until
 
 _TINY_STUDENT = {"hidden_size": 64, "depth": 2, "num_heads": 2}
 _TINY_DATA = ("data.min_size=32", "data.bucket_step=16")
@@ -138,7 +138,7 @@ def _variant(b: GpuBench, s: Setting, batch: int, name: str, kind: str, row: dic
 
 def levers(b: GpuBench, s: Setting) -> None:
     """Batch 1 with no memory lever, then adding one lever at a time (LEVERS)."""
-    from distill.train.build import lowbit_adamw_backend
+    from sitdistill.train.build import lowbit_adamw_backend
 
     for k in range(len(LEVERS) + 1):
         on = LEVERS[:k]

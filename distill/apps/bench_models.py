@@ -66,7 +66,7 @@ def scheduler_config(family: str) -> dict[str, Any]:
 @functools.lru_cache(maxsize=None)
 def tokenizer(pad_token: str | None = None):
     """The toy BPE tokenizer at CLIP's 77 tokens (SDXL's second one pads with "!")."""
-    from teachers.toy_parts import EOS, train_tokenizer
+    from sitdistill.teachers.toy_parts import EOS, train_tokenizer
 
     return train_tokenizer(TEXT_LEN, pad_token or EOS)
 
@@ -106,11 +106,11 @@ def build_on(device: torch.device | str, fn: Callable, *args, **kwargs):
 def random_teacher(family: str, unet_config: dict[str, Any], device: torch.device | str,
                    dtype: torch.dtype = torch.float32, tiny: bool = False, seed: int = 0):
     """An SD1.5- or SDXL-family teacher with random weights behind the real adapter
-    (`teachers.sd`): UNet of `unet_config` in `dtype` on `device`, one-layer text encoders (the
+    (`sitdistill.teachers.sd`): UNet of `unet_config` in `dtype` on `device`, one-layer text encoders (the
     real widths, or `TINY_TEXT` for a `tiny_unet_config`), the tiny VAE in float32."""
     from diffusers import UNet2DConditionModel
 
-    from teachers.sd import SD15Teacher, SDXLTeacher
+    from sitdistill.teachers.sd import SD15Teacher, SDXLTeacher
 
     torch.manual_seed(seed)
     unet = build_on(device, UNet2DConditionModel.from_config, unet_config).to(dtype)
@@ -140,7 +140,7 @@ def set_teacher_dtype(teacher, dtype: torch.dtype) -> None:
 def image_folder(out: Path, side: int, n: int, unique: int = 8, seed: int = 0) -> Path:
     """`n` square toy images of `side` px with captions: `unique` drawn, the rest copies (a batch
     of 512 costs 8 drawings; every file is its own cache entry all the same)."""
-    from data.toy import ToyWorld
+    from sitdistill.data.toy import ToyWorld
 
     out.mkdir(parents=True, exist_ok=True)
     drawn = ToyWorld(resolutions=((side, side),)).write_folder(out, min(unique, n), seed, metadata=False)

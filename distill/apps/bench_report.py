@@ -1,4 +1,4 @@
-"""results.json and results.md of `cli.py bench --gpu` (`distill.apps.bench_gpu`)."""
+"""results.json and results.md of `cli.py bench --gpu` (`sitdistill.apps.bench_gpu`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The machinery of `cli.py bench --gpu` (`distill.apps.bench_gpu`): settings, the global time budget,
+"""The machinery of `cli.py bench --gpu` (`sitdistill.apps.bench_gpu`): settings, the global time budget,
 building the trainer on the device, timing its real step, and absorbing out-of-memory errors."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any, Callable
 
 import torch
 
-from distill.apps.bench import ROOT, _peak_memory_mb, prime_caches, time_steps
-from distill.apps.bench_models import build_on, image_folder, random_teacher, set_teacher_dtype
-from distill.apps.bench_report import write_results
-from distill.apps.flops import peak_tflops, sit_forward_flops, train_flops
+from sitdistill.apps.bench import ROOT, _peak_memory_mb, prime_caches, time_steps
+from sitdistill.apps.bench_models import build_on, image_folder, random_teacher, set_teacher_dtype
+from sitdistill.apps.bench_report import write_results
+from sitdistill.apps.flops import peak_tflops, sit_forward_flops, train_flops
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class GpuBench:
             "rows": [], "variants": [], "levers": [], "reference": [], "max_batch": [], "notes": self.budget.notes}
         if peak is None:
             self.budget.notes.append(f"MFU not reported: no dense bf16 peak for device {name!r} in "
-                                     "distill.apps.flops.PEAK_BF16_TFLOPS")
+                                     "sitdistill.apps.flops.PEAK_BF16_TFLOPS")
         self._teacher = (None, None)
         self._primed: set[str] = set()
         self._base: dict[str, Any] = {}
@@ -104,7 +104,7 @@ class GpuBench:
         print(f"[{time.monotonic() - self.budget.start:5.0f} s] {line}", flush=True)
 
     def recipe(self, s: Setting, batch: int, extra: tuple[str, ...] = ()):
-        from distill.core.recipe import load_recipe
+        from sitdistill.core.recipe import load_recipe
 
         images = self.work / f"images-{s.name}"
         if not images.is_dir():
@@ -129,7 +129,7 @@ class GpuBench:
             self._teacher = (None, None)
             self.free()
             if s is not None:
-                from distill.train.build import DTYPES
+                from sitdistill.train.build import DTYPES
 
                 dtype = DTYPES[self.base(s).teacher.dtype]
                 built = random_teacher(s.family, self.p.unet_config(s.family), self.device, dtype,
@@ -138,8 +138,8 @@ class GpuBench:
         return self._teacher[1]
 
     def distiller(self, s: Setting, batch: int, extra: tuple[str, ...] = ()):
-        from distill.train.build import DTYPES, build_student_from_recipe
-        from distill.train.trainer import Distiller
+        from sitdistill.train.build import DTYPES, build_student_from_recipe
+        from sitdistill.train.trainer import Distiller
 
         recipe = self.recipe(s, batch, extra)
         teacher = self.teacher(s)

@@ -86,14 +86,14 @@ def _save(out: Path, results: dict) -> None:
 
 
 def run_curve(out: str | Path, plan: CurvePlan, log=print) -> dict[str, Any]:
-    from distill.core import checkpoint as ckpt
-    from distill.train.build import load_teacher_from_recipe, resolve_teacher_source
-    from distill.evaluation.evaluate import recipe_toy_fidelity, toy_prompts
-    from distill.apps.export import load_student, resolve_checkpoint
-    from distill.core.recipe import load_recipe
-    from distill.infer.samples import student_fn
-    from distill.infer.sampling import teacher_denoiser
-    from distill.train.trainer import train
+    from sitdistill.core import checkpoint as ckpt
+    from sitdistill.train.build import load_teacher_from_recipe, resolve_teacher_source
+    from sitdistill.evaluation.evaluate import recipe_toy_fidelity, toy_prompts
+    from sitdistill.apps.export import load_student, resolve_checkpoint
+    from sitdistill.core.recipe import load_recipe
+    from sitdistill.infer.samples import student_fn
+    from sitdistill.infer.sampling import teacher_denoiser
+    from sitdistill.train.trainer import train
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -172,8 +172,8 @@ def build_with_snapshots(out: Path, source: str, plan: CurvePlan, log=print) -> 
     """Build the toy teacher of ``source`` again into ``out``, saving its EMA weights at
     ``plan.teacher_snapshots``: (the final folder, {step: folder} with the final build's step too,
     the build's batch size)."""
-    from distill.train.build import TOY_PREFIX
-    from teachers.toy import ToyTeacherSettings, build_toy_teacher, default_cache_root, is_finished
+    from sitdistill.train.build import TOY_PREFIX
+    from sitdistill.teachers.toy import ToyTeacherSettings, build_toy_teacher, default_cache_root, is_finished
 
     if not source.startswith(TOY_PREFIX):
         raise ValueError(f"the teacher's own curve needs a toy teacher (toy:sd15 or toy:sdxl), not {source!r}")
@@ -252,7 +252,7 @@ def render(results: dict) -> str:
 
 
 def plot(results: dict):
-    from distill.evaluation.metrics import line_plot
+    from sitdistill.evaluation.metrics import line_plot
 
     curves = dict(results["students"])
     if "teacher_curve" in results:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from data.folder import data_report as folder_report
-from data.pipeline import _NOT_FOLDER_KEYS
-from distill.core.recipe import as_dict, load_recipe
+from sitdistill.data.folder import data_report as folder_report
+from sitdistill.data.pipeline import _NOT_FOLDER_KEYS
+from sitdistill.core.recipe import as_dict, load_recipe
 
 
 def data_report(root: str, recipe: str | None = None, overrides: list[str] | None = None) -> str:

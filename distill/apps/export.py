@@ -10,9 +10,9 @@ A student can come from
     its teacher from a ``recipe.yaml`` beside it, else from the recipe given.
 
 The teacher (VAE, text encoders, scheduler config) is never inside a checkpoint: it is loaded from
-the recipe's ``teacher`` section (``distill.train.build.load_teacher_from_recipe``).
+the recipe's ``teacher`` section (``sitdistill.train.build.load_teacher_from_recipe``).
 
-Exports: ``export_diffusers`` writes a ``students.pipeline.SiTPipeline`` folder (student + the
+Exports: ``export_diffusers`` writes a ``sitdistill.students.pipeline.SiTPipeline`` folder (student + the
 teacher's VAE, text encoders, tokenizers and the sampler's scheduler config);
 ``export_seed`` writes the seed's file names (``sit_model.pt``, ``ema_model.pt``) + config + recipe.
 """
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from distill.core import checkpoint as ckpt
-from distill.core.recipe import default_pixel_size, load_recipe, save_recipe
+from sitdistill.core import checkpoint as ckpt
+from sitdistill.core.recipe import default_pixel_size, load_recipe, save_recipe
 
 SEED_MODEL_FILE = "sit_model.pt"
 SEED_EMA_FILE = "ema_model.pt"
@@ -90,7 +90,7 @@ def load_student(source: StudentSource, *, weights: str = "ema", teacher=None, m
                  device: torch.device | str = "cpu"):
     """The student in eval mode. ``weights``: "ema" (falls back to raw, with a note, when the run
     kept no EMA) or "raw". ``teacher`` is needed only for a seed file without ``config.json``."""
-    from students import SiT, build_student
+    from sitdistill.students import SiT, build_student
 
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
@@ -126,7 +126,7 @@ def load_student(source: StudentSource, *, weights: str = "ema", teacher=None, m
 
 def load_teacher_for(source: StudentSource, device: torch.device | str = "cpu"):
     """The frozen teacher named by the source's recipe."""
-    from distill.train.build import load_teacher_from_recipe
+    from sitdistill.train.build import load_teacher_from_recipe
 
     return load_teacher_from_recipe(source.recipe.teacher, device)
 
@@ -134,9 +134,9 @@ def load_teacher_for(source: StudentSource, device: torch.device | str = "cpu"):
 def build_pipeline(source: StudentSource, *, weights: str = "ema", scheduler: str | None = None,
                    model_size: str | None = None, device: torch.device | str = "cpu", teacher=None):
     """An in-memory ``SiTPipeline`` for a checkpoint (what `cli.py sample` runs and `export` saves)."""
-    from distill.train.e2e import load_student_side
-    from distill.infer.sampling import make_scheduler
-    from students.pipeline import SiTPipeline
+    from sitdistill.train.e2e import load_student_side
+    from sitdistill.infer.sampling import make_scheduler
+    from sitdistill.students.pipeline import SiTPipeline
 
     teacher = teacher or load_teacher_for(source, device)
     student = load_student(source, weights=weights, teacher=teacher, model_size=model_size, device=device)

@@ -12,7 +12,7 @@ utilisation.
 
 from __future__ import annotations
 
-from students.layers import FREQ_EMBED_DIM
+from sitdistill.students.layers import FREQ_EMBED_DIM
 
 # Dense (no sparsity) bf16 tensor-core peak in TFLOP/s, from the vendors' data sheets. Matched as a
 # substring of `torch.cuda.get_device_name()`, first match wins: more specific names come first

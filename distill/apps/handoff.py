@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from distill.infer.sampling import Denoiser, prediction_type_of
+from sitdistill.infer.sampling import Denoiser, prediction_type_of
 
 RATES = ("colour", "shape", "position", "all")
 
@@ -45,8 +45,8 @@ def rows(at: Sequence[int]) -> list[tuple[str, str, str, int | None]]:
 def handoff_rates(recipe, teacher, student: Denoiser, prompts: Sequence[str], at: Sequence[int]) -> dict[str, dict]:
     """Toy-grader rates of every row of ``rows(at)`` with the recipe's sampler:
     {label: {colour, shape, position, all, n}}."""
-    from distill.evaluation.evaluate import recipe_toy_fidelity
-    from distill.infer.sampling import teacher_denoiser
+    from sitdistill.evaluation.evaluate import recipe_toy_fidelity
+    from sitdistill.infer.sampling import teacher_denoiser
 
     models = {"teacher": teacher_denoiser(teacher), "student": student}
     fns = {label: models[hi] if t is None else handoff(models[hi], models[lo], t) for label, hi, lo, t in rows(at)}
@@ -65,9 +65,9 @@ def run_handoff(checkpoint: str, out: str | Path | None, at: Sequence[int], num_
                 weights: str = "ema", log=print) -> dict[str, Any]:
     """Load a toy-world checkpoint and its teacher, grade every row, print the table and (with
     ``out``) write handoff.md and handoff.json."""
-    from distill.evaluation.evaluate import toy_prompts
-    from distill.apps.export import load_student, load_teacher_for, resolve_checkpoint
-    from distill.infer.samples import student_fn
+    from sitdistill.evaluation.evaluate import toy_prompts
+    from sitdistill.apps.export import load_student, load_teacher_for, resolve_checkpoint
+    from sitdistill.infer.samples import student_fn
 
     source = resolve_checkpoint(checkpoint)
     if source.recipe.data.root is not None:

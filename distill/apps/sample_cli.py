@@ -1,7 +1,7 @@
 """`cli.py sample`, `cli.py eval`, `cli.py export`: arguments and the functions they run.
 
 `--checkpoint` (and the positional CHECKPOINT) may be a checkpoint folder, a run folder (its latest
-checkpoint) or a seed-format ``sit_model.pt``; see ``distill.apps.export``. Sampling settings that are
+checkpoint) or a seed-format ``sit_model.pt``; see ``sitdistill.apps.export``. Sampling settings that are
 not given come from the recipe stored with the checkpoint (its ``sampling`` section), so a toy run
 samples the way its training-time grids did.
 """
@@ -12,9 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from distill.core.exits import fail
+from sitdistill.core.exits import fail
 
-# distill.apps.export.WEIGHTS, spelled here so that building the parser imports no torch (`--help` stays instant).
+# sitdistill.apps.export.WEIGHTS, spelled here so that building the parser imports no torch (`--help` stays instant).
 WEIGHTS = ("ema", "raw")
 DEFAULT_BATCH = 8
 
@@ -86,7 +86,7 @@ def _device(args: argparse.Namespace) -> str:
 
 
 def _check_scheduler(name: str | None) -> None:
-    from distill.infer.sampling import SCHEDULERS
+    from sitdistill.infer.sampling import SCHEDULERS
 
     if name is not None and name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
@@ -94,9 +94,9 @@ def _check_scheduler(name: str | None) -> None:
 
 def sample_command(args: argparse.Namespace) -> int:
     """Generate PNGs (prompt, seed, sampler, steps, guidance... in their text chunks)."""
-    from distill.evaluation.evaluate import read_prompts_file
-    from distill.apps.export import build_pipeline, resolve_checkpoint
-    from distill.infer.samples import generators, png_info
+    from sitdistill.evaluation.evaluate import read_prompts_file
+    from sitdistill.apps.export import build_pipeline, resolve_checkpoint
+    from sitdistill.infer.samples import generators, png_info
 
     try:
         _check_scheduler(args.scheduler)
@@ -145,9 +145,9 @@ def sample_command(args: argparse.Namespace) -> int:
 
 def eval_command(args: argparse.Namespace) -> int:
     """The student-vs-teacher report: report.md, metrics.json, PNGs and tb/ in one folder."""
-    from distill.train.e2e import load_student_side
-    from distill.evaluation.evaluate import evaluate, evaluation_prompts, settings_from_recipe
-    from distill.apps.export import load_student, load_teacher_for, resolve_checkpoint
+    from sitdistill.train.e2e import load_student_side
+    from sitdistill.evaluation.evaluate import evaluate, evaluation_prompts, settings_from_recipe
+    from sitdistill.apps.export import load_student, load_teacher_for, resolve_checkpoint
 
     try:
         _check_scheduler(args.scheduler)
@@ -184,7 +184,7 @@ def eval_command(args: argparse.Namespace) -> int:
     sides = {k: side for k, side in sides.items() if side is not None}
     metrics = evaluate(teacher, students, prompts, st, out, labels=labels,
                        held_out_combos=list(recipe.data.toy.exclude_combos), sides=sides)
-    from distill.evaluation.evaluate import results_table
+    from sitdistill.evaluation.evaluate import results_table
 
     print(results_table(metrics))
     print(f"report: {out / 'report.md'}")
@@ -193,7 +193,7 @@ def eval_command(args: argparse.Namespace) -> int:
 
 def export_command(args: argparse.Namespace) -> int:
     """A diffusers folder (``SiTPipeline.from_pretrained(out)``) or the seed's file names."""
-    from distill.apps.export import export_diffusers, export_seed, resolve_checkpoint
+    from sitdistill.apps.export import export_diffusers, export_seed, resolve_checkpoint
 
     try:
         _check_scheduler(args.scheduler)
@@ -208,6 +208,6 @@ def export_command(args: argparse.Namespace) -> int:
     else:
         out = export_diffusers(source, args.out, weights=args.weights, scheduler=args.scheduler,
                                model_size=args.model_size)
-        print(f"wrote {out}; load it with:\n  from students.pipeline import SiTPipeline\n"
+        print(f"wrote {out}; load it with:\n  from sitdistill.students.pipeline import SiTPipeline\n"
               f"  pipe = SiTPipeline.from_pretrained({str(out)!r})")
     return 0

@@ -16,7 +16,7 @@ entirely (``data.toy.exclude_combos``). The prompt list given to C, D and E is t
 the whole world (held-out combinations included): the situation the SDiT seed describes, where
 captions are cheap and the teacher knows what the images do not show.
 
-Each student is evaluated at every checkpoint with the eval report (`distill.evaluation.evaluate.evaluate`)
+Each student is evaluated at every checkpoint with the eval report (`sitdistill.evaluation.evaluate.evaluate`)
 on two prompt sets, combinations seen in training and held-out combinations: noise-prediction MSE
 to the teacher, paired latent distance of its samples to the teacher's (same seeds, same sampler),
 and prompt fidelity by the toy grader. Everything is repeated over seeds (the training seed: the
@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from distill.apps.study_report import (ATTRIBUTES, DESCRIPTIONS, check_claims, plot_study, render_results,
+from sitdistill.apps.study_report import (ATTRIBUTES, DESCRIPTIONS, check_claims, plot_study, render_results,
                                        render_table, summarise)
 
 STUDY_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "study.yaml"
@@ -101,7 +101,7 @@ def quick_plan(**kw: Any) -> StudyPlan:
 
 def write_prompt_file(path: Path, n: int = 2000) -> Path:
     """The text-only prompt list of C, D and E: captions from the whole world, held-out combos included."""
-    from data.toy import ToyWorld
+    from sitdistill.data.toy import ToyWorld
 
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ToyWorld().prompts(n, seed=PROMPT_FILE_SEED)
@@ -114,7 +114,7 @@ def eval_prompt_sets(held_out: Sequence[str], n: int) -> dict[str, list[str]]:
     """Toy captions for combinations seen in training and for held-out ones: each set draws its
     colour x shape pairs uniformly from its own combinations, with seeds the training data and the
     prompt list do not use."""
-    from data.toy import ToyWorld, all_combos
+    from sitdistill.data.toy import ToyWorld, all_combos
 
     held = [tuple(c.split()) for c in held_out]
     seen_world = ToyWorld(exclude_combos=tuple(held))
@@ -134,8 +134,8 @@ def _threads(workers: int) -> int:
 def _train_job(recipe_path: str, overrides: list[str], threads: int) -> dict:
     import torch
 
-    from distill.core.recipe import load_recipe
-    from distill.train.trainer import train
+    from sitdistill.core.recipe import load_recipe
+    from sitdistill.train.trainer import train
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -177,8 +177,8 @@ def _eval_job(out: str, seed: int, letters: Sequence[str], steps: Sequence[int],
     """Every checkpoint of one seed's students, on every prompt set -> {step: {set: metrics}}."""
     import torch
 
-    from distill.evaluation.evaluate import evaluate, settings_from_recipe
-    from distill.apps.export import load_teacher_for, load_student, resolve_checkpoint
+    from sitdistill.evaluation.evaluate import evaluate, settings_from_recipe
+    from sitdistill.apps.export import load_teacher_for, load_student, resolve_checkpoint
 
     torch.set_num_threads(threads)
     out_dir = Path(out)
@@ -259,9 +259,9 @@ def _run_jobs(train: list[tuple[int, str, tuple]], evals: dict[int, list[tuple]]
 
 def run_study(out: str | Path, plan: StudyPlan, log=print) -> dict:
     """Train, evaluate, summarise; returns the results (also in ``results.json``)."""
-    from distill.train.build import resolve_teacher_source
-    from distill.core.checkpoint import checkpoint_step, find_latest
-    from distill.core.recipe import load_recipe, save_recipe
+    from sitdistill.train.build import resolve_teacher_source
+    from sitdistill.core.checkpoint import checkpoint_step, find_latest
+    from sitdistill.core.recipe import load_recipe, save_recipe
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

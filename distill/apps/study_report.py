@@ -1,5 +1,5 @@
 """The study's results read back: mean +- std over seeds, the claims checked against that spread,
-the table, `results.md` and the plot (`distill.apps.study` runs the students and writes them)."""
+the table, `results.md` and the plot (`sitdistill.apps.study` runs the students and writes them)."""
 
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def plot_study(results: dict):
     """A grid of line charts: rows = prompt sets, columns = metrics; x = training step; one line per student."""
     from PIL import Image
 
-    from distill.evaluation.metrics import line_plot
+    from sitdistill.evaluation.metrics import line_plot
 
     p = results["plan"]
     names = [n for n in SETS if n in results["summary"]]

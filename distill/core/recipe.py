@@ -1,6 +1,6 @@
 """Recipes: typed YAML for one distillation run.
 
-A recipe is data only. It is read with omegaconf into the dataclasses of `distill.core.schema` (a *structured config*),
+A recipe is data only. It is read with omegaconf into the dataclasses of `sitdistill.core.schema` (a *structured config*),
 so every key has a type and a default, and nothing in a YAML file can import or run code: YAML is
 parsed with a safe loader, and interpolations may only reference other keys (`${training.seed}`),
 never call a resolver (`${oc.env:...}` and friends are rejected).
@@ -29,7 +29,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from distill.core.schema import Recipe
+from sitdistill.core.schema import Recipe
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Recipe))

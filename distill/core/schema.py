@@ -1,5 +1,5 @@
 """The recipe schema: one dataclass per section, every key with its type, default and (in a
-field's metadata) its choices. `distill.core.recipe` reads YAML into it; the CLI's help and the error
+field's metadata) its choices. `sitdistill.core.recipe` reads YAML into it; the CLI's help and the error
 messages read the choices from here, so every option is spelled once."""
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ class PerturbConfig:
 
 
 # The parts of PerturbConfig that act on a data batch (every one but the trajectory part, which has
-# a batch of its own), in the fixed order the per-sample assignment follows: `distill.train.perturb`
+# a batch of its own), in the fixed order the per-sample assignment follows: `sitdistill.train.perturb`
 # keys its parts by these names.
 BATCH_PARTS = ("input_noise", "caption_mix", "prompt_file", "embedding_noise", "timestep_jitter")
 
@@ -209,9 +209,9 @@ class LossesConfig:
     feature: float = 0.0
     min_snr_gamma: Optional[float] = None  # min-SNR-gamma weighting of the data noise loss
     # Weighting of the terms whose target is the teacher (teacher, perturbation, trajectory):
-    # a key of distill.core.schedule.LOSS_WEIGHTINGS ("min_snr" uses min_snr_gamma).
+    # a key of sitdistill.core.schedule.LOSS_WEIGHTINGS ("min_snr" uses min_snr_gamma).
     teacher_weighting: str = "none"
-    timestep_sampling: str = "uniform"  # a key of distill.core.schedule.TIMESTEP_SAMPLERS
+    timestep_sampling: str = "uniform"  # a key of sitdistill.core.schedule.TIMESTEP_SAMPLERS
     guided_teacher: bool = False  # target the teacher's CFG prediction (scale drawn per sample)
     guidance_range: list[float] = _list(1.0, 7.5)
     # CFG pairs: half of each batch repeats the other half's x_t with the unconditional input, and
@@ -299,7 +299,7 @@ class E2EConfig:
 
 @dataclass
 class SamplingConfig:
-    scheduler: str = "euler"  # a key of distill.infer.sampling.SCHEDULERS
+    scheduler: str = "euler"  # a key of sitdistill.infer.sampling.SCHEDULERS
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
     # Lin et al. 2023's rescale of the guided prediction (0 = off); e.g. 0.7 for zero-terminal-SNR teachers.

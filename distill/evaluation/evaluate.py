@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from distill.evaluation.metrics import (clip_score, frechet_distance, image_features, line_plot, noise_prediction_mse,
+from sitdistill.evaluation.metrics import (clip_score, frechet_distance, image_features, line_plot, noise_prediction_mse,
                              paired_distances, reconstruction_psnr, summary)
-from distill.infer.sampling import teacher_denoiser
-from distill.infer.samples import generators, grid, png_info, sample_latents, student_fn, to_pil
+from sitdistill.infer.sampling import teacher_denoiser
+from sitdistill.infer.samples import generators, grid, png_info, sample_latents, student_fn, to_pil
 
 Tensor = torch.Tensor
 
@@ -46,7 +46,7 @@ GRID_MIN_CELL = 128
 def toy_prompts(recipe, n: int) -> list[str]:
     """Toy-world captions from a seed the training data did not use (all colour/shape pairs,
     including any the training set excluded)."""
-    from data.toy import ToyWorld
+    from sitdistill.data.toy import ToyWorld
 
     return ToyWorld().prompts(n, seed=int(recipe.data.toy.seed) + HELD_OUT_SEED_OFFSET)
 
@@ -81,7 +81,7 @@ def evaluation_prompts(recipe, prompts_file: str | None = None, source: str = "a
 
 def _toy_targets(prompts: list[str]) -> list[dict] | None:
     """Parsed toy captions, or None when any prompt is not one."""
-    from data.toy import parse_caption
+    from sitdistill.data.toy import parse_caption
 
     try:
         return [parse_caption(p) for p in prompts]
@@ -95,7 +95,7 @@ def toy_reconstruction_psnr(sides: dict[str, Any], prompts: list[str], *, height
     """PSNR (dB) of real toy images (drawn for the prompts) through each model's VAE, mode encode
     then decode: the teacher's frozen VAE, or a student's own after the end-to-end stage. Models
     sharing one VAE object are computed once."""
-    from data.toy import draw, spec_from_caption
+    from sitdistill.data.toy import draw, spec_from_caption
 
     images = [np.asarray(draw(spec_from_caption(p, width=width, height=height, seed=i)))
               for i, p in enumerate(prompts)]
@@ -117,13 +117,13 @@ def toy_fidelity(teacher, models: dict[str, Callable], prompts: Sequence[str], *
                  sides: dict[str, Any] | None = None) -> dict[str, dict]:
     """Toy-grader rates (colour, shape, position, all three) of every model on the same prompts,
     seeds and sampler. ``models``: name -> eps function ``fn(x, t, cond)``. Each prompt is drawn at
-    a resolution of the toy world's (cycled over ``data.toy.RESOLUTIONS``, so every aspect ratio is
+    a resolution of the toy world's (cycled over ``sitdistill.data.toy.RESOLUTIONS``, so every aspect ratio is
     graded), image ``i`` from seed ``seed + i``. ``sides``: a model's own encoders + VAE.
 
     When ``models`` has a "teacher", every other model also gets ``agreement``: how often the
     grader sees the same colour, shape and position in its sample as in the teacher's sample of
     the same prompt and seed (does the student draw what the teacher draws, right or wrong)."""
-    from data.toy import RESOLUTIONS, analyse, match_rates, parse_caption
+    from sitdistill.data.toy import RESOLUTIONS, analyse, match_rates, parse_caption
 
     prompts = list(prompts)
     targets = [parse_caption(p) for p in prompts]
@@ -181,7 +181,7 @@ class EvalSettings:
 
 def settings_from_recipe(recipe, **overrides: Any) -> EvalSettings:
     """The recipe's sampling/evaluation sections; keyword overrides win when not None."""
-    from distill.core.recipe import default_pixel_size
+    from sitdistill.core.recipe import default_pixel_size
 
     s, e = recipe.sampling, recipe.evaluation
     h, w = default_pixel_size(recipe)
@@ -214,7 +214,7 @@ def evaluate(teacher, students: dict[str, torch.nn.Module], prompts: list[str], 
              teacher_samples: dict | None = None) -> dict[str, Any]:
     """Write the report for ``students`` ({"student": ..., "baseline": ...}) against ``teacher``.
 
-    ``sides``: a student's own front end (``distill.train.e2e.load_student_side``) where the
+    ``sides``: a student's own front end (``sitdistill.train.e2e.load_student_side``) where the
     end-to-end stage trained them; a student without an entry uses the teacher's.
 
     ``teacher_samples``: a dict kept by the caller across reports with the same teacher: the
@@ -287,7 +287,7 @@ def evaluate(teacher, students: dict[str, torch.nn.Module], prompts: list[str], 
     targets = _toy_targets(all_prompts)
     metrics["fidelity"] = None
     if targets is not None:
-        from data.toy import fidelity
+        from sitdistill.data.toy import fidelity
 
         metrics["fidelity"] = {k: fidelity(images[k], targets) for k in names}
         held = {tuple(c.split()) for c in held_out_combos}

@@ -1,7 +1,7 @@
 """Metrics of samples and models, with no sampling of their own: paired distances (latent MSE,
 PSNR, SSIM), the noise-prediction error against the teacher by timestep range, a line plot drawn
 with PIL, and the optional CLIP score and Fréchet distance from local weights
-(`distill.evaluation.evaluate` builds the report from them)."""
+(`sitdistill.evaluation.evaluate` builds the report from them)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from distill.infer.sampling import prediction_type_of
+from sitdistill.infer.sampling import prediction_type_of
 
 Tensor = torch.Tensor
 

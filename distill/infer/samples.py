@@ -1,8 +1,8 @@
 """Sample latents and images from any epsilon model with a teacher's conditioning, plus grids.
 
 One code path for teacher and student: ``sample_latents(model_fn, front, ...)`` encodes prompts
-with a front end (``teachers.frontend``: exactly what the family's diffusers pipeline hands the
-UNet) and runs ``distill.infer.sampling.sample``. ``front`` is a teacher (its own front end), the
+with a front end (``sitdistill.teachers.frontend``: exactly what the family's diffusers pipeline hands the
+UNet) and runs ``sitdistill.infer.sampling.sample``. ``front`` is a teacher (its own front end), the
 student's front end after the end-to-end stage, or an exported pipeline's: each offers
 ``encode_prompt``, ``vae_scale_factor``, ``latent_channels`` and ``device``. A sampler given by
 name is built from ``scheduler_config`` (default: the teacher's own).
@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
-from distill.infer.sampling import Denoiser, make_scheduler, prediction_type_of, sample, teacher_denoiser
+from sitdistill.infer.sampling import Denoiser, make_scheduler, prediction_type_of, sample, teacher_denoiser
 
 LABEL_HEIGHT = 12  # pixels of the column-label strip of a grid
 
@@ -83,10 +83,10 @@ def sample_latents(model_fn, teacher, prompts: Sequence[str], *, height: int, wi
     """Latents (N, C, height/f, width/f) for `prompts` from any model, with the teacher's
     conditioning and schedule.
 
-    model_fn: a plain function returning epsilon, or a ``distill.infer.sampling.Denoiser``
+    model_fn: a plain function returning epsilon, or a ``sitdistill.infer.sampling.Denoiser``
         (``teacher_denoiser(teacher)``, ``student_fn(student)``: each in its own prediction type).
         A w-conditioned student (``guidance_embed``) gets ``guidance_scale`` as its w, without CFG.
-    scheduler: a name of ``distill.infer.sampling.SCHEDULERS`` (built from ``teacher.scheduler_config``
+    scheduler: a name of ``sitdistill.infer.sampling.SCHEDULERS`` (built from ``teacher.scheduler_config``
         for the model's prediction type) or a ready diffusers scheduler for that type.
     seed / generator: ``seed`` gives image i the generator ``seed + i``; or pass generators; neither:
         torch's global random state, like a diffusers pipeline called without a generator.

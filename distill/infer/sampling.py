@@ -32,7 +32,7 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
-from distill.core.guidance import cfg_batch, guide
+from sitdistill.core.guidance import cfg_batch, guide
 
 Tensor = torch.Tensor
 Cond = dict[str, Tensor]

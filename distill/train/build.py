@@ -21,7 +21,7 @@ TOY_PREFIX = "toy:"
 def resolve_teacher_source(source: str) -> str:
     """`toy:sd15` / `toy:sdxl` -> the cached toy teacher folder (built on first use)."""
     if source.startswith(TOY_PREFIX):
-        from teachers.toy import ensure_toy_teacher
+        from sitdistill.teachers.toy import ensure_toy_teacher
 
         return str(ensure_toy_teacher(source[len(TOY_PREFIX):]))
     return source
@@ -39,7 +39,7 @@ def _in_hub_cache(repo: str) -> bool:
 
 def load_teacher_from_recipe(cfg: DictConfig, device: torch.device | str = "cpu"):
     """The frozen teacher of the recipe's `teacher` section."""
-    from teachers import load_teacher
+    from sitdistill.teachers import load_teacher
 
     options: dict[str, Any] = {"dtype": DTYPES[cfg.dtype], "device": device, "vae_fp32": cfg.vae_fp32,
                                "clip_skip": cfg.clip_skip}
@@ -51,7 +51,7 @@ def load_teacher_from_recipe(cfg: DictConfig, device: torch.device | str = "cpu"
     try:
         return load_teacher(source, family=cfg.family, **options)
     except OSError as e:
-        from distill.core.recipe import RecipeError
+        from sitdistill.core.recipe import RecipeError
 
         if Path(source).exists() or _in_hub_cache(source):
             raise  # the source is here: the error is about something else (teacher.vae, a file in it...)
@@ -74,7 +74,7 @@ def official_kind(cfg: DictConfig) -> str | None:
 
 def build_student_from_recipe(cfg: DictConfig, teacher) -> torch.nn.Module:
     """The student of the recipe's `student` section, shaped by the teacher's conditioning."""
-    from students import SiT, build_student
+    from sitdistill.students import SiT, build_student
 
     overrides = {k: cfg[k] for k in ("hidden_size", "depth", "num_heads", "mlp_ratio") if cfg[k] is not None}
     overrides.update(in_channels=teacher.latent_channels, prediction_type=cfg.prediction_type, qk_norm=cfg.qk_norm,
@@ -125,7 +125,7 @@ def _adamw8bit(groups: list[dict], cfg: DictConfig) -> torch.optim.Optimizer:
     quarter of AdamW's state memory (2 bytes per weight instead of 8)."""
     backend = lowbit_adamw_backend()
     if backend is None:
-        from distill.core.recipe import RecipeError
+        from sitdistill.core.recipe import RecipeError
 
         raise RecipeError(f"'optimizer.name' is adamw8bit, which {lowbit_missing_message()}")
     if backend == "torchao":

@@ -18,7 +18,7 @@ ablations (with a warning).
 Two sides, never mixed:
   * the teacher keeps its frozen VAE and text encoders; its conditioning and its latent targets
     always come from them (or from caches of them), so its predictions never drift;
-  * the student side is a front end of its own (`teachers.frontend`, built by
+  * the student side is a front end of its own (`sitdistill.teachers.frontend`, built by
     `teacher.front.with_modules`) whose `vae` / `text_encoder` / `text_encoder_2` are trainable
     copies (full fine-tuning or peft LoRA): the same encoding code on other weights, which builds a
     graph because those weights train.
@@ -41,10 +41,10 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 from torch import nn
 
-from distill.core import checkpoint as ckpt
-from distill.train.losses import Terms, mse_per_sample
-from distill.train.perturb import where_rows
-from teachers.frontend import first_weight, scale_latents
+from sitdistill.core import checkpoint as ckpt
+from sitdistill.train.losses import Terms, mse_per_sample
+from sitdistill.train.perturb import where_rows
+from sitdistill.teachers.frontend import first_weight, scale_latents
 
 Tensor = torch.Tensor
 
@@ -83,7 +83,7 @@ def is_lora(module: nn.Module) -> bool:
 
 class LoraWeights:
     """A LoRA-carrying module as a checkpoint entry: `save_pretrained` writes only the adapter
-    (peft's file names), `load_state_dict` restores it; so `distill.core.checkpoint` saves and resumes
+    (peft's file names), `load_state_dict` restores it; so `sitdistill.core.checkpoint` saves and resumes
     it like any model folder."""
 
     def __init__(self, module: nn.Module):
@@ -239,7 +239,7 @@ class EndToEnd:
         return {**({"vae": self.vae} if self.vae is not None else {}), **self.text_encoders}
 
     def checkpoint_models(self) -> dict[str, Any]:
-        """Entries for `distill.core.checkpoint`: full modules, or LoRA adapters only."""
+        """Entries for `sitdistill.core.checkpoint`: full modules, or LoRA adapters only."""
         return {name: checkpoint_entry(m) for name, m in self.modules().items()}
 
     def param_groups(self, opt: DictConfig) -> list[dict]:

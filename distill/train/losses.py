@@ -55,7 +55,7 @@ def eps_loss(pred: Tensor, noise: Tensor, weight: Union[Tensor, float, None] = N
 def teacher_loss(pred: Tensor, teacher_eps: Tensor, weight: Union[Tensor, float, None] = None) -> Tensor:
     """Teacher term: MSE(student eps, teacher eps) on the same x_t, t and conditioning -> (N,).
 
-    The target may be the plain conditional teacher prediction or a guided one (`distill.core.guidance`).
+    The target may be the plain conditional teacher prediction or a guided one (`sitdistill.core.guidance`).
     The teacher's prediction is a target, never a path for gradients: it is detached here so a
     teacher that was (by mistake) called with grad enabled still cannot be trained.
     """

@@ -6,17 +6,17 @@
 In the style of DiT/SiT's `transport.training_losses` and NVlabs/edm `training/loss.py`: the
 objective owns everything between a batch and the terms (conditioning, noising, the frozen
 teacher's and the student's forwards, every term, the perturbation parts, the trajectory term and
-the end-to-end hooks); the trainer (`distill.train.trainer`) weights and reduces them (`combine`), runs
+the end-to-end hooks); the trainer (`sitdistill.train.trainer`) weights and reduces them (`combine`), runs
 backward, steps and keeps EMA. No accelerate object is needed: `autocast` is a context factory
 (the accelerator's in training, none in tests).
 
 Student and teacher see the same x_t and the same integer timestep t of the teacher's DDPM
-schedule (`distill.core.schedule`); every target is compared in the student's prediction type
+schedule (`sitdistill.core.schedule`); every target is compared in the student's prediction type
 (`target_type`). Everything random draws from one explicit `torch.Generator`, in a fixed order,
 so a resumed run continues exactly.
 
 Perturbations (SDiT): every sample of a batch is assigned to one enabled batch part
-(`distill.train.perturb.PERTURBATIONS`, keyed by the recipe's names), so one extra teacher+student
+(`sitdistill.train.perturb.PERTURBATIONS`, keyed by the recipe's names), so one extra teacher+student
 forward serves them all and each part's loss is logged on its own. Off-data trajectory states
 (data-free) come as a batch of their own from `TrajectoryPool`.
 """
@@ -29,10 +29,10 @@ from typing import Callable, ContextManager
 import torch
 from omegaconf import DictConfig
 
-from distill.train.features import capture, tokens_from_map
-from distill.train.losses import Terms, eps_loss, feature_loss, sample_guidance_scale, teacher_loss
-from distill.train.perturb import PERTURBATIONS, PartContext, PerturbedBatch, load_prompt_file, where_rows
-from distill.train.timing import SectionTimer
+from sitdistill.train.features import capture, tokens_from_map
+from sitdistill.train.losses import Terms, eps_loss, feature_loss, sample_guidance_scale, teacher_loss
+from sitdistill.train.perturb import PERTURBATIONS, PartContext, PerturbedBatch, load_prompt_file, where_rows
+from sitdistill.train.timing import SectionTimer
 
 Tensor = torch.Tensor
 
@@ -78,7 +78,7 @@ class DistillObjective:
         self.prompt_pool = load_prompt_file(pp.prompt_file.path) if wants_pool and pp.prompt_file.path else None
         self.trajectory = None
         if lo.perturb and pp.trajectory.enabled:
-            from distill.train.trajectory import TrajectoryPool
+            from sitdistill.train.trajectory import TrajectoryPool
 
             self.trajectory = TrajectoryPool(teacher, pp.trajectory, generator, batch_size=data.batch_size,
                                              latent_hw=data.example_latent_hw, captions=data.captions,

@@ -27,9 +27,9 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import torch
 from torch import Tensor
 
-from distill.core.guidance import cfg_batch, guide
-from distill.core.schema import BATCH_PARTS
-from distill.train.losses import broadcast_per_sample
+from sitdistill.core.guidance import cfg_batch, guide
+from sitdistill.core.schema import BATCH_PARTS
+from sitdistill.train.losses import broadcast_per_sample
 
 # Conditioning keys that hold text embeddings. SDXL's `time_ids` (sizes and crop coordinates)
 # are micro-conditioning, not text, and are never noised.
@@ -309,7 +309,7 @@ class Part:
 
 # The parts that act on a data batch (a, b, d), by the recipe's names, in the fixed order that the
 # per-sample assignment follows (so that it is reproducible). The trajectory part (c) has a batch of
-# its own (`distill.train.trajectory`).
+# its own (`sitdistill.train.trajectory`).
 PERTURBATIONS: dict[str, Part] = {
     "input_noise": Part(_input_noise),
     "caption_mix": Part(_caption_mix, new_captions=True),

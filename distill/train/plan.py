@@ -28,7 +28,7 @@ def _student_line(r: DictConfig) -> str:
     family = r.teacher.family  # toy teachers' sizes are known only once they are built
     if family in FAMILY_COND_DIMS:
         try:
-            from students import count_parameters
+            from sitdistill.students import count_parameters
 
             n = count_parameters(s.preset, cond_dims=FAMILY_COND_DIMS[family], **shape)
             line += f", {n / 1e6:.1f} M parameters"

@@ -2,7 +2,7 @@
 
 `RunIO` knows which models a run saves (student, EMA, feature projectors, the end-to-end stage's
 student-side parts) and how (under FSDP: gathered to full weights on every process, written by
-the main process); `distill.core.checkpoint` does the atomic writing, rotation and checksums. The
+the main process); `sitdistill.core.checkpoint` does the atomic writing, rotation and checksums. The
 trainer's position (`TrainState`), the generator's state and the data sampler's position travel
 with every checkpoint, so a resumed run continues exactly.
 """
@@ -17,10 +17,10 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig
 
-from distill.core import checkpoint as ckpt
-from distill.train.e2e import resolve_init
-from distill.core.recipe import RecipeError, to_yaml
-from distill.train.sharding import GatheredModel, GatheredOptimizer, all_finite
+from sitdistill.core import checkpoint as ckpt
+from sitdistill.train.e2e import resolve_init
+from sitdistill.core.recipe import RecipeError, to_yaml
+from sitdistill.train.sharding import GatheredModel, GatheredOptimizer, all_finite
 
 
 class TrainingStopped(RuntimeError):
@@ -165,7 +165,7 @@ class RunIO:
     def check_student_config(self, path: Path) -> None:
         """The checkpoint's student was built like this one (shape, conditioning widths, time input):
         RecipeError naming the first config key that differs, before any weight is loaded."""
-        from students import SiT
+        from sitdistill.students import SiT
 
         try:
             saved = dict(SiT.load_config(path / "student"))

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig
 
-from distill.train.losses import teacher_loss
+from sitdistill.train.losses import teacher_loss
 
 
 @torch.no_grad()
@@ -61,7 +61,7 @@ def agreement(probe: dict | None, student, ema, e2e, device, fsdp: bool) -> dict
 
 def save_sample_grid(out: Path, step: int, writer, teacher, model, recipe: DictConfig, pixel_hw, e2e) -> None:
     """Teacher | student samples of the recipe's prompts as `out`, and in tensorboard."""
-    from distill.infer.samples import teacher_student_grid
+    from sitdistill.infer.samples import teacher_student_grid
 
     side = e2e.side if e2e is not None else None  # the student's own encoders + VAE
     grid = teacher_student_grid(teacher, model, recipe, pixel_hw, student_side=side)
@@ -77,9 +77,9 @@ def save_sample_grid(out: Path, step: int, writer, teacher, model, recipe: DictC
 def final_fidelity(recipe: DictConfig, teacher, model, e2e) -> dict[str, Any]:
     """The toy grader's rates for the teacher and `model` on `evaluation.at_end` held-out prompts,
     same sampler, guidance and seeds."""
-    from distill.evaluation.evaluate import recipe_toy_fidelity, toy_prompts
-    from distill.infer.samples import student_fn
-    from distill.infer.sampling import teacher_denoiser
+    from sitdistill.evaluation.evaluate import recipe_toy_fidelity, toy_prompts
+    from sitdistill.infer.samples import student_fn
+    from sitdistill.infer.sampling import teacher_denoiser
 
     n = int(recipe.evaluation.at_end)
     was_training = model.training

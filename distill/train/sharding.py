@@ -24,17 +24,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.train.ema import local
+from sitdistill.train.ema import local
 
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME as WEIGHTS_NAME  # the file from_pretrained reads
 
 
 def check_fsdp(recipe, accelerator) -> bool:
     """Whether this run shards the student (`training.fsdp`); a clear error for a launch it cannot use
-    (what the recipe itself combines with FSDP is checked by `distill.train.validate`)."""
+    (what the recipe itself combines with FSDP is checked by `sitdistill.train.validate`)."""
     from accelerate.utils import DistributedType
 
-    from distill.core.recipe import RecipeError
+    from sitdistill.core.recipe import RecipeError
 
     t = recipe.training
     if accelerator.distributed_type == DistributedType.FSDP:

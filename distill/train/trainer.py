@@ -1,9 +1,9 @@
 """The distillation trainer: the loop around one objective.
 
-`Distiller.step` reads top to bottom: the objective's terms (`distill.train.objective`: conditioning,
+`Distiller.step` reads top to bottom: the objective's terms (`sitdistill.train.objective`: conditioning,
 x_t, teacher, student, every loss term) -> weighted total -> finiteness guard -> backward -> clip
--> optimizer step -> EMA. `Distiller.fit` wraps it with logging, checkpoints (`distill.train.run_io`),
-sample grids and the run summary (`distill.train.run_report`). Everything random in a step draws from
+-> optimizer step -> EMA. `Distiller.fit` wraps it with logging, checkpoints (`sitdistill.train.run_io`),
+sample grids and the run summary (`sitdistill.train.run_report`). Everything random in a step draws from
 one explicit `torch.Generator` per process (saved in checkpoints), so a resumed run continues
 exactly.
 """
@@ -18,19 +18,19 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from data.pipeline import DataExhausted
-from distill.train import run_report
-from distill.train.build import build_lr_scheduler, build_optimizer, build_student_from_recipe, load_teacher_from_recipe
-from distill.train.e2e import EndToEnd
-from distill.train.ema import EMA, local
-from distill.train.features import FeatureProjector, FeatureProjectors, capture
-from distill.train.losses import combine
-from distill.train.objective import DistillObjective
-from distill.core.recipe import save_recipe
-from distill.train.run_io import RunIO, TrainingStopped, TrainState, torch_optimizer
-from distill.train.sharding import GatheredModel, check_fsdp, full, shard_model
-from distill.train.timing import SectionTimer
-from distill.train.validate import check_loaded, validate_recipe
+from sitdistill.data.pipeline import DataExhausted
+from sitdistill.train import run_report
+from sitdistill.train.build import build_lr_scheduler, build_optimizer, build_student_from_recipe, load_teacher_from_recipe
+from sitdistill.train.e2e import EndToEnd
+from sitdistill.train.ema import EMA, local
+from sitdistill.train.features import FeatureProjector, FeatureProjectors, capture
+from sitdistill.train.losses import combine
+from sitdistill.train.objective import DistillObjective
+from sitdistill.core.recipe import save_recipe
+from sitdistill.train.run_io import RunIO, TrainingStopped, TrainState, torch_optimizer
+from sitdistill.train.sharding import GatheredModel, check_fsdp, full, shard_model
+from sitdistill.train.timing import SectionTimer
+from sitdistill.train.validate import check_loaded, validate_recipe
 
 __all__ = ["Distiller", "TrainingStopped", "TrainState", "clip_gradients", "foldable", "step_optimizer", "train"]
 
@@ -97,7 +97,7 @@ class Distiller:
         a CPU init of billions of weights)."""
         from accelerate import Accelerator
 
-        from data.pipeline import build_train_data
+        from sitdistill.data.pipeline import build_train_data
 
         self.recipe = r = recipe
         t = r.training
@@ -125,7 +125,7 @@ class Distiller:
         student = student if student is not None else build_student_from_recipe(r.student, self.teacher)
         config = student.config  # (before accelerate's wrapper hides it)
         check_loaded(r, self.teacher, student, self.log)
-        # End-to-end stage: trainable student-side copies of the VAE / text encoders (distill.train.e2e).
+        # End-to-end stage: trainable student-side copies of the VAE / text encoders (sitdistill.train.e2e).
         self.e2e = EndToEnd(r, self.teacher) if t.train_vae or t.train_text_encoder else None
         if self.e2e is not None:
             self.log(self.e2e.describe())
@@ -139,7 +139,7 @@ class Distiller:
 
         self.total_steps = self.planned_steps()
         # The shadow goes where the student will train (accelerate moves the student only later),
-        # or to the CPU. FSDP: copied from the whole student, then both are sharded (distill.train.sharding).
+        # or to the CPU. FSDP: copied from the whole student, then both are sharded (sitdistill.train.sharding).
         ema_device = None if self.fsdp else ("cpu" if t.ema_on_cpu else self.device)
         self.ema = EMA(student, decay=t.ema_decay, device=ema_device) if t.use_ema else None
         if self.fsdp:

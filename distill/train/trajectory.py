@@ -12,8 +12,8 @@ from typing import Sequence
 
 import torch
 
-from distill.train.perturb import draw_prompts, teacher_trajectory_states, where_rows
-from distill.infer.sampling import make_scheduler
+from sitdistill.train.perturb import draw_prompts, teacher_trajectory_states, where_rows
+from sitdistill.infer.sampling import make_scheduler
 
 Cond = dict[str, torch.Tensor]
 
@@ -45,7 +45,7 @@ class TrajectoryPool:
                 raise ValueError("trajectory prompts=prompt_file needs losses.perturbations.prompt_file.path")
             return draw_prompts(self.prompt_pool, n, generator=g)
         if self.cfg.prompts == "toy":
-            from data.toy import ToyWorld
+            from sitdistill.data.toy import ToyWorld
 
             seed = int(torch.randint(2**31 - 1, (1,), generator=g, device=g.device))
             return ToyWorld().prompts(n, seed)

@@ -11,7 +11,7 @@ What is checked, from the recipe alone:
   order, a student whose width divides into its heads;
 * combinations of keys: the loss terms, feature alignment, the guidance input, the end-to-end
   stage, FSDP, the sampler against a zero-terminal-SNR teacher, sizes against VAE factor x patch;
-* what the recipe names on disk (`distill.train.validate_files`): paths, a single-file teacher's type,
+* what the recipe names on disk (`sitdistill.train.validate_files`): paths, a single-file teacher's type,
   and, when the run resumes, that the checkpoint was written by a compatible recipe.
 
 What needs the loaded models is `check_loaded(recipe, teacher, student)`, run by the trainer right
@@ -27,9 +27,9 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from distill.train import validate_files
-from distill.core.recipe import RecipeError
-from distill.train.validate_files import fail
+from sitdistill.train import validate_files
+from sitdistill.core.recipe import RecipeError
+from sitdistill.train.validate_files import fail
 
 
 # (key, test, what it must be). Keys whose value may be null are skipped when null.
@@ -70,10 +70,10 @@ def check_names(recipe: DictConfig) -> None:
     Raises RecipeError naming the key and the valid names, so a typo in a real-size recipe shows
     on `--dry_run`, before any weight is loaded.
     """
-    from distill.train.build import lowbit_adamw_backend, lowbit_missing_message
-    from distill.infer.sampling import SCHEDULERS
-    from distill.core.schedule import LOSS_WEIGHTINGS, TIMESTEP_SAMPLERS
-    from students import PRESETS
+    from sitdistill.train.build import lowbit_adamw_backend, lowbit_missing_message
+    from sitdistill.infer.sampling import SCHEDULERS
+    from sitdistill.core.schedule import LOSS_WEIGHTINGS, TIMESTEP_SAMPLERS
+    from sitdistill.students import PRESETS
 
     for key, value, valid in (("student.preset", recipe.student.preset, PRESETS),
                               ("sampling.scheduler", recipe.sampling.scheduler, SCHEDULERS),
@@ -112,7 +112,7 @@ def _check_training(r: DictConfig, where: str) -> None:
     for combo in d.toy.exclude_combos:
         if len(str(combo).split()) != 2:
             raise fail("data.toy.exclude_combos", f"holds {combo!r}, which is not '<colour> <shape>'", where)
-    if t.fsdp:  # (the launch itself, processes and plugin, is checked by distill.train.sharding.check_fsdp)
+    if t.fsdp:  # (the launch itself, processes and plugin, is checked by sitdistill.train.sharding.check_fsdp)
         if t.mixed_precision == "fp16":
             raise fail("training.fsdp", "runs in bf16 or float32 (fp16 would need a sharded gradient scaler): "
                         "set training.mixed_precision=bf16", where)
@@ -157,7 +157,7 @@ def _check_losses(r: DictConfig, where: str) -> None:
 
 def _check_student(r: DictConfig, where: str, shape: bool = True) -> None:
     """The student section; `shape=False` skips its preset's shape (a caller brings its own student)."""
-    from students import PRESETS
+    from sitdistill.students import PRESETS
 
     lo, s = r.losses, r.student
     preset = PRESETS.get(s.preset)
@@ -181,7 +181,7 @@ def _check_student(r: DictConfig, where: str, shape: bool = True) -> None:
                     "give the student's w input (it would be trained at the teacher's guided w); set losses.eps=0",
                     where)
     if s.init and str(s.init).endswith((".pt", ".pth", ".ckpt", ".safetensors")) and not Path(str(s.init)).is_dir():
-        from distill.train.build import official_kind
+        from sitdistill.train.build import official_kind
 
         if official_kind(s) is None:
             raise fail("student.init_kind", f"is null and the name of {s.init} does not say SiT or DiT: "
@@ -190,7 +190,7 @@ def _check_student(r: DictConfig, where: str, shape: bool = True) -> None:
 
 def _check_e2e(r: DictConfig, where: str) -> None:
     """What the end-to-end stage cannot do."""
-    from data.pipeline import needs_images
+    from sitdistill.data.pipeline import needs_images
 
     t, lo, e = r.training, r.losses, r.e2e
     if t.train_vae and not needs_images(r):
@@ -211,7 +211,7 @@ def vae_factor_of(r: DictConfig) -> int | None:
     anything (toy teachers: 4; a local folder: its vae/config.json); None when unknown here."""
     import json
 
-    from teachers.frontend import vae_scale_factor
+    from sitdistill.teachers.frontend import vae_scale_factor
 
     source = r.teacher.source
     if source.startswith("toy:"):
@@ -229,9 +229,9 @@ def vae_factor_of(r: DictConfig) -> int | None:
 
 def _check_grid(r: DictConfig, where: str) -> None:
     """The bucket grid exists, and its step (or the square resolution) suits VAE factor x patch
-    when the VAE factor is known (data.buckets' own rules, run early)."""
-    from data.buckets import make_buckets, validate_step
-    from students import PRESETS
+    when the VAE factor is known (sitdistill.data.buckets' own rules, run early)."""
+    from sitdistill.data.buckets import make_buckets, validate_step
+    from sitdistill.students import PRESETS
 
     d = r.data
     if d.bucket:
@@ -265,13 +265,13 @@ def zero_terminal_snr_of(r: DictConfig) -> bool | None:
         return bool(te.zero_terminal_snr)
     if te.source.startswith("toy:"):
         return False
-    from teachers.sd import SINGLE_FILE_SUFFIXES
+    from sitdistill.teachers.sd import SINGLE_FILE_SUFFIXES
 
     source = Path(te.source)
     if source.suffix.lower() in SINGLE_FILE_SUFFIXES:
         if not source.is_file():
             return None
-        from teachers.single_file import markers, read_shapes
+        from sitdistill.teachers.single_file import markers, read_shapes
 
         try:
             if markers(read_shapes(source))["zero_terminal_snr"]:
@@ -292,7 +292,7 @@ def zero_terminal_snr_of(r: DictConfig) -> bool | None:
 
 def _check_sampling(r: DictConfig, where: str) -> None:
     """The sampler can follow the teacher's schedule (sample grids and the final grading use it)."""
-    from distill.infer.sampling import zero_snr_schedulers
+    from sitdistill.infer.sampling import zero_snr_schedulers
 
     if zero_terminal_snr_of(r) and r.sampling.scheduler not in zero_snr_schedulers():
         raise fail("sampling.scheduler", f"is {r.sampling.scheduler!r}, which cannot follow the teacher's "

@@ -1,6 +1,6 @@
 """What a recipe names on disk, checked before anything is loaded: files, folders, checkpoints.
 
-Part of the one validation pass (`distill.train.validate.validate_recipe`, its entry point):
+Part of the one validation pass (`sitdistill.train.validate.validate_recipe`, its entry point):
 * paths: that each file or folder exists, is the right kind and is readable. A teacher or VAE
   named like a hub id (``org/name``) that is not a local path is left to the hub client: only then
   can the network be the cause; a single-file teacher must show its model type in its keys;
@@ -19,8 +19,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from distill.core import checkpoint as ckpt
-from distill.core.recipe import RecipeError, load_yaml
+from sitdistill.core import checkpoint as ckpt
+from sitdistill.core.recipe import RecipeError, load_yaml
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TOY_FAMILIES = ("sd15", "sdxl")
@@ -71,8 +71,8 @@ def _check_path(key: str, value: str | None, where: str, kind: str = "any", hub:
 
 def _check_single_file(source: str, where: str) -> None:
     """A single file without teacher.config: its model type must be readable from its keys."""
-    from distill.core.checkpoint import UnsafeFileError
-    from teachers.single_file import SingleFileError, detect, read_shapes
+    from sitdistill.core.checkpoint import UnsafeFileError
+    from sitdistill.teachers.single_file import SingleFileError, detect, read_shapes
 
     try:
         found = detect(read_shapes(source))
@@ -89,7 +89,7 @@ def _check_single_file(source: str, where: str) -> None:
 
 
 def check_paths(r: DictConfig, where: str) -> None:
-    from teachers.sd import SINGLE_FILE_SUFFIXES  # (torch only; diffusers is imported when loading)
+    from sitdistill.teachers.sd import SINGLE_FILE_SUFFIXES  # (torch only; diffusers is imported when loading)
 
     te = r.teacher
     if te.source.startswith("toy:"):
