@@ -145,7 +145,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.gpu:
         return _gpu_bench(args)
+    if args.overrides and not args.compare:
+        return fail(f"bench: recipe overrides ({args.overrides[0]} ...) go with --compare", EXIT_USAGE)
     _quiet_libraries()
+    if args.compare:
+        from sitdistill.apps.bench import compare_steps
+        from sitdistill.core.recipe import load_recipe
+
+        load_recipe(None, [*args.overrides, *args.compare])  # a misspelt key: exit 2 before any model
+        print(compare_steps(args.compare, rounds=args.rounds, steps=args.steps, common=tuple(args.overrides)))
+        return 0
     print(run_bench(args.configs, steps=args.steps, warmup=args.warmup, as_json=args.json))
     return 0
 
@@ -322,7 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "latents, SD1.5-shaped random UNet teacher) with warm caches.")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON list")
     p.add_argument("--configs", nargs="+", default=["toy", "mid"], choices=("toy", "mid"))
-    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (per round with --compare)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="with --compare: overrides of the toy recipe "
+                   "for both sides")
+    p.add_argument("--compare", nargs="+", metavar="key=value", help="time the toy step as it is and with these "
+                   "recipe overrides side by side, in alternating rounds, and print the ratio")
+    p.add_argument("--rounds", type=int, default=4, help="with --compare: alternating rounds (default 4)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--gpu", action="store_true", help="the real-size GPU benchmark (SD1.5 -> SiT-XL/2 at 512 px, "
                    "SDXL -> 2b at 1024 px, variants, memory levers; <= 8 minutes): writes results.md and results.json")

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sitdistill.core.muon import MuonAdamW
 from sitdistill.data import toy as world
 from sitdistill.teachers.toy_parts import (PRESETS, SDXL_PAD, _tokenize, build_text_encoder, build_unet, build_vae,
                                 encode_text, sdxl_time_ids, train_tokenizer)
@@ -77,6 +78,10 @@ SCHEDULER_CONFIGS = {
              "clip_sample": False, "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True},
 }
 
+# Settings added after TOY_TEACHER_VERSION 3, at their defaults (ToyTeacherSettings.key_settings).
+LATER_DEFAULTS = {"optimizer": "adamw", "muon_lr_scale": 5.0}
+
+
 @dataclass(frozen=True)
 class ToyTeacherSettings:
     """Everything that determines a toy teacher (its cache key is a hash of these)."""
@@ -102,6 +107,8 @@ class ToyTeacherSettings:
     text_pool: bool = True          # SD1.5 family: pooled text added to the time embedding (build_unet)
     unet_levels: int = 3            # resolution levels of the UNet (build_unet)
     snr_gamma: float | None = 5.0   # gamma of min-SNR-gamma (Hang et al. 2023)
+    optimizer: str = "adamw"        # or "muon": Muon for the UNet's matrices and kernels (sitdistill.core.muon)
+    muon_lr_scale: float = 5.0      # Muon's learning rate over `lr` (its update RMS = lr at 5)
 
     def __post_init__(self) -> None:
         from sitdistill.core.schedule import LOSS_WEIGHTINGS
@@ -114,6 +121,13 @@ class ToyTeacherSettings:
             object.__setattr__(self, "unet_steps", UNET_STEPS[self.family])
         if self.preset not in PRESETS:
             raise ValueError(f"unknown toy-teacher preset {self.preset!r}; choose from {list(PRESETS)}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"unknown toy-teacher optimizer {self.optimizer!r}; choose from adamw, muon")
+
+    def key_settings(self) -> dict:
+        """The settings as the cache key and the finished marker hold them: the ones added after
+        version 3 only when they differ from their defaults, so every earlier build keeps its key."""
+        return {k: v for k, v in asdict(self).items() if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
     def vae_part(self) -> dict:
         """The settings the VAE depends on (the VAE is shared by both families)."""
@@ -255,6 +269,20 @@ def _swap(params: list, ema: list) -> None:
         e.copy_(held)
 
 
+def _unet_optimizer(unet: torch.nn.Module, encoders: list, settings: ToyTeacherSettings) -> torch.optim.Optimizer:
+    """AdamW over the UNet and text encoders; or Muon for the UNet's matrices and convolution kernels
+    (all but its first and last convolution) with AdamW for the rest (norms, biases, embeddings, the
+    encoders). Each group carries its peak rate ("peak_lr") for the warm-up and decay."""
+    params = list(unet.parameters()) + [q for e in encoders for q in e.parameters()]
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW([{"params": params, "peak_lr": settings.lr}], lr=settings.lr, weight_decay=0.0)
+    muon = [q for n, q in unet.named_parameters() if q.ndim >= 2 and not n.startswith(("conv_in.", "conv_out."))]
+    rest = [q for q in params if all(q is not m for m in muon)]
+    peak = settings.lr * settings.muon_lr_scale
+    return MuonAdamW([{"params": muon, "muon": True, "lr": peak, "peak_lr": peak},
+                      {"params": rest, "peak_lr": settings.lr}], lr=settings.lr)
+
+
 def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_dir: str | Path | None = None,
                       snapshots: Sequence[int] = (), snapshot_dir: str | Path | None = None) -> Path:
     """Train a toy teacher and save it as a diffusers pipeline folder at ``out_dir`` (atomically).
@@ -312,7 +340,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
     schedule = NoiseSchedule.from_config(scheduler_config)
     scaling = vae.config.scaling_factor
     params = list(unet.parameters()) + [q for e in encoders for q in e.parameters()]
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    opt = _unet_optimizer(unet, encoders, settings)
     ema = [q.detach().clone() for q in params]
     gen = torch.Generator().manual_seed(settings.seed + 2)
     unet.train()
@@ -344,7 +372,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
         per_sample = per_sample * schedule.loss_weight(t, settings.loss_weighting, settings.snr_gamma)
         loss = per_sample.mean()
         for pg in opt.param_groups:
-            pg["lr"] = settings.lr * _lr_factor(step, settings.unet_steps, settings.warmup_steps)
+            pg["lr"] = pg["peak_lr"] * _lr_factor(step, settings.unet_steps, settings.warmup_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -361,7 +389,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
                 _pipeline(fam, vae, encoders, tokenizers, unet, scheduler_config).save_pretrained(
                     tmp, safe_serialization=True)
                 (tmp / FINISHED_MARKER).write_text(json.dumps(
-                    {"version": TOY_TEACHER_VERSION, "settings": asdict(settings), "snapshot_step": step + 1},
+                    {"version": TOY_TEACHER_VERSION, "settings": settings.key_settings(), "snapshot_step": step + 1},
                     indent=1, default=list) + "\n")
             _swap(params, ema)
     timings["unet_s"] = time.time() - t0
@@ -375,7 +403,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
     pipe = _pipeline(fam, vae, encoders, tokenizers, unet, scheduler_config)
     timings["total_s"] = time.time() - t_start
     timings["cpu_s"] = time.process_time() - cpu_start  # CPU time: the honest figure on a shared machine
-    info = {"version": TOY_TEACHER_VERSION, "settings": asdict(settings), "timings": timings,
+    info = {"version": TOY_TEACHER_VERSION, "settings": settings.key_settings(), "timings": timings,
             "final_loss": float(loss.item()), "torch_threads": torch.get_num_threads()}
     with _atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -418,7 +446,7 @@ def is_finished(folder: str | Path) -> bool:
 
 def toy_teacher_dir(settings: ToyTeacherSettings, cache_dir: str | Path | None = None) -> Path:
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    return root / "toy-teacher" / f"{settings.family}-{_key(asdict(settings))}"
+    return root / "toy-teacher" / f"{settings.family}-{_key(settings.key_settings())}"
 
 
 def ensure_toy_teacher(family: str = "sd15", cache_dir: str | Path | None = None, **settings) -> Path:

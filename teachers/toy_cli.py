@@ -5,7 +5,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -70,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(sitdistill.core.schedule.LOSS_WEIGHTINGS; default min_snr)")
     parser.add_argument("--text-pool", action=argparse.BooleanOptionalAction, default=None,
                         help="SD1.5 family: pooled text added to the UNet's time embedding (default on)")
+    parser.add_argument("--optimizer", choices=("adamw", "muon"), default=None,
+                        help="UNet optimizer (default adamw; muon: Muon for its matrices and kernels)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own choice; 1 is faster on a busy shared CPU)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a finished build exists")
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> Path:
     overrides = {k: v for k, v in (("unet_steps", args.unet_steps), ("vae_steps", args.vae_steps),
                                    ("batch_size", args.batch_size), ("loss_weighting", args.loss_weighting),
-                                   ("text_pool", args.text_pool))
+                                   ("text_pool", args.text_pool), ("optimizer", args.optimizer))
                  if v is not None}
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> Path:
     cache = args.cache_dir if args.cache_dir is not None else default_cache_root()
     folder = args.out if args.out is not None else toy_teacher_dir(s, cache)
     done = is_finished(folder) and json.loads((Path(folder) / FINISHED_MARKER).read_text()).get("settings") == \
-        json.loads(json.dumps(asdict(s), default=list))
+        json.loads(json.dumps(s.key_settings(), default=list))
     if args.force or not done:
         build_toy_teacher(folder, s, cache_dir=cache)
     else:

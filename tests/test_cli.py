@@ -142,3 +142,18 @@ def test_every_flag_has_one_convention_and_both_spellings():
     assert {"study", "eval", "export", "toy-teacher"} <= seen_out
     args = root.parse_args(["study", "--output-dir", "x", "--eval-every", "3", "--eval_prompts", "2"])
     assert (args.out, args.eval_every, args.eval_prompts) == ("x", 3, 2)
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_bench_compare_times_both_sides_and_refuses_a_misspelt_key(tiny_teachers, capsys):
+    tiny = [f"teacher.source={tiny_teachers['sd15']}", "student.hidden_size=32", "student.depth=2",
+            "student.num_heads=2", "data.toy.num_images=8", "training.batch_size=2", "losses.feature=0"]
+    code = cli.main(["bench", *tiny, "--compare", "optimizer.name=muon", "--rounds", "1", "--steps", "1"])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    table = out[out.index("toy step, 1 alternating rounds of 1 steps:"):]
+    assert table[1].startswith("  as it is:") and table[1].endswith("ratio 1.000")
+    assert table[2].startswith("  optimizer.name=muon:") and "ms/step" in table[2]
+    assert cli.main(["bench", *tiny, "--compare", "optimizer.nmae=muon"]) == 2
+    assert "optimizer.nmae" in capsys.readouterr().err
+    assert cli.main(["bench", "training.seed=1"]) == 2

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = str(ROOT / "recipes" / "toy.yaml")
 TINY = ("student.hidden_size=32", "student.depth=2", "student.num_heads=2", "data.toy.num_images=24",
         "training.batch_size=4", "training.max_steps=2", "training.sample_every=0", "training.log_every=1",
-        "optimizer.warmup_steps=0", "losses.feature=0", "evaluation.at_end=0")
+        "optimizer.warmup_steps=0", "losses.feature=0", "evaluation.at_end=0", "optimizer.name=adamw")
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -301,7 +301,8 @@ def test_a_resume_may_change_the_optimizer_and_says_so(two_checkpoints, tiny_tea
 
 
 @pytest.mark.parametrize("override,key", [("student.depth=3", "student.depth"), ("training.batch_size=2",
-                                          "training.batch_size"), ("losses.feature=0.5", "losses.feature")])
+                                          "training.batch_size"), ("losses.feature=0.5", "losses.feature"),
+                                          ("optimizer.name=muon", "optimizer.name")])
 def test_a_resume_refuses_what_a_checkpoint_fixes(override, key, two_checkpoints, tiny_teachers, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(two_checkpoints, run, symlinks=True)

@@ -230,6 +230,31 @@ def test_interrupted_build_is_not_taken_as_finished(tiny_teachers, monkeypatch):
     assert toy_teacher.is_finished(final) and (final / "unet" / "config.json").exists()
 
 
+def test_a_muon_teacher_builds_under_its_own_key_and_earlier_keys_stay(tmp_path):
+    """`optimizer="muon"` trains the UNet's matrices and kernels with Muon: a working pipeline under a
+    key of its own, while the default settings keep the key they had before the option existed (no
+    cached teacher is rebuilt)."""
+    from dataclasses import asdict
+
+    from sitdistill.core.muon import MuonAdamW
+
+    plain = toy_teacher.ToyTeacherSettings(family="sd15", **TINY)
+    muon = toy_teacher.ToyTeacherSettings(family="sd15", optimizer="muon", **TINY)
+    before = {k: v for k, v in asdict(plain).items() if k not in ("optimizer", "muon_lr_scale")}
+    assert plain.key_settings() == before
+    assert toy_teacher.toy_teacher_dir(muon, tmp_path) != toy_teacher.toy_teacher_dir(plain, tmp_path)
+    unet, encoders = toy_teacher.build_unet("tiny", "sd15", 16), []
+    opt = toy_teacher._unet_optimizer(unet, encoders, muon)
+    assert isinstance(opt, MuonAdamW)
+    muon_group = next(g for g in opt.param_groups if g["muon"])
+    assert any(q.ndim == 4 for q in muon_group["params"]) and any(q.ndim == 2 for q in muon_group["params"])
+    assert all(q is not unet.conv_in.weight for q in muon_group["params"])
+    folder = toy_teacher.ensure_toy_teacher("sd15", cache_dir=tmp_path, optimizer="muon", **TINY)
+    assert toy_teacher.is_finished(folder) and folder == toy_teacher.toy_teacher_dir(muon, tmp_path)
+    with pytest.raises(ValueError, match="optimizer"):
+        toy_teacher.ToyTeacherSettings(optimizer="sgd")
+
+
 def test_cli_parser_builds_into_out(tmp_path, monkeypatch):
     monkeypatch.setenv("SITDISTILL_CACHE", str(tmp_path / "cache"))
     args = toy_cli.build_parser().parse_args(["--family", "sdxl", "--out", str(tmp_path / "t"), "--eval", "4"])

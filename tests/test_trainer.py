@@ -18,7 +18,8 @@ pytestmark = pytest.mark.usefixtures("private_cache")  # tiny_teachers: tests/co
 
 # The loss set-up these tests were written for (data term, teacher term, no feature alignment),
 # pinned so that they do not follow the shipped toy recipe's choices; `shipped=True` keeps those.
-PINNED = ("losses.eps=1.0", "losses.teacher=1.0", "losses.feature=0", "optimizer.lr=3e-4", "evaluation.at_end=0")
+PINNED = ("losses.eps=1.0", "losses.teacher=1.0", "losses.feature=0", "optimizer.lr=3e-4", "optimizer.name=adamw",
+          "evaluation.at_end=0")
 
 
 def tiny_recipe(teacher: Path, out: Path, *overrides: str, shipped: bool = False):
@@ -66,10 +67,11 @@ def test_two_steps_train_save_and_leave_the_teacher_untouched(tiny_teachers, tmp
     assert SiT.from_pretrained(latest / "student").config.text_dim == 32
 
 
-def test_resume_continues_exactly(tiny_teachers, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_exactly(tiny_teachers, tmp_path, optimizer):
     """2N steps straight == N steps, resume, N steps (weights, EMA, optimizer)."""
     common = ("training.max_steps=4", "optimizer.lr_scheduler=cosine", "optimizer.warmup_steps=1",
-              "data.caption_dropout=0.3", "training.checkpoint_every=2")
+              "data.caption_dropout=0.3", "training.checkpoint_every=2", f"optimizer.name={optimizer}")
     Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "straight", *common)).fit()
     # The same run killed after its first checkpoint: run to step 2 only, then resume.
     first = Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "resumed", *common))
@@ -84,7 +86,10 @@ def test_resume_continues_exactly(tiny_teachers, tmp_path):
         assert all(torch.equal(wa[k], wb[k]) for k in wa), part
     oa = torch.load(a / "optimizer.pt", weights_only=True)["state"]
     ob = torch.load(b / "optimizer.pt", weights_only=True)["state"]
-    assert all(torch.equal(oa[i]["exp_avg"], ob[i]["exp_avg"]) for i in oa)
+    assert oa.keys() == ob.keys() and all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+    kinds = {k for state in oa.values() for k in state}
+    assert kinds == ({"step", "exp_avg", "exp_avg_sq", "momentum_buffer"} if optimizer == "muon"
+                     else {"step", "exp_avg", "exp_avg_sq"})
 
 
 def test_sdxl_teacher_swap_is_a_recipe_edit(tiny_teachers, tmp_path):

@@ -24,6 +24,7 @@ DATA_FREE = ("losses.eps=0", "losses.teacher=0", "losses.feature=0", "losses.per
 CONFLICTS = [
     ("fsdp in fp16", ["training.fsdp=true", "training.mixed_precision=fp16"], "training.fsdp"),
     ("fsdp with the end-to-end stage", ["training.fsdp=true", "training.train_vae=true"], "training.fsdp"),
+    ("fsdp with Muon", ["training.fsdp=true", "optimizer.name=muon"], "optimizer.name"),
     ("a student VAE with no images", ["training.train_vae=true", *DATA_FREE], "training.train_vae"),
     ("REPA-E gradient without a student VAE", ["e2e.feature_grad_to_vae=true"], "e2e.feature_grad_to_vae"),
     ("REPA-E gradient without feature alignment", ["e2e.feature_grad_to_vae=true", "training.train_vae=true",

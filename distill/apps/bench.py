@@ -5,6 +5,10 @@ Two configurations, measured in one run:
 - `mid`: SiT-B/2 on 32x32 latents (256 px) with an SD1.5-shaped, randomly initialised UNet teacher
   (860 M parameters; text encoder and VAE small, since with caching on they are out of the step).
 
+`--compare key=value ...`: the toy configuration as it is and with the overrides, two students built
+side by side and timed in alternating rounds, so that a change's cost is a ratio measured under the
+same machine load (these machines vary by 17 % from day to day).
+
 Each configuration warms up (fills the latent and text caches, first-call allocations), then
 times `steps` steps section by section. The overhead ratio is
 step / (teacher forward + student forward + student backward): everything the trainer adds on top
@@ -41,13 +45,13 @@ def sd15_shaped_teacher(device: torch.device):
     return random_teacher("sd15", {**real_unet_config("sd15"), "sample_size": 32}, device)
 
 
-def _config(name: str, workdir: Path, device: torch.device):
+def _config(name: str, workdir: Path, device: torch.device, overrides: tuple[str, ...] = ()):
     from sitdistill.core.recipe import load_recipe
 
     common = [f"output.dir={workdir / name}", f"data.cache_dir={workdir / 'cache'}", "training.sample_every=0",
               "output.tensorboard=false"]
     if name == "toy":
-        return load_recipe(ROOT / "recipes" / "toy.yaml", common), None
+        return load_recipe(ROOT / "recipes" / "toy.yaml", common + list(overrides)), None
     if name == "mid":
         from sitdistill.data.toy import ToyWorld
 
@@ -155,3 +159,34 @@ def run_bench(configs: list[str], steps: int = 5, warmup: int = 2, as_json: bool
     with tempfile.TemporaryDirectory(prefix="sitdistill-bench-") as tmp:
         results = [bench_config(name, Path(tmp), steps, warmup) for name in configs]
     return json.dumps(results, indent=2) if as_json else format_table(results)
+
+
+def compare_steps(overrides: list[str], rounds: int = 4, steps: int = 20, warmup: int = 3,
+                  common: tuple[str, ...] = ()) -> str:
+    """The toy configuration's step (with `common` overrides) as it is and with `overrides`, timed side
+    by side: `rounds` alternating rounds of `steps` steps each. Returns ms/step and the ratio."""
+    from sitdistill.train.trainer import Distiller
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory(prefix="sitdistill-bench-") as tmp:
+        runs = {}
+        for label, extra in (("as it is", tuple(common)), (" ".join(overrides), (*common, *overrides))):
+            recipe, _ = _config("toy", Path(tmp) / str(len(runs)), device, extra)
+            d = Distiller(recipe)
+            prime_caches(d)
+            runs[label] = (d, endless_batches(d), [0.0])
+            for _ in range(warmup):
+                d.step(next(runs[label][1]))
+        for _ in range(rounds):
+            for d, batches, total in runs.values():
+                start = time.perf_counter()
+                for _ in range(steps):
+                    d.step(next(batches))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                total[0] += time.perf_counter() - start
+    base = next(iter(runs.values()))[2][0]
+    lines = [f"toy step, {rounds} alternating rounds of {steps} steps:"]
+    for label, (_, _, total) in runs.items():
+        lines.append(f"  {label}: {total[0] / (rounds * steps) * 1000:.1f} ms/step, ratio {total[0] / base:.3f}")
+    return "\n".join(lines)

@@ -224,7 +224,9 @@ class LossesConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = _choice("adamw", ("adamw", "adamw8bit"))  # adamw8bit: the `lowbit` extra (torchao or bitsandbytes)
+    # adamw8bit: the `lowbit` extra (torchao or bitsandbytes). muon: Muon for the student blocks'
+    # 2-D weights, AdamW for the rest (sitdistill.core.muon), at `lr` x `muon_lr_scale`.
+    name: str = _choice("adamw", ("adamw", "adamw8bit", "muon"))
     lr: float = 1e-4
     betas: list[float] = _list(0.9, 0.999)
     weight_decay: float = 0.0
@@ -233,6 +235,8 @@ class OptimizerConfig:
     lr_scheduler: str = _choice("constant", ("constant", "cosine", "linear"))
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # floor of the cosine/linear decay, as a fraction of lr
+    muon_lr_scale: float = 1.0  # Muon's learning rate over `lr` (its update RMS is AdamW's at 1.0)
+    muon_momentum: float = 0.95
     # Learning rates of the end-to-end stage's groups (null: same as lr).
     vae_lr: Optional[float] = None
     text_encoder_lr: Optional[float] = None

@@ -14,6 +14,8 @@ from typing import Any, Iterable
 import torch
 from omegaconf import DictConfig
 
+from sitdistill.core.muon import MuonAdamW, muon_parameters
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOY_PREFIX = "toy:"
 
@@ -135,12 +137,25 @@ def _adamw8bit(groups: list[dict], cfg: DictConfig) -> torch.optim.Optimizer:
     return AdamW8bit(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
+def student_param_groups(student: torch.nn.Module, cfg: DictConfig) -> list[dict]:
+    """The student's trainable parameters as optimizer groups: one AdamW group, or for
+    `optimizer.name: muon` the blocks' 2-D weights (Muon, at lr x muon_lr_scale) and the rest (AdamW)."""
+    if cfg.name != "muon":
+        return [{"params": [p for p in student.parameters() if p.requires_grad]}]
+    muon, rest = muon_parameters(student)
+    return [{"params": muon, "muon": True, "lr": cfg.lr * cfg.muon_lr_scale}, {"params": rest}]
+
+
 def build_optimizer(groups: Iterable[dict], cfg: DictConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW; the fused kernel where the device has one (CUDA, and CPU since torch 2.4: about 6x
     faster than the default per-tensor loop for a 30 M-parameter student), unless the recipe says
-    otherwise. `optimizer.name: adamw8bit`: 8-bit AdamW from torchao or bitsandbytes."""
+    otherwise. `optimizer.name: adamw8bit`: 8-bit AdamW from torchao or bitsandbytes; `muon`: Muon
+    for the groups marked ``muon=True`` (`student_param_groups`), AdamW for the others."""
     if cfg.name == "adamw8bit":
         return _adamw8bit(list(groups), cfg)
+    if cfg.name == "muon":
+        return MuonAdamW(list(groups), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                         weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
     fused = cfg.fused if cfg.fused is not None else device.type in FUSED_ADAMW_DEVICES
     return torch.optim.AdamW(list(groups), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              weight_decay=cfg.weight_decay, fused=fused)

@@ -96,6 +96,7 @@ class RunIO:
         saved = asdict(state)
         saved["sampler"] = self.data.sampler_state(state.epoch, state.batch_in_epoch)
         saved["fsdp"] = self.fsdp  # the optimizer file's layout
+        saved["optimizer"] = self.recipe.optimizer.name  # its state's layout too
         saved["agreement_before"] = before
         path = ckpt.save_checkpoint(
             self.run_dir, state.step, models=models, optimizer=optimizer, lr_scheduler=self.lr_scheduler,
@@ -151,6 +152,11 @@ class RunIO:
         if saved.get("fsdp", False) != self.fsdp:
             raise RecipeError(f"'training.fsdp' is {self.fsdp} but {path} was saved with {saved.get('fsdp', False)}; "
                               "resume it with the same setting")
+        name = self.recipe.optimizer.name
+        if saved.get("optimizer", name) != name:  # (checkpoints written before the key existed: not checked)
+            raise RecipeError(f"'optimizer.name' is {name} but {path} was saved with {saved['optimizer']}, whose "
+                              "state does not carry over; resume it with the same optimizer, or start a new stage "
+                              "from it (training.init_from)")
         self.check_student_config(path)
         state = ckpt.load_checkpoint(path, models=self.models(), optimizer=self.optimizer_view(),
                                      lr_scheduler=self.lr_scheduler, generators={"train": self.gen},

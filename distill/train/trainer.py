@@ -20,7 +20,8 @@ from omegaconf import DictConfig
 
 from sitdistill.data.pipeline import DataExhausted
 from sitdistill.train import run_report
-from sitdistill.train.build import build_lr_scheduler, build_optimizer, build_student_from_recipe, load_teacher_from_recipe
+from sitdistill.train.build import (build_lr_scheduler, build_optimizer, build_student_from_recipe,
+                                    load_teacher_from_recipe, student_param_groups)
 from sitdistill.train.e2e import EndToEnd
 from sitdistill.train.ema import EMA, local
 from sitdistill.train.features import FeatureProjector, FeatureProjectors, capture
@@ -148,7 +149,7 @@ class Distiller:
                 shard_model(self.ema.model, self.device, offload=t.ema_on_cpu)
             for proj in self.projector or []:
                 shard_model(proj, self.device, t.mixed_precision)
-        params = [{"params": [p for p in student.parameters() if p.requires_grad]}]
+        params = student_param_groups(student, r.optimizer)
         if self.projector is not None:
             params.append({"params": list(self.projector.parameters())})
         if self.e2e is not None:

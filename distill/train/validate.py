@@ -44,7 +44,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "training.log_every": _GE1, "training.sample_every": _GE0, "training.max_bad_steps": _GE1,
     "optimizer.lr": _POS, "optimizer.weight_decay": _GE0, "optimizer.eps": _POS,
     "optimizer.warmup_steps": _GE0, "optimizer.min_lr_ratio": _PROB, "optimizer.vae_lr": _POS,
-    "optimizer.text_encoder_lr": _POS,
+    "optimizer.text_encoder_lr": _POS, "optimizer.muon_lr_scale": _POS, "optimizer.muon_momentum": _DECAY,
     "data.caption_dropout": _PROB, "data.min_size": _GE1, "data.max_pixels": _GE1, "data.resolution": _GE1,
     "data.bucket_min_side": _GE1, "data.bucket_max_side": _GE1, "data.bucket_step": _GE1,
     "data.keep_tokens": _GE0, "data.num_workers": _GE0, "data.toy.num_images": _GE1,
@@ -119,6 +119,9 @@ def _check_training(r: DictConfig, where: str) -> None:
         if t.train_vae or t.train_text_encoder:
             raise fail("training.fsdp", "shards the student only: the end-to-end stage "
                         "(training.train_vae / train_text_encoder) runs without it", where)
+        if r.optimizer.name == "muon":
+            raise fail("optimizer.name", "is muon, which orthogonalises whole matrices, and training.fsdp shards "
+                        "them: use adamw with FSDP", where)
 
 
 def _check_losses(r: DictConfig, where: str) -> None:

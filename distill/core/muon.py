@@ -1,0 +1,125 @@
+"""Muon for the student's hidden matrices, AdamW for everything else, in one torch optimizer.
+
+Muon (K. Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks"; J. Liu et
+al. 2025, "Muon is Scalable for LLM Training") replaces each 2-D weight's momentum update by its
+nearest semi-orthogonal matrix (five Newton-Schulz iterations), so every direction of the matrix
+moves at the same rate. Following both papers, it is used for the transformer blocks' 2-D weights
+only; embeddings, the final layer, norms, biases, projectors and end-to-end encoders keep AdamW.
+Moonshot's scale, 0.2 * sqrt(max(rows, cols)), gives the orthogonalised update the RMS of an
+AdamW update, so `optimizer.lr` and `optimizer.weight_decay` mean the same for both halves.
+
+One optimizer (not two side by side) so that the LR scheduler, gradient clipping, accelerate's
+wrapper and checkpoints see a single `param_groups` / `state_dict`, as with AdamW.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+# Keller Jordan's quintic Newton-Schulz coefficients (torch.optim.Muon uses the same).
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalise(g: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None) -> Tensor:
+    """About U V^T for g = U S V^T by `steps` quintic Newton-Schulz iterations (a convolution's kernel
+    is taken as its (out, in x kh x kw) matrix, as in Jordan's CIFAR-10 runs; singular values
+    land in about [0.7, 1.2], which the papers find as good as exact). `dtype`: the iterations'
+    precision; default bfloat16 on a GPU (as torch.optim.Muon) and float32 elsewhere (a CPU
+    without AMX runs bfloat16 matmuls slower than float32)."""
+    a, b, c = NS_COEFFICIENTS
+    dtype = dtype or (torch.bfloat16 if g.is_cuda else torch.float32)
+    x = g.reshape(g.shape[0], -1).to(dtype)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.T if tall else x).reshape(g.shape).to(g.dtype)
+
+
+def muon_parameters(model: nn.Module, prefix: str = "blocks.") -> tuple[list[Tensor], list[Tensor]]:
+    """(Muon's, AdamW's) trainable parameters of a student: the 2-D weights under `prefix`, the rest."""
+    muon, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (muon if p.ndim == 2 and name.startswith(prefix) else rest).append(p)
+    return muon, rest
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Groups with ``muon=True`` (matrices only) take Muon steps (momentum, Nesterov, orthogonalised, RMS-matched to
+    AdamW); the others take AdamW steps. Supports the ``grad_scale`` protocol of torch's fused
+    optimizers, so gradient clipping folds into the step as it does for fused AdamW."""
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, groups: Iterable[dict], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.95, ns_steps: int = 5):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
+                        ns_steps=ns_steps, muon=False, fused=True)
+        super().__init__(list(groups), defaults)
+        for group in self.param_groups:
+            if group["muon"] and any(p.ndim < 2 for p in group["params"]):
+                raise ValueError("Muon groups hold matrices (2-D weights, or convolution kernels) only")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        scale = getattr(self, "grad_scale", None)  # the clipping divisor, when folded in
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad if scale is None else p.grad / scale for p in params]
+            lr, wd = group["lr"], group["weight_decay"]
+            if wd:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            if group["muon"]:
+                self._muon(group, params, grads, lr)
+            else:
+                self._adamw(group, params, grads, lr)
+        return loss
+
+    def _muon(self, group: dict, params: list[Tensor], grads: list[Tensor], lr: float) -> None:
+        mu = group["momentum"]
+        for p, g in zip(params, grads):
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.lerp_(g, 1 - mu)
+            update = orthogonalise(g.lerp(buf, mu), group["ns_steps"])  # Nesterov
+            p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape[0], p[0].numel())))
+
+    def _adamw(self, group: dict, params: list[Tensor], grads: list[Tensor], lr: float) -> None:
+        beta1, beta2 = group["betas"]
+        states = []
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            states.append(state)
+        m = [s["exp_avg"] for s in states]
+        v = [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(m, grads, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        steps = [float(s["step"]) for s in states]
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** n) for n in steps])
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - beta1 ** n) for n in steps])
+
+
+__all__ = ["MuonAdamW", "muon_parameters", "orthogonalise"]

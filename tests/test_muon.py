@@ -1,0 +1,89 @@
+"""`optimizer.name: muon`: Muon on the student blocks' 2-D weights, AdamW on the rest, as one optimizer."""
+
+import pytest
+import torch
+
+from sitdistill.students import build_student
+from sitdistill.core import muon as muon_module
+from sitdistill.core.muon import MuonAdamW, muon_parameters, orthogonalise
+
+
+@pytest.mark.parametrize("shape", [(48, 160), (160, 48), (64, 96)])
+def test_newton_schulz_flattens_the_spectrum(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    g[:, :4] *= 30  # a badly conditioned gradient: a few directions dominate
+    s_in = torch.linalg.svdvals(g)
+    s_out = torch.linalg.svdvals(orthogonalise(g))
+    assert s_in.max() / s_in.min() > 20
+    assert 0.6 < s_out.min() and s_out.max() < 1.25  # every direction moves at about the same rate
+
+
+def test_a_convolution_kernel_is_orthogonalised_as_its_matrix():
+    k = torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(orthogonalise(k), orthogonalise(k.reshape(16, 72)).reshape(16, 8, 3, 3))
+    s = torch.linalg.svdvals(orthogonalise(k).reshape(16, 72))
+    assert 0.6 < s.min() and s.max() < 1.25
+
+
+def _train(make_optimizer, steps: int = 4):
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(24, 40))
+    b = torch.nn.Parameter(torch.randn(40))
+    optimizers = make_optimizer(w, b)
+    x = torch.randn(16, 24, generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        loss = (torch.tanh(x @ w + b) - 0.5).pow(2).mean()
+        w.grad = b.grad = None
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+    return w.detach(), b.detach()
+
+
+def test_equals_torch_muon_and_adamw(monkeypatch):
+    """The Muon groups step as torch.optim.Muon (Moonshot's RMS-matched scale), the others as torch's
+    AdamW, weight decay, Nesterov momentum and bias correction included (Newton-Schulz in bfloat16,
+    as torch's, for the comparison)."""
+    kw = dict(lr=1e-2, weight_decay=0.1)
+    ref = _train(lambda w, b: [torch.optim.Muon([w], adjust_lr_fn="match_rms_adamw", **kw),
+                               torch.optim.AdamW([b], **kw)])
+    monkeypatch.setattr(muon_module, "orthogonalise",
+                        lambda g, steps=5, eps=1e-7, dtype=None: orthogonalise(g, steps, eps, torch.bfloat16))
+    ours = _train(lambda w, b: [MuonAdamW([{"params": [w], "muon": True}, {"params": [b]}], **kw)])
+    torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[1], ref[1], rtol=0, atol=1e-6)
+    assert not torch.equal(ours[0], _train(lambda w, b: [MuonAdamW([{"params": [w, b]}], **kw)])[0])
+
+
+def test_folded_clipping_equals_clipped_gradients():
+    """The trainer folds gradient clipping into a fused optimizer's step (`grad_scale`); Muon+AdamW
+    honours it: the same weights as dividing the gradients first."""
+    def run(fold: bool):
+        torch.manual_seed(0)
+        w, b = torch.nn.Parameter(torch.randn(8, 12)), torch.nn.Parameter(torch.randn(12))
+        opt = MuonAdamW([{"params": [w], "muon": True}, {"params": [b]}], lr=1e-2)
+        for _ in range(3):
+            w.grad, b.grad = torch.full_like(w, 3.0) + w, torch.full_like(b, -2.0)
+            divisor = torch.tensor(4.0)
+            if fold:
+                opt.grad_scale = divisor
+            else:
+                w.grad, b.grad = w.grad / divisor, b.grad / divisor
+            opt.step()
+            opt.__dict__.pop("grad_scale", None)
+        return w.detach(), b.detach()
+
+    for a, c in zip(run(True), run(False)):
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-7)
+
+
+def test_muon_takes_the_block_matrices_and_nothing_else():
+    student = build_student("S/2", hidden_size=32, depth=2, num_heads=2)
+    muon, rest = muon_parameters(student)
+    names = {id(p): n for n, p in student.named_parameters()}
+    assert muon and all(p.ndim == 2 and names[id(p)].startswith("blocks.") for p in muon)
+    assert all(not (p.ndim == 2 and names[id(p)].startswith("blocks.")) for p in rest)
+    assert len(muon) + len(rest) == len(list(student.parameters()))
+    assert any(names[id(p)].startswith(("x_embedder", "final_layer")) for p in rest)
+    with pytest.raises(ValueError, match="matrices"):
+        MuonAdamW([{"params": rest, "muon": True}], lr=1e-3)
