@@ -34,13 +34,9 @@ place at the end, so an interrupted build never looks finished.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +48,7 @@ from tqdm.auto import tqdm
 
 from sitdistill.core.muon import MuonAdamW
 from sitdistill.data import toy as world
+from sitdistill.teachers.toy_cache import FINISHED_MARKER, atomic_dir, cache_key, default_cache_root, is_finished
 from sitdistill.teachers.toy_parts import (PRESETS, SDXL_PAD, _tokenize, build_text_encoder, build_unet, build_vae,
                                 encode_text, sdxl_time_ids, train_tokenizer)
 
@@ -62,7 +59,6 @@ FAMILIES = ("sd15", "sdxl")
 # took 6000 without it; the SDXL-style one draws colour, shape and position right 0.93 of the time
 # after 4000 (README, "The SD1.5-style toy teacher").
 UNET_STEPS = {"sd15": 4000, "sdxl": 4000}
-FINISHED_MARKER = "toy_teacher.json"  # written last inside the temporary folder, before the rename
 VAE_INIT_LOGVAR = -6.0
 
 # The real teachers' scheduler configs (what SD1.5 / SDXL ship), so the toy teachers are read by
@@ -133,19 +129,6 @@ class ToyTeacherSettings:
         """The settings the VAE depends on (the VAE is shared by both families)."""
         return {k: getattr(self, k) for k in ("preset", "seed", "n_images", "resolutions", "vae_steps",
                                              "vae_batch", "vae_crop", "vae_lr", "vae_kl_weight", "vae_fg_weight")}
-
-
-def _key(payload: dict, version: str = TOY_TEACHER_VERSION) -> str:
-    text = json.dumps({"version": version, **payload}, sort_keys=True, default=list)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def default_cache_root() -> Path:
-    try:
-        from sitdistill.core.paths import cache_dir
-        return Path(cache_dir())
-    except ImportError:
-        return Path(os.environ.get("SITDISTILL_CACHE", os.path.expanduser("~/.cache/sitdistill")))
 
 
 # --- Data ---------------------------------------------------------------------------------------
@@ -235,9 +218,9 @@ def ensure_toy_vae(settings: ToyTeacherSettings, groups: dict, cache_dir: Path |
     from diffusers import AutoencoderKL
     if cache_dir is None:
         return train_vae(settings, groups)
-    final = Path(cache_dir) / "toy-teacher" / f"vae-{_key(settings.vae_part(), TOY_VAE_VERSION)}"
+    final = Path(cache_dir) / "toy-teacher" / f"vae-{cache_key(settings.vae_part(), TOY_VAE_VERSION)}"
     if not (final / "config.json").exists() or not (final / "diffusion_pytorch_model.safetensors").exists():
-        with _atomic_dir(final) as tmp:
+        with atomic_dir(final) as tmp:
             train_vae(settings, groups, tmp)
     print(f"toy VAE from {final}", flush=True)
     return AutoencoderKL.from_pretrained(final).eval().requires_grad_(False)
@@ -385,7 +368,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if step + 1 in snapshots:
             _swap(params, ema)
-            with _atomic_dir(Path(snapshot_dir) / f"step-{step + 1}") as tmp:
+            with atomic_dir(Path(snapshot_dir) / f"step-{step + 1}") as tmp:
                 _pipeline(fam, vae, encoders, tokenizers, unet, scheduler_config).save_pretrained(
                     tmp, safe_serialization=True)
                 (tmp / FINISHED_MARKER).write_text(json.dumps(
@@ -405,7 +388,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
     timings["cpu_s"] = time.process_time() - cpu_start  # CPU time: the honest figure on a shared machine
     info = {"version": TOY_TEACHER_VERSION, "settings": settings.key_settings(), "timings": timings,
             "final_loss": float(loss.item()), "torch_threads": torch.get_num_threads()}
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / FINISHED_MARKER).write_text(json.dumps(info, indent=1, default=list) + "\n")
     print(f"toy {fam} teacher saved to {out_dir}: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
@@ -413,40 +396,9 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
     return out_dir
 
 
-class _atomic_dir:
-    """Write into a sibling temporary folder; rename it to ``final`` only when the block succeeds.
-
-    An existing ``final`` is replaced (a half-written one left by an older, non-atomic copy included).
-    On an exception the temporary folder is removed and ``final`` is left as it was.
-    """
-
-    def __init__(self, final: Path):
-        self.final = Path(final)
-
-    def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        os.replace(self.tmp, self.final)
-        return False
-
-
-def is_finished(folder: str | Path) -> bool:
-    """A build is finished when its marker and pipeline index exist (both are written before the rename)."""
-    folder = Path(folder)
-    return (folder / FINISHED_MARKER).is_file() and (folder / "model_index.json").is_file()
-
-
 def toy_teacher_dir(settings: ToyTeacherSettings, cache_dir: str | Path | None = None) -> Path:
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    return root / "toy-teacher" / f"{settings.family}-{_key(settings.key_settings())}"
+    return root / "toy-teacher" / f"{settings.family}-{cache_key(settings.key_settings(), TOY_TEACHER_VERSION)}"
 
 
 def ensure_toy_teacher(family: str = "sd15", cache_dir: str | Path | None = None, **settings) -> Path:
