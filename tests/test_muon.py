@@ -87,3 +87,16 @@ def test_muon_takes_the_block_matrices_and_nothing_else():
     assert any(names[id(p)].startswith(("x_embedder", "final_layer")) for p in rest)
     with pytest.raises(ValueError, match="matrices"):
         MuonAdamW([{"params": rest, "muon": True}], lr=1e-3)
+
+
+def test_a_step_flagged_non_finite_by_a_grad_scaler_changes_nothing():
+    w, b = torch.nn.Parameter(torch.randn(8, 12)), torch.nn.Parameter(torch.randn(12))
+    opt = MuonAdamW([{"params": [w], "muon": True}, {"params": [b]}], lr=1e-2)
+    before = (w.detach().clone(), b.detach().clone())
+    w.grad, b.grad = torch.ones_like(w), torch.ones_like(b)
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    assert torch.equal(w, before[0]) and torch.equal(b, before[1]) and not opt.state
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()
+    assert not torch.equal(w, before[0]) and set(opt.state[b]) == {"step", "exp_avg", "exp_avg_sq"}

@@ -6,7 +6,8 @@ nearest semi-orthogonal matrix (five Newton-Schulz iterations), so every directi
 moves at the same rate. Following both papers, it is used for the transformer blocks' 2-D weights
 only; embeddings, the final layer, norms, biases, projectors and end-to-end encoders keep AdamW.
 Moonshot's scale, 0.2 * sqrt(max(rows, cols)), gives the orthogonalised update the RMS of an
-AdamW update, so `optimizer.lr` and `optimizer.weight_decay` mean the same for both halves.
+AdamW update, so `optimizer.lr` means the same for both halves (weight decay is applied as
+lr x weight_decay with each group's own lr, as torch.optim.Muon does).
 
 One optimizer (not two side by side) so that the LR scheduler, gradient clipping, accelerate's
 wrapper and checkpoints see a single `param_groups` / `state_dict`, as with AdamW.
@@ -57,11 +58,12 @@ class MuonAdamW(torch.optim.Optimizer):
     optimizers, so gradient clipping folds into the step as it does for fused AdamW."""
 
     _step_supports_amp_scaling = True
+    folds_grad_scale = True  # the trainer may fold gradient clipping into the step (trainer.foldable)
 
     def __init__(self, groups: Iterable[dict], lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.95, ns_steps: int = 5):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
-                        ns_steps=ns_steps, muon=False, fused=True)
+                        ns_steps=ns_steps, muon=False)
         super().__init__(list(groups), defaults)
         for group in self.param_groups:
             if group["muon"] and any(p.ndim < 2 for p in group["params"]):
@@ -73,6 +75,9 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)  # torch's GradScaler protocol: skip a step with inf/NaN
+        if found_inf is not None and float(found_inf) != 0:
+            return loss
         scale = getattr(self, "grad_scale", None)  # the clipping divisor, when folded in
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]

@@ -191,7 +191,8 @@ class RunIO:
     def optimizer_settings(self) -> list[dict]:
         """Per parameter group: the recipe's peak lr, betas, weight decay and eps (as built)."""
         return [{"lr": g.get("initial_lr", g["lr"]), "betas": tuple(g["betas"]), "weight_decay": g["weight_decay"],
-                 "eps": g["eps"]} for g in torch_optimizer(self.optimizer).param_groups]
+                 "eps": g["eps"], **({"momentum": g["momentum"]} if "momentum" in g else {})}
+                for g in torch_optimizer(self.optimizer).param_groups]
 
     def apply_optimizer_settings(self, wanted: list[dict]) -> None:
         """After a resume: the recipe's optimizer settings replace the checkpoint's, with a notice.
@@ -201,7 +202,9 @@ class RunIO:
         changes = []
         for i, (g, w) in enumerate(zip(groups, wanted)):
             name = "" if len(groups) == 1 else f" (group {i})"
-            for key in ("betas", "weight_decay", "eps"):
+            for key in ("betas", "weight_decay", "eps", "momentum"):
+                if key not in w:
+                    continue
                 old = tuple(g[key]) if key == "betas" else g[key]
                 if old != w[key]:
                     changes.append(f"{key}{name} {old} -> {w[key]}")

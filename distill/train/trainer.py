@@ -71,8 +71,8 @@ def foldable(optimizer, accelerator) -> bool:
     divides the gradients by its `grad_scale` inside the kernel, the protocol torch's GradScaler
     uses) and no fp16 loss scaler of accelerate's that would set it too."""
     inner = torch_optimizer(optimizer)
-    return (bool(inner.defaults.get("fused")) and getattr(inner, "_step_supports_amp_scaling", False)
-            and getattr(accelerator, "scaler", None) is None)
+    fused = bool(inner.defaults.get("fused")) or getattr(inner, "folds_grad_scale", False)  # (MuonAdamW)
+    return fused and getattr(inner, "_step_supports_amp_scaling", False) and getattr(accelerator, "scaler", None) is None
 
 
 def step_optimizer(optimizer, divisor: torch.Tensor | None) -> None:
