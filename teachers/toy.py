@@ -260,7 +260,8 @@ def _unet_optimizer(unet: torch.nn.Module, encoders: list, settings: ToyTeacherS
     if settings.optimizer == "adamw":
         return torch.optim.AdamW([{"params": params, "peak_lr": settings.lr}], lr=settings.lr, weight_decay=0.0)
     muon = [q for n, q in unet.named_parameters() if q.ndim >= 2 and not n.startswith(("conv_in.", "conv_out."))]
-    rest = [q for q in params if all(q is not m for m in muon)]
+    in_muon = {id(q) for q in muon}
+    rest = [q for q in params if id(q) not in in_muon]
     peak = settings.lr * settings.muon_lr_scale
     return MuonAdamW([{"params": muon, "muon": True, "lr": peak, "peak_lr": peak},
                       {"params": rest, "peak_lr": settings.lr}], lr=settings.lr)

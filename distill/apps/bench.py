@@ -174,19 +174,13 @@ def compare_steps(overrides: list[str], rounds: int = 4, steps: int = 20, warmup
             recipe, _ = _config("toy", Path(tmp) / str(len(runs)), device, extra)
             d = Distiller(recipe)
             prime_caches(d)
-            runs[label] = (d, endless_batches(d), [0.0])
-            for _ in range(warmup):
-                d.step(next(runs[label][1]))
-        for _ in range(rounds):
-            for d, batches, total in runs.values():
-                start = time.perf_counter()
-                for _ in range(steps):
-                    d.step(next(batches))
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                total[0] += time.perf_counter() - start
-    base = next(iter(runs.values()))[2][0]
+            time_steps(d, 1, warmup)  # caches filled, allocator and kernels warm (not counted)
+            runs[label] = (d, [0.0])
+        for _ in range(rounds):  # alternating rounds: both sides see the same machine load
+            for d, total in runs.values():
+                total[0] += time_steps(d, steps, 0)["step_ms"] * steps / 1000
+    base = next(iter(runs.values()))[1][0]
     lines = [f"toy step, {rounds} alternating rounds of {steps} steps:"]
-    for label, (_, _, total) in runs.items():
+    for label, (_, total) in runs.items():
         lines.append(f"  {label}: {total[0] / (rounds * steps) * 1000:.1f} ms/step, ratio {total[0] / base:.3f}")
     return "\n".join(lines)
