@@ -76,6 +76,9 @@ def test_claims_follow_the_numbers():
     claims = study_report.check_claims(_results(bad))
     assert [c["holds"] for c in claims] == [False, False, False]
     assert "B not better" in claims[0]["detail"] and "C not better" in claims[1]["detail"]
+    short = json.loads(json.dumps(good))
+    short["seen"]["D"]["fidelity"] = 0.275   # 55 % of the teacher: short of the 0.6x goal
+    assert study_report.check_claims(_results(short))[2]["holds"] is False
 
 
 def test_summary_is_mean_and_sample_std_over_seeds():

@@ -25,6 +25,7 @@ CONFLICTS = [
     ("fsdp in fp16", ["training.fsdp=true", "training.mixed_precision=fp16"], "training.fsdp"),
     ("fsdp with the end-to-end stage", ["training.fsdp=true", "training.train_vae=true"], "training.fsdp"),
     ("fsdp with Muon", ["training.fsdp=true", "optimizer.name=muon"], "optimizer.name"),
+    ("a fused kernel for Muon", ["optimizer.name=muon", "optimizer.fused=true"], "optimizer.fused"),
     ("a student VAE with no images", ["training.train_vae=true", *DATA_FREE], "training.train_vae"),
     ("REPA-E gradient without a student VAE", ["e2e.feature_grad_to_vae=true"], "e2e.feature_grad_to_vae"),
     ("REPA-E gradient without feature alignment", ["e2e.feature_grad_to_vae=true", "training.train_vae=true",

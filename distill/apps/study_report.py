@@ -17,6 +17,8 @@ DESCRIPTIONS = {
     "E": "C + feature alignment",
 }
 SETS = ("seen", "held_out")
+D_FRACTION = 0.6  # the data-free student's goal: this fraction of the teacher's prompt fidelity
+D_CLAIM = f"D (no images) reaches {D_FRACTION:.1f}x the teacher's prompt fidelity"
 ATTRIBUTES = ("colour", "shape", "position")
 METRICS = {  # name in results -> (label, lower is better)
     "noise_mse": ("eps MSE to teacher", True),
@@ -115,10 +117,10 @@ def check_claims(results: dict) -> list[dict]:
         if d is not None and t:
             frac = d / t
             held = f"; held out: {dh:.3g} vs {th:.3g}" if dh is not None and th else ""
-            add("D (no images) reaches a useful fraction (>= 50 %) of the teacher's prompt fidelity", bool(frac >= 0.5),
+            add(D_CLAIM, bool(frac >= D_FRACTION),
                 f"seen combinations: D {d:.3g} vs teacher {t:.3g} = {100 * frac:.0f} %{held}")
         else:
-            add("D (no images) reaches a useful fraction (>= 50 %) of the teacher's prompt fidelity", None,
+            add(D_CLAIM, None,
                 "the teacher's fidelity is zero or missing: no fraction to take")
     return claims
 

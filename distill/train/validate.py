@@ -83,12 +83,11 @@ def check_names(recipe: DictConfig) -> None:
             raise RecipeError(f"'{key}' is {value!r}; choose one of {', '.join(valid)}")
     if recipe.losses.teacher_weighting == "min_snr" and recipe.losses.min_snr_gamma is None:
         raise RecipeError("'losses.teacher_weighting' is 'min_snr', which needs losses.min_snr_gamma (e.g. 5)")
-    if recipe.optimizer.name == "adamw8bit":
-        if recipe.optimizer.fused:
-            raise RecipeError("'optimizer.fused' is true, and 8-bit AdamW (optimizer.name=adamw8bit) has no fused "
-                              "kernel; leave it null")
-        if lowbit_adamw_backend() is None:
-            raise RecipeError(f"'optimizer.name' is adamw8bit, which {lowbit_missing_message()}")
+    if recipe.optimizer.fused and recipe.optimizer.name != "adamw":
+        raise RecipeError(f"'optimizer.fused' is true, and optimizer.name={recipe.optimizer.name} has no fused "
+                          "kernel (only adamw has); leave it null")
+    if recipe.optimizer.name == "adamw8bit" and lowbit_adamw_backend() is None:
+        raise RecipeError(f"'optimizer.name' is adamw8bit, which {lowbit_missing_message()}")
 
 
 def _check_ranges(r: DictConfig, where: str) -> None:
