@@ -44,6 +44,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sitdistill.core.muon import MuonAdamW
@@ -75,7 +76,7 @@ SCHEDULER_CONFIGS = {
 }
 
 # Settings added after TOY_TEACHER_VERSION 3, at their defaults (ToyTeacherSettings.key_settings).
-LATER_DEFAULTS = {"optimizer": "adamw", "muon_lr_scale": 5.0}
+LATER_DEFAULTS = {"optimizer": "adamw", "muon_lr_scale": 5.0, "multires_noise": 0, "multires_discount": 0.5}
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,8 @@ class ToyTeacherSettings:
     snr_gamma: float | None = 5.0   # gamma of min-SNR-gamma (Hang et al. 2023)
     optimizer: str = "adamw"        # or "muon": Muon for the UNet's matrices and kernels (sitdistill.core.muon)
     muon_lr_scale: float = 5.0      # Muon's learning rate over `lr` (its update RMS = lr at 5)
+    multires_noise: int = 0         # > 0: training noise with this many coarser levels added (_training_noise)
+    multires_discount: float = 0.5  # weight of level i is multires_discount ** i
 
     def __post_init__(self) -> None:
         from sitdistill.core.schedule import LOSS_WEIGHTINGS
@@ -117,6 +120,9 @@ class ToyTeacherSettings:
             object.__setattr__(self, "unet_steps", UNET_STEPS[self.family])
         if self.preset not in PRESETS:
             raise ValueError(f"unknown toy-teacher preset {self.preset!r}; choose from {list(PRESETS)}")
+        if self.multires_noise < 0 or not 0.0 < self.multires_discount <= 1.0:
+            raise ValueError(f"multires_noise must be >= 0 and multires_discount in (0, 1], got "
+                             f"{self.multires_noise} and {self.multires_discount}")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"unknown toy-teacher optimizer {self.optimizer!r}; choose from adamw, muon")
 
@@ -152,6 +158,30 @@ def _pick_group(groups: dict, gen: torch.Generator) -> dict:
     keys = sorted(groups)
     sizes = torch.tensor([len(groups[k]["captions"]) for k in keys], dtype=torch.float)
     return groups[keys[int(torch.multinomial(sizes, 1, generator=gen))]]
+
+
+def _training_noise(shape: torch.Size, gen: torch.Generator, levels: int, discount: float) -> torch.Tensor:
+    """The UNet's training noise: Gaussian, or with ``levels`` > 0 multi-resolution noise: Gaussian
+    noise drawn at 1/2, 1/4, ... of the latent's size, upsampled and added with weight
+    ``discount ** i``, each sample then rescaled to unit standard deviation (the "pyramid" or
+    multires noise of community SD fine-tuning, kohya's ``--multires_noise_iterations``).
+
+    Why: with SD's scaled_linear schedule the signal is not gone at t = 999 (sqrt(alpha_bar) =
+    0.068), and on a 16 x 16 latent the coarse layout of x_t still tells where the object is; a UNet
+    can learn to read position from x_t rather than from the caption, and then at sampling places
+    it wherever the initial noise suggests. Coarse noise hides that coarse layout at high t.
+    """
+    noise = torch.randn(shape, generator=gen)
+    if levels <= 0:
+        return noise
+    b, c, h, w = shape
+    for i in range(1, levels + 1):
+        sh, sw = max(1, h >> i), max(1, w >> i)
+        coarse = torch.randn((b, c, sh, sw), generator=gen)
+        noise = noise + discount ** i * F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+        if sh == 1 and sw == 1:
+            break
+    return noise / noise.flatten(1).std(dim=1).view(b, 1, 1, 1)
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -346,7 +376,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
             cond = {"encoder_hidden_states": cond["encoder_hidden_states"],
                     "added_cond_kwargs": {"text_embeds": cond["text_embeds"],
                                           "time_ids": sdxl_time_ids(*g["pixels"].shape[-2:], b)}}
-        noise = torch.randn(latents.shape, generator=gen)
+        noise = _training_noise(latents.shape, gen, settings.multires_noise, settings.multires_discount)
         t = torch.randint(0, num_t, (b,), generator=gen)
         x_t = noise_scheduler.add_noise(latents, noise, t)
         pred = unet(x_t, t, **cond).sample  # epsilon prediction, like SD

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -54,6 +55,44 @@ def evaluate(folder: str | Path, n: int = 64, seed: int = EVAL_SEED, steps: int 
     return rates
 
 
+def position_probe(folder: str | Path, n_seeds: int = 24, steps: int = EVAL_STEPS, guidance: float = EVAL_GUIDANCE,
+                   seed: int = EVAL_SEED) -> dict:
+    """Does the teacher put the shape where the caption says, or where its initial noise says?
+
+    For each of ``n_seeds`` initial latents (64 x 64 px), the five captions that differ only in
+    their position words are sampled from that same latent (DDIM, CFG). A teacher that reads the
+    caption moves the shape with the words; one that learnt to read the layout from x_t instead
+    (SD's schedule leaves signal at t = 999) draws it in the same place for all five. Returns the
+    position rate, the rate at which two captions of one latent land in the same place
+    (``same_place``: 0 when the words decide, 1 when the noise does; 0.2 by chance) and the share
+    of latents where all five land together.
+    """
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(Path(folder))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    positions = list(world.POSITIONS)
+    # The rest of each caption (colour, shape, size, background) comes from held-out specs.
+    specs = world.ToyWorld(resolutions=((64, 64),)).sample(n_seeds, seed)
+    latent_shape = (1, pipe.unet.config.in_channels, 64 // pipe.vae_scale_factor, 64 // pipe.vae_scale_factor)
+    right = same = together = pairs = 0
+    for i, spec in enumerate(specs):
+        captions = [dataclasses.replace(spec, position=p).caption for p in positions]
+        latents = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed + i)).repeat(5, 1, 1, 1)
+        images = pipe(captions, width=64, height=64, num_inference_steps=steps, guidance_scale=guidance,
+                      latents=latents, output_type="pil").images
+        got = [world.analyse(im)["position"] for im in images]
+        right += sum(g == p for g, p in zip(got, positions))
+        together += len(set(got)) == 1 and got[0] is not None
+        for a in range(5):
+            for b in range(a + 1, 5):
+                pairs += 1
+                same += got[a] == got[b] and got[a] is not None
+    return {"position": right / (5 * n_seeds), "same_place": same / pairs, "all_five_together": together / n_seeds,
+            "latents": n_seeds, "steps": steps, "guidance": guidance}
+
+
 # --- Command line -------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--family", choices=FAMILIES, default="sd15")
@@ -71,11 +110,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="SD1.5 family: pooled text added to the UNet's time embedding (default on)")
     parser.add_argument("--optimizer", choices=("adamw", "muon"), default=None,
                         help="UNet optimizer (default adamw; muon: Muon for its matrices and kernels)")
+    parser.add_argument("--multires-noise", type=int, default=None, metavar="LEVELS",
+                        help="UNet training noise with this many coarser levels added (default 0: Gaussian)")
+    parser.add_argument("--multires-discount", type=float, default=None,
+                        help="weight of multires level i is this ** i (default 0.5)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own choice; 1 is faster on a busy shared CPU)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a finished build exists")
     parser.add_argument("--eval", type=int, default=0, metavar="N",
                         help="after building, sample N held-out prompts and print colour/shape/position fidelity")
+    parser.add_argument("--probe-position", type=int, default=0, metavar="N",
+                        help="after building, sample the five position captions from each of N shared initial "
+                        "latents: does the caption or the noise decide where the shape goes? (position_probe)")
     return parser
 
 
@@ -86,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> Path:
     overrides = {k: v for k, v in (("unet_steps", args.unet_steps), ("vae_steps", args.vae_steps),
                                    ("batch_size", args.batch_size), ("loss_weighting", args.loss_weighting),
-                                   ("text_pool", args.text_pool), ("optimizer", args.optimizer))
+                                   ("text_pool", args.text_pool), ("optimizer", args.optimizer),
+                                   ("multires_noise", args.multires_noise),
+                                   ("multires_discount", args.multires_discount))
                  if v is not None}
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -101,6 +149,8 @@ def run(args: argparse.Namespace) -> Path:
         print(f"toy {s.family} teacher already built at {folder}", flush=True)
     if args.eval:
         print(json.dumps(evaluate(folder, n=args.eval)), flush=True)
+    if args.probe_position:
+        print(json.dumps({"position_probe": position_probe(folder, n_seeds=args.probe_position)}), flush=True)
     print(folder)
     return Path(folder)
 

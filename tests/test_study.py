@@ -36,6 +36,32 @@ def test_every_student_recipe_resolves_and_differs_only_in_its_losses(letter, tm
     assert lo.perturbations.prompt_file.enabled == (letter in "CE")
 
 
+def test_a_letter_prefixed_override_reaches_that_student_only():
+    shared, per = study.split_overrides(["training.seed=3", "C:losses.perturbations.caption_mix.enabled=false",
+                                         "teacher.source=C:/teachers/x", "C:losses.perturb=0.5"])
+    assert shared == ["training.seed=3", "teacher.source=C:/teachers/x"]
+    assert per == {"C": ["losses.perturbations.caption_mix.enabled=false", "losses.perturb=0.5"]}
+    with pytest.raises(ValueError, match="unknown student 'F'"):
+        study.split_overrides(["F:losses.perturb=1"])
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_a_per_student_override_applies_after_its_letter_and_a_bad_one_fails_before_training(tiny_teachers, tmp_path):
+    from sitdistill.core.recipe import RecipeError
+
+    plan = study.quick_plan(letters=("C",), overrides=[f"teacher.source={tiny_teachers['sd15']}",
+                                                       "C:losses.perturbations.caption_mix.enabled=false"])
+    plan.steps, plan.eval_every = 1, 1
+    study.run_study(tmp_path / "ok", plan)
+    ran = load_recipe(tmp_path / "ok" / "runs" / "seed0" / "C" / "recipe.yaml")
+    assert not ran.losses.perturbations.caption_mix.enabled  # the letter turns it on; the override wins
+    assert ran.losses.perturbations.prompt_file.enabled
+    plan.overrides = plan.overrides[:-1] + ["C:losses.perturbations.no_such_key=1"]
+    with pytest.raises(RecipeError, match="no_such_key"):
+        study.run_study(tmp_path / "bad", plan)
+    assert not (tmp_path / "bad" / "runs").exists()
+
+
 def test_prompt_sets_split_seen_and_held_out_combinations():
     sets = study.eval_prompt_sets(HELD, 40)
     held = {tuple(c.split()) for c in HELD}

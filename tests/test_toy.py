@@ -1,4 +1,5 @@
 """The toy world (drawing, captions, grader, tagutl folder) and the toy teachers (tiny builds, caching)."""
+import dataclasses
 import json
 
 import numpy as np
@@ -240,7 +241,7 @@ def test_a_muon_teacher_builds_under_its_own_key_and_earlier_keys_stay(tmp_path)
 
     plain = toy_teacher.ToyTeacherSettings(family="sd15", **TINY)
     muon = toy_teacher.ToyTeacherSettings(family="sd15", optimizer="muon", **TINY)
-    before = {k: v for k, v in asdict(plain).items() if k not in ("optimizer", "muon_lr_scale")}
+    before = {k: v for k, v in asdict(plain).items() if k not in toy_teacher.LATER_DEFAULTS}
     assert plain.key_settings() == before
     assert toy_teacher.toy_teacher_dir(muon, tmp_path) != toy_teacher.toy_teacher_dir(plain, tmp_path)
     unet, encoders = toy_teacher.build_unet("tiny", "sd15", 16), []
@@ -253,6 +254,59 @@ def test_a_muon_teacher_builds_under_its_own_key_and_earlier_keys_stay(tmp_path)
     assert toy_teacher.is_finished(folder) and folder == toy_teacher.toy_teacher_dir(muon, tmp_path)
     with pytest.raises(ValueError, match="optimizer"):
         toy_teacher.ToyTeacherSettings(optimizer="sgd")
+
+
+def test_multires_training_noise_hides_the_coarse_layout_and_is_off_by_default():
+    """Level 0 is exactly the Gaussian noise the builds drew before the option existed (same
+    generator stream); levels > 0 keep each sample at unit std but put more energy in the coarse
+    (quadrant-sized) averages, which is what hides the layout x_t leaks at t = 999."""
+    shape = torch.Size((64, 4, 16, 12))
+    plain = toy_teacher._training_noise(shape, torch.Generator().manual_seed(3), 0, 0.5)
+    assert torch.equal(plain, torch.randn(shape, generator=torch.Generator().manual_seed(3)))
+    multi = toy_teacher._training_noise(shape, torch.Generator().manual_seed(3), 3, 0.8)
+    assert multi.shape == shape
+    assert torch.allclose(multi.flatten(1).std(dim=1), torch.ones(64), atol=1e-5)
+    coarse = lambda x: torch.nn.functional.avg_pool2d(x, (8, 6)).std()  # noqa: E731  the quadrants
+    assert coarse(multi) > 2 * coarse(plain)
+    with pytest.raises(ValueError, match="multires"):
+        toy_teacher.ToyTeacherSettings(multires_noise=2, multires_discount=0.0)
+    assert "multires_noise" not in toy_teacher.ToyTeacherSettings().key_settings()
+    assert toy_teacher.ToyTeacherSettings(multires_noise=3).key_settings()["multires_noise"] == 3
+
+
+class _FakeToyPipe:
+    """A stand-in pipeline that draws the toy world itself: at the caption's position (``reads``) or
+    at a position chosen by its initial latent (a teacher that ignores the position words)."""
+
+    def __init__(self, reads: bool):
+        from types import SimpleNamespace
+        self.reads, self.vae_scale_factor = reads, 4
+        self.scheduler = SimpleNamespace(config={"num_train_timesteps": 1000})
+        self.unet = SimpleNamespace(config=SimpleNamespace(in_channels=4))
+
+    def set_progress_bar_config(self, **kw):
+        pass
+
+    def __call__(self, captions, width, height, latents, **kw):
+        from types import SimpleNamespace
+        images = []
+        for caption, latent in zip(captions, latents):
+            spec = toy.spec_from_caption(caption, width, height)
+            if not self.reads:
+                spec = dataclasses.replace(spec, position=list(toy.POSITIONS)[int(latent.abs().sum() * 1000) % 5])
+            images.append(toy.draw(spec))
+        return SimpleNamespace(images=images)
+
+
+@pytest.mark.parametrize("reads", [True, False])
+def test_position_probe_tells_a_caption_led_teacher_from_a_noise_led_one(reads, monkeypatch):
+    import diffusers
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", staticmethod(lambda folder: _FakeToyPipe(reads)))
+    got = toy_cli.position_probe("unused", n_seeds=6, steps=2)
+    if reads:
+        assert got["position"] == 1.0 and got["same_place"] == 0.0 and got["all_five_together"] == 0.0
+    else:
+        assert got["position"] == pytest.approx(0.2) and got["same_place"] == 1.0 and got["all_five_together"] == 1.0
 
 
 def test_cli_parser_builds_into_out(tmp_path, monkeypatch):

@@ -72,9 +72,26 @@ def letter_overrides(letter: str, prompt_file: str) -> list[str]:
     return table[letter]
 
 
+def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """``key=value`` overrides for every student, and ``<LETTER>:key=value`` ones for one student
+    only, applied after that student's own (an ablation of one student: ``C:losses.perturbations.
+    caption_mix.enabled=false``)."""
+    shared, per_letter = [], {}
+    for item in overrides:
+        head, sep, rest = item.partition(":")
+        if sep and "=" not in head and len(head) == 1 and head.isalpha():
+            if head not in LETTERS:
+                raise ValueError(f"override {item!r}: unknown student {head!r}; choose from {', '.join(LETTERS)}")
+            per_letter.setdefault(head, []).append(rest)
+        else:
+            shared.append(item)
+    return shared, per_letter
+
+
 @dataclass
 class StudyPlan:
-    """What the study runs. ``overrides`` apply to every student's recipe (after the plan's own)."""
+    """What the study runs. ``overrides`` apply to every student's recipe (after the plan's own);
+    ``<LETTER>:key=value`` ones to that student only, after its letter's (``split_overrides``)."""
     recipe: str = str(STUDY_RECIPE)
     letters: tuple = LETTERS
     seeds: tuple = (0, 1, 2)
@@ -267,7 +284,8 @@ def run_study(out: str | Path, plan: StudyPlan, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     prompt_file = write_prompt_file(out / PROMPT_FILE)
-    base = load_recipe(plan.recipe, list(plan.overrides))
+    shared, per_letter = split_overrides(list(plan.overrides))
+    base = load_recipe(plan.recipe, shared)
     steps = int(base.training.max_steps if plan.steps is None else plan.steps)
     every = int(base.training.checkpoint_every if plan.eval_every is None else plan.eval_every)
     if steps < 1 or every < 1:
@@ -275,11 +293,13 @@ def run_study(out: str | Path, plan: StudyPlan, log=print) -> dict:
     eval_steps = sorted({*range(every, steps + 1, every), steps})
     # The toy teacher is built here, once, before any worker starts (workers would race to build it).
     teacher_source = resolve_teacher_source(str(base.teacher.source))
-    common = list(plan.overrides) + [
+    common = shared + [
         f"teacher.source={teacher_source}", f"training.max_steps={steps}", f"training.checkpoint_every={every}",
         f"training.keep_checkpoints={len(eval_steps) + 1}", "training.sample_every=0",
         f"data.cache_dir={out / '.cache'}"]
     save_recipe(load_recipe(plan.recipe, common), out / "study_recipe.yaml")
+    for k, extra in per_letter.items():  # a bad per-student override fails here, before any training
+        load_recipe(plan.recipe, common + letter_overrides(k, str(prompt_file)) + extra)
     held_out = list(base.data.toy.exclude_combos)
     log(f"study: students {', '.join(plan.letters)}; seeds {list(plan.seeds)}; {steps} steps, "
         f"evaluated at {eval_steps}; {base.data.toy.num_images} images, held out: {', '.join(held_out) or 'none'}")
@@ -295,7 +315,7 @@ def run_study(out: str | Path, plan: StudyPlan, log=print) -> dict:
             if latest is not None and checkpoint_step(latest) > steps:
                 raise ValueError(f"{run_dir} already went past {steps} steps ({latest.name}): this study folder "
                                  "belongs to a longer study; choose another --out")
-            ov = common + letter_overrides(k, str(prompt_file)) + [
+            ov = common + letter_overrides(k, str(prompt_file)) + per_letter.get(k, []) + [
                 f"training.seed={seed}", f"output.dir={run_dir}", f"name=study-{k}-seed{seed}", "training.resume=latest"]
             train.append((seed, f"seed {seed} {k}", (plan.recipe, ov, threads)))
     train.sort(key=lambda job: -STEP_COST.get(job[1][-1], 1.0))  # longest first (stable: seeds stay in order)
@@ -324,4 +344,4 @@ def run_study(out: str | Path, plan: StudyPlan, log=print) -> dict:
     return results
 
 
-__all__ = ["StudyPlan", "quick_plan", "run_study", "letter_overrides", "eval_prompt_sets", "LETTERS", "DESCRIPTIONS"]
+__all__ = ["StudyPlan", "quick_plan", "run_study", "letter_overrides", "split_overrides", "eval_prompt_sets", "LETTERS", "DESCRIPTIONS"]
