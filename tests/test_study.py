@@ -59,7 +59,7 @@ def test_a_per_student_override_applies_after_its_letter_and_a_bad_one_fails_bef
     plan.overrides = plan.overrides[:-1] + ["C:losses.perturbations.no_such_key=1"]
     with pytest.raises(RecipeError, match="no_such_key"):
         study.run_study(tmp_path / "bad", plan)
-    assert not (tmp_path / "bad" / "runs").exists()
+    assert not (tmp_path / "bad").exists()  # nothing written
 
 
 def test_prompt_sets_split_seen_and_held_out_combinations():

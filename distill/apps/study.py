@@ -281,11 +281,14 @@ def run_study(out: str | Path, plan: StudyPlan, log=print) -> dict:
     from sitdistill.core.recipe import load_recipe, save_recipe
 
     out = Path(out).resolve()
+    # Every recipe problem, a per-student override's included, fails here, before anything is written.
+    shared, per_letter = split_overrides(list(plan.overrides))
+    base = load_recipe(plan.recipe, shared)
+    for k, extra in per_letter.items():
+        load_recipe(plan.recipe, shared + letter_overrides(k, str(out / PROMPT_FILE)) + extra)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     prompt_file = write_prompt_file(out / PROMPT_FILE)
-    shared, per_letter = split_overrides(list(plan.overrides))
-    base = load_recipe(plan.recipe, shared)
     steps = int(base.training.max_steps if plan.steps is None else plan.steps)
     every = int(base.training.checkpoint_every if plan.eval_every is None else plan.eval_every)
     if steps < 1 or every < 1:
@@ -298,8 +301,6 @@ def run_study(out: str | Path, plan: StudyPlan, log=print) -> dict:
         f"training.keep_checkpoints={len(eval_steps) + 1}", "training.sample_every=0",
         f"data.cache_dir={out / '.cache'}"]
     save_recipe(load_recipe(plan.recipe, common), out / "study_recipe.yaml")
-    for k, extra in per_letter.items():  # a bad per-student override fails here, before any training
-        load_recipe(plan.recipe, common + letter_overrides(k, str(prompt_file)) + extra)
     held_out = list(base.data.toy.exclude_combos)
     log(f"study: students {', '.join(plan.letters)}; seeds {list(plan.seeds)}; {steps} steps, "
         f"evaluated at {eval_steps}; {base.data.toy.num_images} images, held out: {', '.join(held_out) or 'none'}")
