@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "and E (B + feature alignment) from one recipe, grades every checkpoint on held-out toy "
                        "prompts beside the teacher, and writes curve.md, curve.json and curve.png with the steps "
                        "each needs to reach 0.5x and 0.8x of the teacher. Finished runs are reused.")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every student; <LETTER>:key=value for one student only (an ablation)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every student")
     p.add_argument("--output_dir", "--out", dest="output_dir", default="runs/curve",
                    help="curve folder (default runs/curve)")
     p.add_argument("--recipe", help="the students' recipe (default: recipes/toy.yaml)")

@@ -166,10 +166,10 @@ def _training_noise(shape: torch.Size, gen: torch.Generator, levels: int, discou
     ``discount ** i``, each sample then rescaled to unit standard deviation (the "pyramid" or
     multires noise of community SD fine-tuning, kohya's ``--multires_noise_iterations``).
 
-    Why: with SD's scaled_linear schedule the signal is not gone at t = 999 (sqrt(alpha_bar) =
-    0.068), and on a 16 x 16 latent the coarse layout of x_t still tells where the object is; a UNet
-    can learn to read position from x_t rather than from the caption, and then at sampling places
-    it wherever the initial noise suggests. Coarse noise hides that coarse layout at high t.
+    The idea: with SD's scaled_linear schedule the signal is not gone at t = 999 (sqrt(alpha_bar)
+    = 0.068), and on a 16 x 16 latent the coarse layout of x_t still shows where the object is;
+    coarse noise hides it. Measured on the SD1.5-style teacher it did not make the position words
+    count (README, "The SD1.5-style toy teacher"); it stays an option, off by default.
     """
     noise = torch.randn(shape, generator=gen)
     if levels <= 0:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 import time
@@ -22,6 +23,16 @@ EVAL_STEPS = 25
 EVAL_GUIDANCE = 5.0
 
 
+def _ddim_pipeline(folder: str | Path):
+    """The saved pipeline (diffusers' from_pretrained) with a DDIM sampler from its scheduler config."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(Path(folder))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def evaluate(folder: str | Path, n: int = 64, seed: int = EVAL_SEED, steps: int = EVAL_STEPS,
              guidance: float = EVAL_GUIDANCE, batch_size: int = 16) -> dict:
     """Sample the saved pipeline (loaded with diffusers' from_pretrained) on n held-out prompts and grade.
@@ -29,12 +40,8 @@ def evaluate(folder: str | Path, n: int = 64, seed: int = EVAL_SEED, steps: int 
     Sampler: DDIM (built from the saved scheduler config), ``steps`` steps, CFG ``guidance``; each
     prompt is sampled at its spec's resolution, so all aspect ratios are covered.
     """
-    from diffusers import DDIMScheduler, DiffusionPipeline
-
     folder = Path(folder)
-    pipe = DiffusionPipeline.from_pretrained(folder)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _ddim_pipeline(folder)
     info = json.loads((folder / FINISHED_MARKER).read_text()) if (folder / FINISHED_MARKER).exists() else {}
     res = tuple(map(tuple, info.get("settings", {}).get("resolutions", world.RESOLUTIONS)))
     specs = world.ToyWorld(resolutions=res).sample(n, seed)
@@ -61,17 +68,13 @@ def position_probe(folder: str | Path, n_seeds: int = 24, steps: int = EVAL_STEP
 
     For each of ``n_seeds`` initial latents (64 x 64 px), the five captions that differ only in
     their position words are sampled from that same latent (DDIM, CFG). A teacher that reads the
-    caption moves the shape with the words; one that learnt to read the layout from x_t instead
-    (SD's schedule leaves signal at t = 999) draws it in the same place for all five. Returns the
+    caption moves the shape with the words; one that ignores them draws it in the same place for
+    all five, wherever the noise leads (README, "The SD1.5-style toy teacher"). Returns the
     position rate, the rate at which two captions of one latent land in the same place
     (``same_place``: 0 when the words decide, 1 when the noise does; 0.2 by chance) and the share
     of latents where all five land together.
     """
-    from diffusers import DDIMScheduler, DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(Path(folder))
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _ddim_pipeline(folder)
     positions = list(world.POSITIONS)
     # The rest of each caption (colour, shape, size, background) comes from held-out specs.
     specs = world.ToyWorld(resolutions=((64, 64),)).sample(n_seeds, seed)
@@ -85,10 +88,9 @@ def position_probe(folder: str | Path, n_seeds: int = 24, steps: int = EVAL_STEP
         got = [world.analyse(im)["position"] for im in images]
         right += sum(g == p for g, p in zip(got, positions))
         together += len(set(got)) == 1 and got[0] is not None
-        for a in range(5):
-            for b in range(a + 1, 5):
-                pairs += 1
-                same += got[a] == got[b] and got[a] is not None
+        for a, b in itertools.combinations(got, 2):
+            pairs += 1
+            same += a == b and a is not None
     return {"position": right / (5 * n_seeds), "same_place": same / pairs, "all_five_together": together / n_seeds,
             "latents": n_seeds, "steps": steps, "guidance": guidance}
 
