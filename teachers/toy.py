@@ -50,8 +50,9 @@ from tqdm.auto import tqdm
 from sitdistill.core.muon import MuonAdamW
 from sitdistill.data import toy as world
 from sitdistill.teachers.toy_cache import FINISHED_MARKER, atomic_dir, cache_key, default_cache_root, is_finished
+from sitdistill.teachers.toy_probe import WordGainProbe
 from sitdistill.teachers.toy_parts import (PRESETS, SDXL_PAD, _tokenize, build_text_encoder, build_unet, build_vae,
-                                encode_text, sdxl_time_ids, train_tokenizer)
+                                train_tokenizer, unet_kwargs)
 
 TOY_TEACHER_VERSION = "3"  # bump when a change here alters what a UNet/text-encoder build produces
 TOY_VAE_VERSION = "1"      # bump when a change here alters what the (shared) VAE build produces
@@ -298,13 +299,16 @@ def _unet_optimizer(unet: torch.nn.Module, encoders: list, settings: ToyTeacherS
 
 
 def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_dir: str | Path | None = None,
-                      snapshots: Sequence[int] = (), snapshot_dir: str | Path | None = None) -> Path:
+                      snapshots: Sequence[int] = (), snapshot_dir: str | Path | None = None,
+                      word_gain_every: int = 0) -> Path:
     """Train a toy teacher and save it as a diffusers pipeline folder at ``out_dir`` (atomically).
 
     ``cache_dir`` (optional) is where the shared VAE is cached; without it the VAE is trained here.
     ``snapshots``: UNet steps after which the EMA weights so far are also saved, as pipeline folders
     ``<snapshot_dir>/step-<n>`` (the teacher's own training curve, `cli.py curve`); the training
-    itself is unchanged by them.
+    itself is unchanged by them. ``word_gain_every``: every that many UNet steps, the word-gain probe
+    (`sitdistill.teachers.toy_probe`) on the EMA weights, printed and kept in the finished marker
+    (``word_gain``); it draws from its own generator, so the build is unchanged by it too.
     """
     from diffusers import DDPMScheduler
 
@@ -357,6 +361,8 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
     opt = _unet_optimizer(unet, encoders, settings)
     ema = [q.detach().clone() for q in params]
     gen = torch.Generator().manual_seed(settings.seed + 2)
+    probe = WordGainProbe(fam, vae, tokenizers, scheduler_config) if word_gain_every > 0 else None
+    word_gains: list[dict] = []
     unet.train()
     for e in encoders:
         e.train()
@@ -371,11 +377,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
         latents = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling  # (B, 4, h, w)
         drop = torch.rand(b, generator=gen) < settings.caption_dropout
         ids = [torch.where(drop[:, None], e_ids, t_ids[idx]) for e_ids, t_ids in zip(empty_ids, g["ids"])]
-        cond = encode_text(fam, encoders, ids, drop)
-        if fam == "sdxl":
-            cond = {"encoder_hidden_states": cond["encoder_hidden_states"],
-                    "added_cond_kwargs": {"text_embeds": cond["text_embeds"],
-                                          "time_ids": sdxl_time_ids(*g["pixels"].shape[-2:], b)}}
+        cond = unet_kwargs(fam, encoders, ids, drop, *g["pixels"].shape[-2:])
         noise = _training_noise(latents.shape, gen, settings.multires_noise, settings.multires_discount)
         t = torch.randint(0, num_t, (b,), generator=gen)
         x_t = noise_scheduler.add_noise(latents, noise, t)
@@ -397,6 +399,11 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
             torch._foreach_lerp_(ema, [q.detach() for q in params], 1 - decay)
         if step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        if probe is not None and (step + 1) % word_gain_every == 0:
+            _swap(params, ema)
+            word_gains.append({"step": step + 1, **probe(unet, encoders)})
+            _swap(params, ema)
+            print(f"toy {fam} UNet word gain {json.dumps(word_gains[-1])}", flush=True)
         if step + 1 in snapshots:
             _swap(params, ema)
             with atomic_dir(Path(snapshot_dir) / f"step-{step + 1}") as tmp:
@@ -419,6 +426,8 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
     timings["cpu_s"] = time.process_time() - cpu_start  # CPU time: the honest figure on a shared machine
     info = {"version": TOY_TEACHER_VERSION, "settings": settings.key_settings(), "timings": timings,
             "final_loss": float(loss.item()), "torch_threads": torch.get_num_threads()}
+    if word_gains:
+        info["word_gain"] = word_gains
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / FINISHED_MARKER).write_text(json.dumps(info, indent=1, default=list) + "\n")

@@ -15,6 +15,7 @@ import torch
 from sitdistill.data import toy as world
 from sitdistill.teachers.toy import (FAMILIES, FINISHED_MARKER, PRESETS, ToyTeacherSettings, build_toy_teacher,
                           default_cache_root, is_finished, toy_teacher_dir)
+from sitdistill.teachers.toy_probe import word_gain
 
 
 # --- Fidelity -----------------------------------------------------------------------------------
@@ -124,6 +125,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--probe-position", type=int, default=0, metavar="N",
                         help="after building, sample the five position captions from each of N shared initial "
                         "latents: does the caption or the noise decide where the shape goes? (position_probe)")
+    parser.add_argument("--word-gain-every", type=int, default=0, metavar="N",
+                        help="while building, every N UNet steps: how much worse the UNet predicts when the "
+                        "caption's position, colour or shape words are wrong (the word-gain probe, "
+                        "sitdistill.teachers.toy_probe); does not change the build")
+    parser.add_argument("--word-gain", action="store_true",
+                        help="after building, the word-gain probe on the finished teacher")
     return parser
 
 
@@ -146,11 +153,13 @@ def run(args: argparse.Namespace) -> Path:
     done = is_finished(folder) and json.loads((Path(folder) / FINISHED_MARKER).read_text()).get("settings") == \
         json.loads(json.dumps(s.key_settings(), default=list))
     if args.force or not done:
-        build_toy_teacher(folder, s, cache_dir=cache)
+        build_toy_teacher(folder, s, cache_dir=cache, word_gain_every=args.word_gain_every)
     else:
         print(f"toy {s.family} teacher already built at {folder}", flush=True)
     if args.eval:
         print(json.dumps(evaluate(folder, n=args.eval)), flush=True)
+    if args.word_gain:
+        print(json.dumps({"word_gain": word_gain(folder)}), flush=True)
     if args.probe_position:
         print(json.dumps({"position_probe": position_probe(folder, n_seeds=args.probe_position)}), flush=True)
     print(folder)

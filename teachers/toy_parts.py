@@ -50,11 +50,17 @@ def train_tokenizer(max_length: int, pad_token: str = EOS):
                                   special_tokens=[BOS, EOS], show_progress=False)
     bpe.train_from_iterator(toy_corpus(), trainer)
     model = json.loads(bpe.to_str())["model"]
-    vocab: dict[str, int] = dict(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    # The trainer's merges are the same on every run, but the ids it gives the base characters are
+    # not (they follow a hash set's order), and the ids decide which embedding row each word gets:
+    # two builds of one setting then start from different text encoders. So the ids are assigned
+    # here: the special tokens, the base pieces sorted, then each merge's token in merge order.
+    merged = list(dict.fromkeys(a + b for a, b in merges))
+    base = sorted(set(model["vocab"]) - set(merged) - {BOS, EOS})
+    vocab: dict[str, int] = {tok: i for i, tok in enumerate([BOS, EOS] + base + merged)}
     for ch in sorted(alphabet):
         for piece in (ch, ch + "</w>"):
             vocab.setdefault(piece, len(vocab))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=max_length)
 
 
@@ -131,6 +137,18 @@ def encode_text(family: str, encoders: list, ids: list[torch.Tensor], drop: torc
     pooled = out2.text_embeds  # (B, projection_dim)
     keep = (~drop).to(states.dtype)
     return {"encoder_hidden_states": states * keep[:, None, None], "text_embeds": pooled * keep[:, None]}
+
+
+def unet_kwargs(family: str, encoders: list, ids: list[torch.Tensor], drop: torch.Tensor, height: int,
+                width: int) -> dict:
+    """The UNet's conditioning keywords for token ids at one resolution: `encode_text`, and for SDXL
+    the pooled embeds and the default micro-conditioning ids as ``added_cond_kwargs``."""
+    cond = encode_text(family, encoders, ids, drop)
+    if family == "sd15":
+        return cond
+    return {"encoder_hidden_states": cond["encoder_hidden_states"],
+            "added_cond_kwargs": {"text_embeds": cond["text_embeds"],
+                                  "time_ids": sdxl_time_ids(height, width, ids[0].shape[0])}}
 
 
 def sdxl_time_ids(height: int, width: int, batch: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from sitdistill.data import toy
 from sitdistill.teachers import toy as toy_teacher
-from sitdistill.teachers import toy_cli
+from sitdistill.teachers import toy_cli, toy_parts
 
 # A toy teacher small enough to build in seconds: 32 px images, a handful of steps.
 TINY = dict(preset="tiny", n_images=24, resolutions=((32, 32), (32, 16)), vae_steps=2, vae_batch=4, vae_crop=16,
@@ -129,6 +129,8 @@ def test_tokenizer_is_trained_on_the_toy_vocabulary():
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and len(ids) == 14  # one token a word
     assert tok.eos_token_id != 2 or tok.convert_ids_to_tokens(2) == "<|endoftext|>"
     assert len(tok("zebra!").input_ids) > 3  # unseen words still tokenize (byte-level alphabet)
+    # Trained again, the same ids (the embedding row each word gets depends on them).
+    assert toy_teacher.train_tokenizer(16).get_vocab() == tok.get_vocab()
     tok2 = toy_teacher.train_tokenizer(16, pad_token="!")
     assert tok2("a red", padding="max_length", max_length=16).input_ids[-1] == tok2.convert_tokens_to_ids("!")
 
@@ -149,7 +151,7 @@ def test_tiny_sd15_teacher_loads_in_diffusers_and_runs(tiny_teachers):
     assert out.shape == (1, 16, 32, 3) and np.isfinite(out).all()
     # The conditioning the teacher was trained with is exactly what the pipeline builds.
     ids = toy_teacher._tokenize(pipe.tokenizer, ["a red circle at the top left", ""])
-    ours = toy_teacher.encode_text("sd15", [pipe.text_encoder], [ids], torch.tensor([False, True]))
+    ours = toy_parts.encode_text("sd15", [pipe.text_encoder], [ids], torch.tensor([False, True]))
     pos, neg = pipe.encode_prompt("a red circle at the top left", "cpu", 1, True)
     torch.testing.assert_close(ours["encoder_hidden_states"], torch.cat([pos, neg]))
 
@@ -162,7 +164,7 @@ def test_tiny_sdxl_teacher_loads_in_diffusers_and_runs(tiny_teachers):
     assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
     prompt = "a blue square in the center"
     ids = [toy_teacher._tokenize(t, [prompt, ""]) for t in (pipe.tokenizer, pipe.tokenizer_2)]
-    ours = toy_teacher.encode_text("sdxl", [pipe.text_encoder, pipe.text_encoder_2], ids, torch.tensor([False, True]))
+    ours = toy_parts.encode_text("sdxl", [pipe.text_encoder, pipe.text_encoder_2], ids, torch.tensor([False, True]))
     pos, neg, pooled, neg_pooled = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=True)
     torch.testing.assert_close(ours["encoder_hidden_states"], torch.cat([pos, neg]))
     torch.testing.assert_close(ours["text_embeds"], torch.cat([pooled, neg_pooled]))
@@ -324,3 +326,58 @@ def test_toy_vae_training_is_deterministic_by_seed():
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
     assert a.config.scaling_factor == b.config.scaling_factor and a.config.block_out_channels == (8, 16, 16)
+
+
+class _ColourOnlyUNet(torch.nn.Module):
+    """Predicts the probe's noise, off by 0.1, and by 0.1 more when the caption's colour word is not
+    the true caption's: a UNet that reads the colour word and nothing else."""
+
+    def __init__(self, probe, colour_ids):
+        super().__init__()
+        self.probe, self.colour_ids = probe, colour_ids
+        self.true = probe.ids["true"][0]
+
+    def forward(self, x_t, t, encoder_hidden_states):
+        from types import SimpleNamespace
+        ids = encoder_hidden_states[..., 0].long()  # the stand-in encoder passes the ids through
+        is_colour = torch.isin(self.true, self.colour_ids)
+        wrong = ((ids != self.true) & is_colour).any(dim=1).float()
+        return SimpleNamespace(sample=self.probe.noise + 0.1 + 0.1 * wrong[:, None, None, None])
+
+
+class _IdsThrough(torch.nn.Module):
+    """A stand-in text encoder: the token ids, as a (B, L, 1) float state."""
+
+    def forward(self, ids):
+        return (ids[:, :, None].float(),)
+
+
+def test_word_gain_probe_measures_the_word_a_unet_reads():
+    from sitdistill.teachers.toy_probe import WordGainProbe
+    torch.manual_seed(0)
+    vae = toy_teacher.build_vae("tiny")
+    tok = toy_teacher.train_tokenizer(16)
+    probe = WordGainProbe("sd15", vae, [tok], toy_teacher.SCHEDULER_CONFIGS["sd15"], n=8)
+    colour_ids = torch.tensor([tok.convert_tokens_to_ids(c + "</w>") for c in toy.COLOURS])
+    got = probe(_ColourOnlyUNet(probe, colour_ids), [_IdsThrough()])
+    for band in ("high", "mid"):
+        assert got[band]["mse"] == pytest.approx(0.01, rel=1e-4)
+        assert got[band]["colour"] == pytest.approx(3.0, abs=1e-3)   # (0.2^2) / (0.1^2) - 1
+        assert got[band]["position"] == 0.0 and got[band]["shape"] == 0.0
+
+
+def test_word_gain_during_a_build_is_logged_and_leaves_the_build_unchanged(tmp_path):
+    from safetensors.torch import load_file
+    plain = toy_teacher.build_toy_teacher(tmp_path / "plain", toy_teacher.ToyTeacherSettings(family="sd15", **TINY),
+                                          cache_dir=tmp_path)
+    logged = toy_teacher.build_toy_teacher(tmp_path / "logged", toy_teacher.ToyTeacherSettings(family="sd15", **TINY),
+                                           cache_dir=tmp_path, word_gain_every=1)
+    a, b = (load_file(f / "unet" / "diffusion_pytorch_model.safetensors") for f in (plain, logged))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    gains = json.loads((logged / toy_teacher.FINISHED_MARKER).read_text())["word_gain"]
+    assert [g["step"] for g in gains] == [1, 2]
+    assert set(gains[-1]["high"]) == {"mse", "position", "colour", "shape"}
+    assert "word_gain" not in json.loads((plain / toy_teacher.FINISHED_MARKER).read_text())
+    # On the saved folder (diffusers' from_pretrained) the probe gives what the build logged last.
+    from sitdistill.teachers.toy_probe import word_gain
+    assert word_gain(logged) == {k: v for k, v in gains[-1].items() if k != "step"}
