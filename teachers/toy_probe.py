@@ -64,7 +64,7 @@ class WordGainProbe:
                 wrong.append(dataclasses.replace(s, **{field: names[j]}).caption)
             captions[field] = wrong
         self.ids = {k: [_tokenize(tok, caps) for tok in tokenizers] for k, caps in captions.items()}
-        self.keep = torch.zeros(n, dtype=torch.bool)  # no caption dropped
+        self.no_drop = torch.zeros(n, dtype=torch.bool)  # no caption dropped
 
     @torch.no_grad()
     def __call__(self, unet, encoders: list) -> dict:
@@ -73,7 +73,7 @@ class WordGainProbe:
         for m in [unet, *encoders]:
             m.eval()
         try:
-            cond = {k: unet_kwargs(self.family, encoders, ids, self.keep, 64, 64) for k, ids in self.ids.items()}
+            cond = {k: unet_kwargs(self.family, encoders, ids, self.no_drop, 64, 64) for k, ids in self.ids.items()}
             out = {}
             for band, (t, x_t) in self.bands.items():
                 mse = {k: float((unet(x_t, t, **c).sample - self.noise).square().mean()) for k, c in cond.items()}
