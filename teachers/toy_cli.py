@@ -155,7 +155,8 @@ def run(args: argparse.Namespace) -> Path:
     if args.force or not done:
         build_toy_teacher(folder, s, cache_dir=cache, word_gain_every=args.word_gain_every)
     else:
-        print(f"toy {s.family} teacher already built at {folder}", flush=True)
+        print(f"toy {s.family} teacher already built at {folder}"
+              + (" (--word_gain_every applies to a build: add --force)" if args.word_gain_every else ""), flush=True)
     if args.eval:
         print(json.dumps(evaluate(folder, n=args.eval)), flush=True)
     if args.word_gain:
