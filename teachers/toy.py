@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from sitdistill.core.muon import MuonAdamW
 from sitdistill.data import toy as world
+from sitdistill.teachers.frontend import final_layer_norm
 from sitdistill.teachers.toy_cache import FINISHED_MARKER, atomic_dir, cache_key, default_cache_root, is_finished
 from sitdistill.teachers.toy_probe import WordGainProbe
 from sitdistill.teachers.toy_parts import (PRESETS, SDXL_PAD, _tokenize, build_text_encoder, build_unet, build_vae,
@@ -77,7 +78,8 @@ SCHEDULER_CONFIGS = {
 }
 
 # Settings added after TOY_TEACHER_VERSION 3, at their defaults (ToyTeacherSettings.key_settings).
-LATER_DEFAULTS = {"optimizer": "adamw", "muon_lr_scale": 5.0, "multires_noise": 0, "multires_discount": 0.5}
+LATER_DEFAULTS = {"optimizer": "adamw", "muon_lr_scale": 5.0, "multires_noise": 0, "multires_discount": 0.5,
+                  "text_norm_warmup": 0, "text_norm_ramp": 500}
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,11 @@ class ToyTeacherSettings:
     muon_lr_scale: float = 5.0      # Muon's learning rate over `lr` (its update RMS = lr at 5)
     multires_noise: int = 0         # > 0: training noise with this many coarser levels added (_training_noise)
     multires_discount: float = 0.5  # weight of level i is multires_discount ** i
+    # SD1.5 family: for this many UNet steps the UNet reads the text encoder's last layer *before*
+    # its final layer norm; then the norm, set to about the identity on the states so far, is blended
+    # in over text_norm_ramp steps, so the finished teacher is an ordinary SD pipeline (_text_norm_mix).
+    text_norm_warmup: int = 0
+    text_norm_ramp: int = 500
 
     def __post_init__(self) -> None:
         from sitdistill.core.schedule import LOSS_WEIGHTINGS
@@ -126,6 +133,14 @@ class ToyTeacherSettings:
                              f"{self.multires_noise} and {self.multires_discount}")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"unknown toy-teacher optimizer {self.optimizer!r}; choose from adamw, muon")
+        if self.text_norm_warmup < 0 or self.text_norm_ramp < 0:
+            raise ValueError(f"text_norm_warmup and text_norm_ramp must be >= 0, got {self.text_norm_warmup} "
+                             f"and {self.text_norm_ramp}")
+        if self.text_norm_warmup and self.family != "sd15":
+            raise ValueError("text_norm_warmup applies to the sd15 family only (SDXL reads pre-norm states anyway)")
+        if self.text_norm_warmup and self.text_norm_warmup + self.text_norm_ramp > self.unet_steps:
+            raise ValueError(f"text_norm_warmup + text_norm_ramp ({self.text_norm_warmup + self.text_norm_ramp}) "
+                             f"must be at most unet_steps ({self.unet_steps})")
 
     def key_settings(self) -> dict:
         """The settings as the cache key and the finished marker hold them: the ones added after
@@ -183,6 +198,33 @@ def _training_noise(shape: torch.Size, gen: torch.Generator, levels: int, discou
         if sh == 1 and sw == 1:
             break
     return noise / noise.flatten(1).std(dim=1).view(b, 1, 1, 1)
+
+
+def _text_norm_mix(step: int, settings: ToyTeacherSettings) -> float:
+    """How much of the text encoder's final layer norm the UNet reads at this step: 0 during
+    ``text_norm_warmup``, then rising linearly to 1 over ``text_norm_ramp`` steps."""
+    if step < settings.text_norm_warmup:
+        return 0.0
+    if settings.text_norm_warmup == 0 or settings.text_norm_ramp == 0:
+        return 1.0
+    return min(1.0, (step - settings.text_norm_warmup + 1) / settings.text_norm_ramp)
+
+
+@torch.no_grad()
+def _fit_text_norm(encoder, ids: torch.Tensor) -> tuple[float, float]:
+    """Set the encoder's final layer norm to about the identity on its current last-layer states:
+    gain = median per-token standard deviation, bias = mean per-token mean (the norm removes both).
+    Returns (gain, bias)."""
+    was = encoder.training
+    encoder.eval()
+    pre = encoder(ids, output_hidden_states=True).hidden_states[-1]  # (N, L, D)
+    encoder.train(was)
+    norm = final_layer_norm(encoder)
+    gain = float(pre.std(dim=-1, unbiased=False).median())
+    bias = float(pre.mean(dim=-1).mean())
+    norm.weight.fill_(gain)
+    norm.bias.fill_(bias)
+    return gain, bias
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -370,6 +412,16 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
     t0 = time.time()
     bar = tqdm(range(settings.unet_steps), desc=f"toy {fam} UNet", mininterval=5, file=sys.stdout)
     for step in bar:
+        mix = _text_norm_mix(step, settings)
+        if settings.text_norm_warmup and step == settings.text_norm_warmup:
+            # The final layer norm has not been trained (no gradient reached it): start it near the
+            # identity on the states the UNet has learnt to read, in the weights and in their EMA.
+            gain, bias = _fit_text_norm(encoders[0], torch.cat([g_["ids"][0][:128] for g_ in groups.values()]))
+            by_id = {id(q): i for i, q in enumerate(params)}
+            for q in final_layer_norm(encoders[0]).parameters():
+                ema[by_id[id(q)]].copy_(q.detach())
+            print(f"toy {fam} UNet: text encoder's final layer norm blended in from step {step} "
+                  f"(gain {gain:.3f}, bias {bias:.3f})", flush=True)
         g = _pick_group(groups, gen)
         b = settings.batch_size
         idx = torch.randint(len(g["captions"]), (b,), generator=gen)
@@ -377,7 +429,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
         latents = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling  # (B, 4, h, w)
         drop = torch.rand(b, generator=gen) < settings.caption_dropout
         ids = [torch.where(drop[:, None], e_ids, t_ids[idx]) for e_ids, t_ids in zip(empty_ids, g["ids"])]
-        cond = unet_kwargs(fam, encoders, ids, drop, *g["pixels"].shape[-2:])
+        cond = unet_kwargs(fam, encoders, ids, drop, *g["pixels"].shape[-2:], norm_mix=mix)
         noise = _training_noise(latents.shape, gen, settings.multires_noise, settings.multires_discount)
         t = torch.randint(0, num_t, (b,), generator=gen)
         x_t = noise_scheduler.add_noise(latents, noise, t)
@@ -401,7 +453,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if probe is not None and (step + 1) % word_gain_every == 0:
             _swap(params, ema)
-            word_gains.append({"step": step + 1, **probe(unet, encoders)})
+            word_gains.append({"step": step + 1, **probe(unet, encoders, norm_mix=mix)})
             _swap(params, ema)
             print(f"toy {fam} UNet word gain {json.dumps(word_gains[-1])}", flush=True)
         if step + 1 in snapshots:

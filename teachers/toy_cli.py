@@ -117,6 +117,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="UNet training noise with this many coarser levels added (default 0: Gaussian)")
     parser.add_argument("--multires-discount", type=float, default=None,
                         help="weight of multires level i is this ** i (default 0.5)")
+    parser.add_argument("--text-norm-warmup", type=int, default=None, metavar="STEPS",
+                        help="SD1.5 family: UNet steps reading the text encoder's last layer before its final "
+                        "layer norm, which is then blended in (default 0: always the pipeline's states)")
+    parser.add_argument("--text-norm-ramp", type=int, default=None, metavar="STEPS",
+                        help="steps over which the final layer norm is blended in after the warm-up (default 500)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own choice; 1 is faster on a busy shared CPU)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a finished build exists")
@@ -143,7 +148,9 @@ def run(args: argparse.Namespace) -> Path:
                                    ("batch_size", args.batch_size), ("loss_weighting", args.loss_weighting),
                                    ("text_pool", args.text_pool), ("optimizer", args.optimizer),
                                    ("multires_noise", args.multires_noise),
-                                   ("multires_discount", args.multires_discount))
+                                   ("multires_discount", args.multires_discount),
+                                   ("text_norm_warmup", args.text_norm_warmup),
+                                   ("text_norm_ramp", args.text_norm_ramp))
                  if v is not None}
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from sitdistill.data import toy as world
+from sitdistill.teachers.frontend import final_layer_norm
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 SDXL_PAD = "!"
@@ -121,16 +122,25 @@ def build_unet(preset: str, family: str, cross_attention_dim: int, sample_size: 
 
 
 # --- Text conditioning, as the pipelines build it ------------------------------------------------
-def encode_text(family: str, encoders: list, ids: list[torch.Tensor], drop: torch.Tensor) -> dict:
+def encode_text(family: str, encoders: list, ids: list[torch.Tensor], drop: torch.Tensor,
+                norm_mix: float = 1.0) -> dict:
     """UNet keyword arguments for token ids; ``drop`` (B,) bool marks CFG-dropped captions.
 
     SD1.5: last hidden state of the encoder (ids of dropped captions are already the empty prompt's).
+    ``norm_mix`` < 1 (SD1.5 only, during a build's text-norm warm-up, ``ToyTeacherSettings.
+    text_norm_warmup``): the last layer's output before the encoder's final layer norm, blended with
+    the normalised one in that proportion; 1 is what the pipeline computes.
     SDXL: penultimate hidden states of both encoders concatenated, pooled = encoder 2's projected
     output, dropped captions zeroed (``force_zeros_for_empty_prompt``) — StableDiffusionXLPipeline's
     ``encode_prompt``.
     """
     if family == "sd15":
-        return {"encoder_hidden_states": encoders[0](ids[0])[0]}  # (B, L, D)
+        if norm_mix >= 1.0:
+            return {"encoder_hidden_states": encoders[0](ids[0])[0]}  # (B, L, D)
+        pre = encoders[0](ids[0], output_hidden_states=True).hidden_states[-1]  # before final_layer_norm
+        if norm_mix <= 0.0:
+            return {"encoder_hidden_states": pre}
+        return {"encoder_hidden_states": torch.lerp(pre, final_layer_norm(encoders[0])(pre), norm_mix)}
     out1 = encoders[0](ids[0], output_hidden_states=True)
     out2 = encoders[1](ids[1], output_hidden_states=True)
     states = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)  # (B, L, D1 + D2)
@@ -140,10 +150,10 @@ def encode_text(family: str, encoders: list, ids: list[torch.Tensor], drop: torc
 
 
 def unet_kwargs(family: str, encoders: list, ids: list[torch.Tensor], drop: torch.Tensor, height: int,
-                width: int) -> dict:
+                width: int, norm_mix: float = 1.0) -> dict:
     """The UNet's conditioning keywords for token ids at one resolution: `encode_text`, and for SDXL
     the pooled embeds and the default micro-conditioning ids as ``added_cond_kwargs``."""
-    cond = encode_text(family, encoders, ids, drop)
+    cond = encode_text(family, encoders, ids, drop, norm_mix)
     if family == "sd15":
         return cond
     return {"encoder_hidden_states": cond["encoder_hidden_states"],

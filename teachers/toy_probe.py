@@ -68,13 +68,14 @@ class WordGainProbe:
         self.no_drop = torch.zeros(n, dtype=torch.bool)  # no caption dropped
 
     @torch.no_grad()
-    def __call__(self, unet, encoders: list) -> dict:
-        """``{band: {"mse": true-caption MSE, "<word>": gain}}`` for the bands and the words."""
+    def __call__(self, unet, encoders: list, norm_mix: float = 1.0) -> dict:
+        """``{band: {"mse": true-caption MSE, "<word>": gain}}`` for the bands and the words
+        (``norm_mix``: the text conditioning as the build reads it at that step, `encode_text`)."""
         modes = [m.training for m in [unet, *encoders]]
         for m in [unet, *encoders]:
             m.eval()
         try:
-            cond = {k: unet_kwargs(self.family, encoders, ids, self.no_drop, 64, 64) for k, ids in self.ids.items()}
+            cond = {k: unet_kwargs(self.family, encoders, ids, self.no_drop, 64, 64, norm_mix) for k, ids in self.ids.items()}
             out = {}
             for band, (t, x_t) in self.bands.items():
                 mse = {k: float((unet(x_t, t, **c).sample - self.noise).square().mean()) for k, c in cond.items()}

@@ -381,3 +381,72 @@ def test_word_gain_during_a_build_is_logged_and_leaves_the_build_unchanged(tmp_p
     # On the saved folder (diffusers' from_pretrained) the probe gives what the build logged last.
     from sitdistill.teachers.toy_probe import word_gain
     assert word_gain(logged) == {k: v for k, v in gains[-1].items() if k != "step"}
+
+
+def test_text_norm_warmup_schedule_and_settings():
+    """The warm-up reads pre-norm states (mix 0), the ramp blends the norm in linearly, and the end
+    is the pipeline's conditioning (mix 1); without the option every step is mix 1, and the default
+    settings keep their cache key."""
+    from dataclasses import asdict
+
+    s = toy_teacher.ToyTeacherSettings(family="sd15", **{**TINY, "unet_steps": 10}, text_norm_warmup=4,
+                                       text_norm_ramp=4)
+    assert [toy_teacher._text_norm_mix(i, s) for i in range(10)] == [0, 0, 0, 0, 0.25, 0.5, 0.75, 1, 1, 1]
+    plain = toy_teacher.ToyTeacherSettings(family="sd15", **TINY)
+    assert all(toy_teacher._text_norm_mix(i, plain) == 1.0 for i in range(3))
+    assert plain.key_settings() == {k: v for k, v in asdict(plain).items() if k not in toy_teacher.LATER_DEFAULTS}
+    assert s.key_settings()["text_norm_warmup"] == 4
+    with pytest.raises(ValueError, match="sd15 family only"):
+        toy_teacher.ToyTeacherSettings(family="sdxl", **TINY, text_norm_warmup=1, text_norm_ramp=0)
+    with pytest.raises(ValueError, match="at most unet_steps"):
+        toy_teacher.ToyTeacherSettings(family="sd15", **TINY, text_norm_warmup=2)
+    with pytest.raises(ValueError, match=">= 0"):
+        toy_teacher.ToyTeacherSettings(family="sd15", **TINY, text_norm_ramp=-1)
+
+
+def test_encode_text_norm_mix_reads_the_last_layer_before_and_after_the_final_norm():
+    from sitdistill.teachers.frontend import final_layer_norm
+
+    tok = toy_parts.train_tokenizer(16)
+    torch.manual_seed(0)
+    enc = toy_parts.build_text_encoder("tiny", tok, 16).eval()
+    ids = toy_parts._tokenize(tok, ["a red circle at the top left", ""])
+    drop = torch.tensor([False, True])
+    with torch.no_grad():
+        pre = enc(ids, output_hidden_states=True).hidden_states[-1]
+        full = toy_parts.encode_text("sd15", [enc], [ids], drop)["encoder_hidden_states"]
+        none = toy_parts.encode_text("sd15", [enc], [ids], drop, norm_mix=0.0)["encoder_hidden_states"]
+        half = toy_parts.encode_text("sd15", [enc], [ids], drop, norm_mix=0.5)["encoder_hidden_states"]
+    torch.testing.assert_close(full, enc(ids)[0])
+    torch.testing.assert_close(full, final_layer_norm(enc)(pre))
+    torch.testing.assert_close(none, pre)
+    torch.testing.assert_close(half, (pre + full) / 2)
+    assert not torch.allclose(none, full)
+    # Fitting the (untrained) norm to the states makes it close to the identity on them.
+    err_before = (full - pre).square().mean()
+    gain, bias = toy_teacher._fit_text_norm(enc, ids)
+    with torch.no_grad():
+        err_after = (final_layer_norm(enc)(pre) - pre).square().mean()
+    assert gain > 0 and float(err_after) < 0.5 * float(err_before)
+    assert torch.all(final_layer_norm(enc).weight == gain) and torch.all(final_layer_norm(enc).bias == bias)
+
+
+def test_a_text_norm_warmup_build_ends_as_an_ordinary_sd_pipeline(tmp_path):
+    """A build with the warm-up: the final layer norm is fitted at the switch (weights and EMA), and
+    the saved folder's pipeline encodes prompts exactly as the build's last steps did."""
+    from diffusers import StableDiffusionPipeline
+
+    settings = {**TINY, "unet_steps": 4, "text_norm_warmup": 2, "text_norm_ramp": 1}
+    folder = toy_teacher.ensure_toy_teacher("sd15", cache_dir=tmp_path, **settings)
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    norm = pipe.text_encoder.final_layer_norm
+    ids = toy_teacher._tokenize(pipe.tokenizer, ["a red circle at the top left", ""])
+    with torch.no_grad():  # fitted near the identity on the states, unlike a norm at its init
+        pre = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-1]
+        fitted_err = (norm(pre) - pre).square().mean()
+        init_err = (torch.nn.functional.layer_norm(pre, pre.shape[-1:], eps=norm.eps) - pre).square().mean()
+    assert float(fitted_err) < 0.5 * float(init_err)
+    ours = toy_parts.encode_text("sd15", [pipe.text_encoder], [ids], torch.tensor([False, True]))
+    pos, neg = pipe.encode_prompt("a red circle at the top left", "cpu", 1, True)
+    torch.testing.assert_close(ours["encoder_hidden_states"], torch.cat([pos, neg]))
+    assert json.loads((folder / toy_teacher.FINISHED_MARKER).read_text())["settings"]["text_norm_warmup"] == 2
