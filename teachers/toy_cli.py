@@ -154,7 +154,11 @@ def run(args: argparse.Namespace) -> Path:
                  if v is not None}
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    s = ToyTeacherSettings(family=args.family, preset=args.preset, seed=args.seed, **overrides)
+    try:
+        s = ToyTeacherSettings(family=args.family, preset=args.preset, seed=args.seed, **overrides)
+    except ValueError as err:  # a bad combination of flags: one line and exit 2, as argparse does
+        print(f"toy-teacher: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     cache = args.cache_dir if args.cache_dir is not None else default_cache_root()
     folder = args.out if args.out is not None else toy_teacher_dir(s, cache)
     done = is_finished(folder) and json.loads((Path(folder) / FINISHED_MARKER).read_text()).get("settings") == \

@@ -319,6 +319,17 @@ def test_cli_parser_builds_into_out(tmp_path, monkeypatch):
         toy_cli.build_parser().parse_args(["--family", "sd3"])
 
 
+
+def test_cli_bad_setting_combination_exits_2_with_one_line(tmp_path, capsys):
+    args = toy_cli.build_parser().parse_args(["--family", "sdxl", "--text_norm_warmup", "5",
+                                              "--cache-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        toy_cli.run(args)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "text_norm_warmup" in err
+    assert not list(tmp_path.iterdir())  # nothing built
+
+
 def test_toy_vae_training_is_deterministic_by_seed():
     s = toy_teacher.ToyTeacherSettings(**{**TINY, "n_images": 8})
     groups = toy_teacher._draw_groups(s)
