@@ -321,7 +321,7 @@ def test_cli_parser_builds_into_out(tmp_path, monkeypatch):
 
 
 def test_cli_bad_setting_combination_exits_2_with_one_line(tmp_path, capsys):
-    args = toy_cli.build_parser().parse_args(["--family", "sdxl", "--text_norm_warmup", "5",
+    args = toy_cli.build_parser().parse_args(["--family", "sdxl", "--text-norm-warmup", "5",
                                               "--cache-dir", str(tmp_path)])
     with pytest.raises(SystemExit) as exit_:
         toy_cli.run(args)
