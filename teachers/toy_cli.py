@@ -122,6 +122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "layer norm, which is then blended in (default 0: always the pipeline's states)")
     parser.add_argument("--text-norm-ramp", type=int, default=None, metavar="STEPS",
                         help="steps over which the final layer norm is blended in after the warm-up (default 500)")
+    parser.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
+                        help="mirror half of each UNet batch left-right, swapping left and right in its captions")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own choice; 1 is faster on a busy shared CPU)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a finished build exists")
@@ -150,7 +152,7 @@ def run(args: argparse.Namespace) -> Path:
                                    ("multires_noise", args.multires_noise),
                                    ("multires_discount", args.multires_discount),
                                    ("text_norm_warmup", args.text_norm_warmup),
-                                   ("text_norm_ramp", args.text_norm_ramp))
+                                   ("text_norm_ramp", args.text_norm_ramp), ("mirror", args.mirror))
                  if v is not None}
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -10,8 +10,9 @@ It needs no sampling (8 UNet calls of 64 latents: 1.6 s for the small toy UNet o
 build can log it every few hundred steps (``build_toy_teacher(word_gain_every=N)``,
 ``cli.py toy-teacher --word_gain_every N``), and it
 shows *when* a UNet starts to read its position words: the SDXL-style toy UNet does so abruptly,
-between 1500 and 2000 steps, the SD1.5-style one had not by 2000 (README, "The SD1.5-style toy
-teacher").
+between 1500 and 2000 steps; the SD1.5-style one never did with the text encoder's final layer norm
+in its context, and does from about 2250 steps with its build's text-norm warm-up (README, "The
+SD1.5-style toy teacher").
 
 Two bands of timesteps: ``high`` (850-999), where an image's layout is decided and SD's schedule
 leaves 0.5-2.3 % of the signal's variance (alpha_bar), and ``mid`` (500-849).

@@ -241,8 +241,8 @@ def test_a_muon_teacher_builds_under_its_own_key_and_earlier_keys_stay(tmp_path)
 
     from sitdistill.core.muon import MuonAdamW
 
-    plain = toy_teacher.ToyTeacherSettings(family="sd15", **TINY)
-    muon = toy_teacher.ToyTeacherSettings(family="sd15", optimizer="muon", **TINY)
+    plain = toy_teacher.ToyTeacherSettings(family="sd15", text_norm_warmup=0, **TINY)
+    muon = toy_teacher.ToyTeacherSettings(family="sd15", text_norm_warmup=0, optimizer="muon", **TINY)
     before = {k: v for k, v in asdict(plain).items() if k not in toy_teacher.LATER_DEFAULTS}
     assert plain.key_settings() == before
     assert toy_teacher.toy_teacher_dir(muon, tmp_path) != toy_teacher.toy_teacher_dir(plain, tmp_path)
@@ -252,7 +252,7 @@ def test_a_muon_teacher_builds_under_its_own_key_and_earlier_keys_stay(tmp_path)
     muon_group = next(g for g in opt.param_groups if g["muon"])
     assert any(q.ndim == 4 for q in muon_group["params"]) and any(q.ndim == 2 for q in muon_group["params"])
     assert all(q is not unet.conv_in.weight for q in muon_group["params"])
-    folder = toy_teacher.ensure_toy_teacher("sd15", cache_dir=tmp_path, optimizer="muon", **TINY)
+    folder = toy_teacher.ensure_toy_teacher("sd15", cache_dir=tmp_path, optimizer="muon", text_norm_warmup=0, **TINY)
     assert toy_teacher.is_finished(folder) and folder == toy_teacher.toy_teacher_dir(muon, tmp_path)
     with pytest.raises(ValueError, match="optimizer"):
         toy_teacher.ToyTeacherSettings(optimizer="sgd")
@@ -396,21 +396,30 @@ def test_word_gain_during_a_build_is_logged_and_leaves_the_build_unchanged(tmp_p
 
 def test_text_norm_warmup_schedule_and_settings():
     """The warm-up reads pre-norm states (mix 0), the ramp blends the norm in linearly, and the end
-    is the pipeline's conditioning (mix 1); without the option every step is mix 1, and the default
-    settings keep their cache key."""
+    is the pipeline's conditioning (mix 1). It is the SD1.5 family's default (a share of its steps,
+    without pooled text); the SDXL family and the earlier SD1.5 settings keep their cache keys."""
     from dataclasses import asdict
 
     s = toy_teacher.ToyTeacherSettings(family="sd15", **{**TINY, "unet_steps": 10}, text_norm_warmup=4,
                                        text_norm_ramp=4)
     assert [toy_teacher._text_norm_mix(i, s) for i in range(10)] == [0, 0, 0, 0, 0.25, 0.5, 0.75, 1, 1, 1]
-    plain = toy_teacher.ToyTeacherSettings(family="sd15", **TINY)
+    plain = toy_teacher.ToyTeacherSettings(family="sd15", **TINY, text_norm_warmup=0)
     assert all(toy_teacher._text_norm_mix(i, plain) == 1.0 for i in range(3))
     assert plain.key_settings() == {k: v for k, v in asdict(plain).items() if k not in toy_teacher.LATER_DEFAULTS}
     assert s.key_settings()["text_norm_warmup"] == 4
+    sd15 = toy_teacher.ToyTeacherSettings(family="sd15")
+    steps = toy_teacher.UNET_STEPS["sd15"]
+    assert not sd15.text_pool and sd15.unet_steps == steps
+    assert (sd15.text_norm_warmup, sd15.text_norm_ramp) == (round(steps * toy_teacher.TEXT_NORM_WARMUP["sd15"]),
+                                                            round(steps * toy_teacher.TEXT_NORM_RAMP))
+    assert 0 < sd15.text_norm_warmup < sd15.text_norm_warmup + sd15.text_norm_ramp <= steps
+    sdxl = toy_teacher.ToyTeacherSettings(family="sdxl")
+    assert sdxl.text_pool and sdxl.text_norm_warmup == 0
+    assert sdxl.key_settings() == {k: v for k, v in asdict(sdxl).items() if k not in toy_teacher.LATER_DEFAULTS}
     with pytest.raises(ValueError, match="sd15 family only"):
         toy_teacher.ToyTeacherSettings(family="sdxl", **TINY, text_norm_warmup=1, text_norm_ramp=0)
     with pytest.raises(ValueError, match="at most unet_steps"):
-        toy_teacher.ToyTeacherSettings(family="sd15", **TINY, text_norm_warmup=2)
+        toy_teacher.ToyTeacherSettings(family="sd15", **TINY, text_norm_warmup=2, text_norm_ramp=1)
     with pytest.raises(ValueError, match=">= 0"):
         toy_teacher.ToyTeacherSettings(family="sd15", **TINY, text_norm_ramp=-1)
 
@@ -461,3 +470,22 @@ def test_a_text_norm_warmup_build_ends_as_an_ordinary_sd_pipeline(tmp_path):
     pos, neg = pipe.encode_prompt("a red circle at the top left", "cpu", 1, True)
     torch.testing.assert_close(ours["encoder_hidden_states"], torch.cat([pos, neg]))
     assert json.loads((folder / toy_teacher.FINISHED_MARKER).read_text())["settings"]["text_norm_warmup"] == 2
+
+
+def test_mirror_swaps_left_and_right_and_the_mirrored_drawing_matches(tmp_path):
+    """`mirror`: the mirrored drawing is the drawing of the caption with left and right swapped (the
+    grader sees it there), and a build with it is an ordinary teacher under its own key."""
+    spec = toy.ToySpec("red", "triangle", "top left", "large", "plain", 64, 64)
+    assert toy_teacher._mirror_caption(spec.caption) == dataclasses.replace(spec, position="top right").caption
+    assert toy_teacher._mirror_caption("a red circle in the center") == "a red circle in the center"
+    for shape in toy.SHAPES:
+        for pos in ("top left", "bottom right", "center"):
+            s = dataclasses.replace(spec, shape=shape, position=pos)
+            mirrored = toy.draw(s).transpose(Image.FLIP_LEFT_RIGHT)
+            assert toy.grade(mirrored, toy_teacher._mirror_caption(s.caption)) == \
+                {"colour": True, "shape": True, "position": True}
+    plain = toy_teacher.ToyTeacherSettings(family="sd15", **TINY)
+    mirror = toy_teacher.ToyTeacherSettings(family="sd15", mirror=True, **TINY)
+    assert "mirror" not in plain.key_settings() and mirror.key_settings()["mirror"] is True
+    folder = toy_teacher.ensure_toy_teacher("sd15", cache_dir=tmp_path, mirror=True, **TINY)
+    assert toy_teacher.is_finished(folder) and folder == toy_teacher.toy_teacher_dir(mirror, tmp_path)
