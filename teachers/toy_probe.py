@@ -14,6 +14,10 @@ between 1500 and 2000 steps; the SD1.5-style one never did with the text encoder
 in its context, and does from about 2250 steps with its build's text-norm warm-up (README, "The
 SD1.5-style toy teacher").
 
+Position also per axis: ``left_right`` and ``top_bottom``, the gain of swapping only those two
+words, over the drawings not in the center (the SD1.5-style teacher reads top/bottom and not
+left/right).
+
 Two bands of timesteps: ``high`` (850-999), where an image's layout is decided and SD's schedule
 leaves 0.5-2.3 % of the signal's variance (alpha_bar), and ``mid`` (500-849).
 """
@@ -31,6 +35,7 @@ from sitdistill.teachers.toy_parts import _tokenize, unet_kwargs
 WORD_GAIN_SEED = 20_011   # held-out drawings: a seed the training data (seed 0.. by default) does not use
 BANDS = {"high": (850, 999), "mid": (500, 849)}
 WORDS = {"position": world.POSITIONS, "colour": world.COLOURS, "shape": world.SHAPES}
+AXES = {"left_right": ("left", "right"), "top_bottom": ("top", "bottom")}
 
 
 class WordGainProbe:
@@ -65,12 +70,19 @@ class WordGainProbe:
                 j = (i + 1 + int(rng.integers(len(names) - 1))) % len(names)  # any other value
                 wrong.append(dataclasses.replace(s, **{field: names[j]}).caption)
             captions[field] = wrong
+        # Per axis, on the drawings not in the center: only "left"/"right" swapped, only "top"/"bottom"
+        # swapped (a UNet can read one and not the other: README, "The SD1.5-style toy teacher").
+        self.off_center = torch.tensor([s.position != "center" for s in specs])
+        for key, pair in AXES.items():
+            swap = {pair[0]: pair[1], pair[1]: pair[0]}
+            captions[key] = [" ".join(swap.get(w, w) for w in s.caption.split(" ")) for s in specs]
         self.ids = {k: [_tokenize(tok, caps) for tok in tokenizers] for k, caps in captions.items()}
         self.no_drop = torch.zeros(n, dtype=torch.bool)  # no caption dropped
 
     @torch.no_grad()
     def __call__(self, unet, encoders: list, norm_mix: float = 1.0) -> dict:
-        """``{band: {"mse": true-caption MSE, "<word>": gain}}`` for the bands and the words
+        """``{band: {"mse": true-caption MSE, "<word>": gain, "<axis>": gain}}`` for the bands, the words
+        and the two position axes (their gains over the off-center drawings only)
         (``norm_mix``: the text conditioning as the build reads it at that step, `encode_text`)."""
         modes = [m.training for m in [unet, *encoders]]
         for m in [unet, *encoders]:
@@ -79,9 +91,12 @@ class WordGainProbe:
             cond = {k: unet_kwargs(self.family, encoders, ids, self.no_drop, 64, 64, norm_mix) for k, ids in self.ids.items()}
             out = {}
             for band, (t, x_t) in self.bands.items():
-                mse = {k: float((unet(x_t, t, **c).sample - self.noise).square().mean()) for k, c in cond.items()}
+                err = {k: (unet(x_t, t, **c).sample - self.noise).square().mean(dim=(1, 2, 3)) for k, c in cond.items()}
+                mse = {k: float(e.mean()) for k, e in err.items()}
+                off = {k: float(e[self.off_center].mean()) for k, e in err.items()}
                 out[band] = {"mse": round(mse["true"], 5),
-                             **{w: round(mse[w] / mse["true"] - 1, 4) for w in WORDS}}
+                             **{w: round(mse[w] / mse["true"] - 1, 4) for w in WORDS},
+                             **{a: round(off[a] / off["true"] - 1, 4) for a in AXES}}
             return out
         finally:
             for m, mode in zip([unet, *encoders], modes):

@@ -340,8 +340,8 @@ def test_toy_vae_training_is_deterministic_by_seed():
 
 
 class _ColourOnlyUNet(torch.nn.Module):
-    """Predicts the probe's noise, off by 0.1, and by 0.1 more when the caption's colour word is not
-    the true caption's: a UNet that reads the colour word and nothing else."""
+    """Predicts the probe's noise, off by 0.1, and by 0.1 more when one of the given words (by
+    default the colour words) is not the true caption's: a UNet that reads those words and no other."""
 
     def __init__(self, probe, colour_ids):
         super().__init__()
@@ -375,6 +375,14 @@ def test_word_gain_probe_measures_the_word_a_unet_reads():
         assert got[band]["mse"] == pytest.approx(0.01, rel=1e-4)
         assert got[band]["colour"] == pytest.approx(3.0, abs=1e-3)   # (0.2^2) / (0.1^2) - 1
         assert got[band]["position"] == 0.0 and got[band]["shape"] == 0.0
+        assert got[band]["left_right"] == 0.0 and got[band]["top_bottom"] == 0.0
+    # A UNet that reads "left"/"right" only: the left/right axis gets the full gain, top/bottom none.
+    lr_ids = torch.tensor([tok.convert_tokens_to_ids(w + "</w>") for w in ("left", "right")])
+    got = probe(_ColourOnlyUNet(probe, lr_ids), [_IdsThrough()])
+    assert bool(probe.off_center.any())
+    for band in ("high", "mid"):
+        assert got[band]["left_right"] == pytest.approx(3.0, abs=1e-3) and got[band]["top_bottom"] == 0.0
+        assert got[band]["colour"] == 0.0 and 0.0 < got[band]["position"] < 3.0
 
 
 def test_word_gain_during_a_build_is_logged_and_leaves_the_build_unchanged(tmp_path):
@@ -387,7 +395,7 @@ def test_word_gain_during_a_build_is_logged_and_leaves_the_build_unchanged(tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     gains = json.loads((logged / toy_teacher.FINISHED_MARKER).read_text())["word_gain"]
     assert [g["step"] for g in gains] == [1, 2]
-    assert set(gains[-1]["high"]) == {"mse", "position", "colour", "shape"}
+    assert set(gains[-1]["high"]) == {"mse", "position", "colour", "shape", "left_right", "top_bottom"}
     assert "word_gain" not in json.loads((plain / toy_teacher.FINISHED_MARKER).read_text())
     # On the saved folder (diffusers' from_pretrained) the probe gives what the build logged last.
     from sitdistill.teachers.toy_probe import word_gain
