@@ -6,7 +6,7 @@ colour or shape word(s) swapped for another. The *gain* of a word is how much wo
 gets when it is wrong: ``mse(wrong) / mse(true) - 1``. A UNet that ignores the position words has a
 position gain of about 0, whatever its loss; one that reads them has a gain like its colour's.
 
-It needs no sampling (8 UNet calls of 64 latents: 1.6 s for the small toy UNet on 2 cores), so the
+It needs no sampling (12 UNet calls of 64 latents: 1.6 s for the small toy UNet on 2 cores when they were 8), so the
 build can log it every few hundred steps (``build_toy_teacher(word_gain_every=N)``,
 ``cli.py toy-teacher --word_gain_every N``), and it
 shows *when* a UNet starts to read its position words: the SDXL-style toy UNet does so abruptly,
