@@ -55,7 +55,7 @@ from sitdistill.teachers.frontend import final_layer_norm
 from sitdistill.teachers.toy_cache import FINISHED_MARKER, atomic_dir, cache_key, default_cache_root, is_finished
 from sitdistill.teachers.toy_probe import WordGainProbe
 from sitdistill.teachers.toy_parts import (PRESETS, SDXL_PAD, _tokenize, build_text_encoder, build_unet, build_vae,
-                                train_tokenizer, unet_kwargs)
+                                swap_words, train_tokenizer, unet_kwargs)
 
 TOY_TEACHER_VERSION = "3"  # bump when a change here alters what a UNet/text-encoder build produces
 TOY_VAE_VERSION = "1"      # bump when a change here alters what the (shared) VAE build produces
@@ -195,8 +195,14 @@ def _draw_groups(settings: ToyTeacherSettings) -> dict[tuple[int, int], dict]:
 
 def _mirror_caption(caption: str) -> str:
     """The caption of the left-right mirrored drawing: "left" and "right" swapped."""
-    swap = {"left": "right", "right": "left"}
-    return " ".join(swap.get(w, w) for w in caption.split(" "))
+    return swap_words(caption, "left", "right")
+
+
+@torch.no_grad()
+def _posteriors(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's mean and std for each image, encoded in chunks of 256."""
+    dist = [vae.encode(chunk).latent_dist for chunk in pixels.split(256)]
+    return torch.cat([d.mean for d in dist]), torch.cat([d.std for d in dist])
 
 
 def _pick_group(groups: dict, gen: torch.Generator) -> dict:
@@ -417,13 +423,11 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
     t0 = time.time()
     with torch.no_grad():
         for g in groups.values():
-            dist = [vae.encode(chunk).latent_dist for chunk in g["pixels"].split(256)]
-            g["mean"] = torch.cat([d.mean for d in dist])
-            g["std"] = torch.cat([d.std for d in dist])
+            g["mean"], g["std"] = _posteriors(vae, g["pixels"])
             g["ids"] = [_tokenize(tok, g["captions"]) for tok in tokenizers]
             if settings.mirror:
-                dist = [vae.encode(chunk.flip(-1)).latent_dist for chunk in g["pixels"].split(256)]
-                g["mirror"] = {"mean": torch.cat([d.mean for d in dist]), "std": torch.cat([d.std for d in dist]),
+                mean, std = _posteriors(vae, g["pixels"].flip(-1))
+                g["mirror"] = {"mean": mean, "std": std,
                                "ids": [_tokenize(tok, [_mirror_caption(c) for c in g["captions"]])
                                        for tok in tokenizers]}
     empty_ids = [_tokenize(tok, [""]) for tok in tokenizers]  # what the pipeline encodes as negative

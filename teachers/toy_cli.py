@@ -110,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--loss-weighting", default=None, help="UNet loss weighting: none, min_snr or v "
                         "(sitdistill.core.schedule.LOSS_WEIGHTINGS; default min_snr)")
     parser.add_argument("--text-pool", action=argparse.BooleanOptionalAction, default=None,
-                        help="SD1.5 family: pooled text added to the UNet's time embedding (default on)")
+                        help="SD1.5 family: pooled text added to the UNet's time embedding (default off)")
     parser.add_argument("--optimizer", choices=("adamw", "muon"), default=None,
                         help="UNet optimizer (default adamw; muon: Muon for its matrices and kernels)")
     parser.add_argument("--multires-noise", type=int, default=None, metavar="LEVELS",
@@ -119,9 +119,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="weight of multires level i is this ** i (default 0.5)")
     parser.add_argument("--text-norm-warmup", type=int, default=None, metavar="STEPS",
                         help="SD1.5 family: UNet steps reading the text encoder's last layer before its final "
-                        "layer norm, which is then blended in (default 0: always the pipeline's states)")
+                        "layer norm, which is then blended in (default 60 %% of the UNet steps; 0: always the "
+                        "pipeline's states)")
     parser.add_argument("--text-norm-ramp", type=int, default=None, metavar="STEPS",
-                        help="steps over which the final layer norm is blended in after the warm-up (default 500)")
+                        help="steps over which the final layer norm is blended in after the warm-up (default 20 %% of the UNet "
+                        "steps)")
     parser.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
                         help="mirror half of each UNet batch left-right, swapping left and right in its captions")
     parser.add_argument("--threads", type=int, default=None,

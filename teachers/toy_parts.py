@@ -65,6 +65,12 @@ def train_tokenizer(max_length: int, pad_token: str = EOS):
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=max_length)
 
 
+def swap_words(caption: str, a: str, b: str) -> str:
+    """The caption with the words ``a`` and ``b`` exchanged ("top left" -> "top right" for left/right)."""
+    swap = {a: b, b: a}
+    return " ".join(swap.get(w, w) for w in caption.split(" "))
+
+
 def _tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
     # Exactly what the pipelines do: pad to model_max_length, truncate.
     return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,

@@ -6,7 +6,7 @@ colour or shape word(s) swapped for another. The *gain* of a word is how much wo
 gets when it is wrong: ``mse(wrong) / mse(true) - 1``. A UNet that ignores the position words has a
 position gain of about 0, whatever its loss; one that reads them has a gain like its colour's.
 
-It needs no sampling (12 UNet calls of 64 latents: 1.6 s for the small toy UNet on 2 cores when they were 8), so the
+It needs no sampling (12 UNet calls of 64 latents: 1.9 s for the small toy UNet on 2 cores), so the
 build can log it every few hundred steps (``build_toy_teacher(word_gain_every=N)``,
 ``cli.py toy-teacher --word_gain_every N``), and it
 shows *when* a UNet starts to read its position words: the SDXL-style toy UNet does so abruptly,
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from sitdistill.data import toy as world
-from sitdistill.teachers.toy_parts import _tokenize, unet_kwargs
+from sitdistill.teachers.toy_parts import _tokenize, swap_words, unet_kwargs
 
 WORD_GAIN_SEED = 20_011   # held-out drawings: a seed the training data (seed 0.. by default) does not use
 BANDS = {"high": (850, 999), "mid": (500, 849)}
@@ -73,9 +73,8 @@ class WordGainProbe:
         # Per axis, on the drawings not in the center: only "left"/"right" swapped, only "top"/"bottom"
         # swapped (a UNet can read one and not the other: README, "The SD1.5-style toy teacher").
         self.off_center = torch.tensor([s.position != "center" for s in specs])
-        for key, pair in AXES.items():
-            swap = {pair[0]: pair[1], pair[1]: pair[0]}
-            captions[key] = [" ".join(swap.get(w, w) for w in s.caption.split(" ")) for s in specs]
+        for key, (a, b) in AXES.items():
+            captions[key] = [swap_words(s.caption, a, b) for s in specs]
         self.ids = {k: [_tokenize(tok, caps) for tok in tokenizers] for k, caps in captions.items()}
         self.no_drop = torch.zeros(n, dtype=torch.bool)  # no caption dropped
 

@@ -343,16 +343,16 @@ class _ColourOnlyUNet(torch.nn.Module):
     """Predicts the probe's noise, off by 0.1, and by 0.1 more when one of the given words (by
     default the colour words) is not the true caption's: a UNet that reads those words and no other."""
 
-    def __init__(self, probe, colour_ids):
+    def __init__(self, probe, word_ids):
         super().__init__()
-        self.probe, self.colour_ids = probe, colour_ids
+        self.probe, self.word_ids = probe, word_ids
         self.true = probe.ids["true"][0]
 
     def forward(self, x_t, t, encoder_hidden_states):
         from types import SimpleNamespace
         ids = encoder_hidden_states[..., 0].long()  # the stand-in encoder passes the ids through
-        is_colour = torch.isin(self.true, self.colour_ids)
-        wrong = ((ids != self.true) & is_colour).any(dim=1).float()
+        is_read = torch.isin(self.true, self.word_ids)
+        wrong = ((ids != self.true) & is_read).any(dim=1).float()
         return SimpleNamespace(sample=self.probe.noise + 0.1 + 0.1 * wrong[:, None, None, None])
 
 
