@@ -91,7 +91,11 @@ SCHEDULER_CONFIGS = {
 
 # Settings added after TOY_TEACHER_VERSION 3, at their defaults (ToyTeacherSettings.key_settings).
 LATER_DEFAULTS = {"optimizer": "adamw", "muon_lr_scale": 5.0, "multires_noise": 0, "multires_discount": 0.5,
-                  "text_norm_warmup": 0, "text_norm_ramp": 500, "mirror": False}
+                  "text_norm_warmup": 0, "text_norm_ramp": 500, "mirror": False, "caption_words": 0.0}
+# The caption factors the caption-words objective asks the text encoder's end-of-text state to tell
+# (ToyTeacherSettings.caption_words).
+CAPTION_FACTORS = (("colour", world.COLOURS), ("shape", world.SHAPES), ("position", world.POSITIONS),
+                   ("size", world.SIZES), ("background", world.BACKGROUNDS))
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,12 @@ class ToyTeacherSettings:
     # Mirror half of each batch left-right, with "left" and "right" swapped in its captions (every toy
     # shape is mirror-symmetric, so the mirrored drawing is the swapped caption's drawing).
     mirror: bool = False
+    # Weight of the caption-words objective: a linear read-out of each text encoder's end-of-text
+    # state (its last layer, before the final layer norm) must tell every factor of the caption
+    # (cross-entropy, CaptionWordsHead). A real CLIP text encoder's end-of-text state summarises the
+    # whole caption because of its contrastive pretraining; a toy encoder trained by the diffusion
+    # loss alone summarises only what the UNet already reads. 0: off.
+    caption_words: float = 0.0
 
     def __post_init__(self) -> None:
         from sitdistill.core.schedule import LOSS_WEIGHTINGS
@@ -157,6 +167,8 @@ class ToyTeacherSettings:
                              f"{self.multires_noise} and {self.multires_discount}")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"unknown toy-teacher optimizer {self.optimizer!r}; choose from adamw, muon")
+        if self.caption_words < 0:
+            raise ValueError(f"caption_words must be >= 0, got {self.caption_words}")
         if self.text_norm_warmup < 0 or self.text_norm_ramp < 0:
             raise ValueError(f"text_norm_warmup and text_norm_ramp must be >= 0, got {self.text_norm_warmup} "
                              f"and {self.text_norm_ramp}")
@@ -191,6 +203,33 @@ def _draw_groups(settings: ToyTeacherSettings) -> dict[tuple[int, int], dict]:
         arr = np.stack(g["pixels"]).astype(np.float32) / 127.5 - 1.0  # (N, H, W, 3)
         g["pixels"] = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
     return groups
+
+
+def _caption_labels(captions: Sequence[str]) -> torch.Tensor:
+    """(N, len(CAPTION_FACTORS)) index of each caption's colour, shape, position, size, background."""
+    rows = []
+    for caption in captions:
+        fields = world.parse_caption(caption)
+        rows.append([list(table).index(fields[name]) for name, table in CAPTION_FACTORS])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+class CaptionWordsHead(torch.nn.Module):
+    """The caption-words objective's read-out (trained with the build, not saved): a layer norm and
+    one linear classifier per caption factor on a text encoder's end-of-text state."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(hidden, elementwise_affine=False)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden, len(table)) for _, table in CAPTION_FACTORS)
+
+    def forward(self, encoder, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the factors, read from ``encoder``'s last layer (before its final
+        layer norm) at the first end-of-text token of each row of ``ids``."""
+        states = encoder(ids, output_hidden_states=True).hidden_states[-1]  # (B, L, D)
+        eos = (ids == encoder.config.eos_token_id).int().argmax(dim=-1)  # CLIP's pooling position
+        h = self.norm(states[torch.arange(ids.shape[0]), eos])
+        return torch.stack([F.cross_entropy(head(h), labels[:, i]) for i, head in enumerate(self.heads)]).mean()
 
 
 def _mirror_caption(caption: str) -> str:
@@ -361,11 +400,13 @@ def _swap(params: list, ema: list) -> None:
         e.copy_(held)
 
 
-def _unet_optimizer(unet: torch.nn.Module, encoders: list, settings: ToyTeacherSettings) -> torch.optim.Optimizer:
-    """AdamW over the UNet and text encoders; or Muon for the UNet's matrices and convolution kernels
-    (all but its first and last convolution) with AdamW for the rest (norms, biases, embeddings, the
-    encoders). Each group carries its peak rate ("peak_lr") for the warm-up and decay."""
-    params = list(unet.parameters()) + [q for e in encoders for q in e.parameters()]
+def _unet_optimizer(unet: torch.nn.Module, encoders: list, settings: ToyTeacherSettings,
+                    extra: Sequence[torch.nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """AdamW over the UNet and text encoders (and ``extra``, the caption-words heads); or Muon for
+    the UNet's matrices and convolution kernels (all but its first and last convolution) with AdamW
+    for the rest (norms, biases, embeddings, the encoders). Each group carries its peak rate
+    ("peak_lr") for the warm-up and decay."""
+    params = list(unet.parameters()) + [q for e in encoders for q in e.parameters()] + list(extra)
     if settings.optimizer == "adamw":
         return torch.optim.AdamW([{"params": params, "peak_lr": settings.lr}], lr=settings.lr, weight_decay=0.0)
     muon = [q for n, q in unet.named_parameters() if q.ndim >= 2 and not n.startswith(("conv_in.", "conv_out."))]
@@ -418,6 +459,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
             encoders.append(build_text_encoder(settings.preset, tokenizers[1], p["text_hidden_2"], with_projection=True))
         unet = build_unet(settings.preset, fam, sum(e.config.hidden_size for e in encoders),
                           text_pool=settings.text_pool, levels=settings.unet_levels)
+        heads = [CaptionWordsHead(e.config.hidden_size) for e in encoders] if settings.caption_words else []
 
     # Latent posteriors, computed once: each step samples z = mean + std * noise (as SD training does).
     t0 = time.time()
@@ -425,11 +467,12 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
         for g in groups.values():
             g["mean"], g["std"] = _posteriors(vae, g["pixels"])
             g["ids"] = [_tokenize(tok, g["captions"]) for tok in tokenizers]
+            g["labels"] = _caption_labels(g["captions"])
             if settings.mirror:
                 mean, std = _posteriors(vae, g["pixels"].flip(-1))
-                g["mirror"] = {"mean": mean, "std": std,
-                               "ids": [_tokenize(tok, [_mirror_caption(c) for c in g["captions"]])
-                                       for tok in tokenizers]}
+                mirrored = [_mirror_caption(c) for c in g["captions"]]
+                g["mirror"] = {"mean": mean, "std": std, "ids": [_tokenize(tok, mirrored) for tok in tokenizers],
+                               "labels": _caption_labels(mirrored)}
     empty_ids = [_tokenize(tok, [""]) for tok in tokenizers]  # what the pipeline encodes as negative
     timings["encode_s"] = time.time() - t0
 
@@ -439,7 +482,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
     schedule = NoiseSchedule.from_config(scheduler_config)
     scaling = vae.config.scaling_factor
     params = list(unet.parameters()) + [q for e in encoders for q in e.parameters()]
-    opt = _unet_optimizer(unet, encoders, settings)
+    opt = _unet_optimizer(unet, encoders, settings, [q for h in heads for q in h.parameters()])
     ema = [q.detach().clone() for q in params]
     gen = torch.Generator().manual_seed(settings.seed + 2)
     probe = WordGainProbe(fam, vae, tokenizers, scheduler_config) if word_gain_every > 0 else None
@@ -465,12 +508,14 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
         b = settings.batch_size
         idx = torch.randint(len(g["captions"]), (b,), generator=gen)
         mean, std, caption_ids = g["mean"][idx], g["std"][idx], [t_ids[idx] for t_ids in g["ids"]]
+        labels = g["labels"][idx]
         if settings.mirror:
             m = g["mirror"]
             flip = torch.rand(b, generator=gen) < 0.5
             mean = torch.where(flip[:, None, None, None], m["mean"][idx], mean)
             std = torch.where(flip[:, None, None, None], m["std"][idx], std)
             caption_ids = [torch.where(flip[:, None], m_ids[idx], c) for m_ids, c in zip(m["ids"], caption_ids)]
+            labels = torch.where(flip[:, None], m["labels"][idx], labels)
         latents = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling  # (B, 4, h, w)
         drop = torch.rand(b, generator=gen) < settings.caption_dropout
         ids = [torch.where(drop[:, None], e_ids, c_ids) for e_ids, c_ids in zip(empty_ids, caption_ids)]
@@ -484,6 +529,10 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
         # decided, count (sitdistill.core.schedule.NoiseSchedule.loss_weight).
         per_sample = per_sample * schedule.loss_weight(t, settings.loss_weighting, settings.snr_gamma)
         loss = per_sample.mean()
+        if heads:
+            # Every caption of the batch (dropped ones too: the objective is about the encoder).
+            words = torch.stack([h(e, c_ids, labels) for h, e, c_ids in zip(heads, encoders, caption_ids)]).mean()
+            loss = loss + settings.caption_words * words
         for pg in opt.param_groups:
             pg["lr"] = pg["peak_lr"] * _lr_factor(step, settings.unet_steps, settings.warmup_steps)
         opt.zero_grad(set_to_none=True)
@@ -495,7 +544,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
         with torch.no_grad():
             torch._foreach_lerp_(ema, [q.detach() for q in params], 1 - decay)
         if step % 25 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", **({"words": f"{words.item():.3f}"} if heads else {}))
         if probe is not None and (step + 1) % word_gain_every == 0:
             _swap(params, ema)
             word_gains.append({"step": step + 1, **probe(unet, encoders, norm_mix=mix)})

@@ -126,6 +126,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "steps)")
     parser.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
                         help="mirror half of each UNet batch left-right, swapping left and right in its captions")
+    parser.add_argument("--caption-words", type=float, default=None, metavar="W",
+                        help="weight of the caption-words objective: the text encoder's end-of-text state must "
+                        "tell every factor of its caption, as a CLIP encoder's does (default 0: off)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own choice; 1 is faster on a busy shared CPU)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a finished build exists")
@@ -154,7 +157,8 @@ def run(args: argparse.Namespace) -> Path:
                                    ("multires_noise", args.multires_noise),
                                    ("multires_discount", args.multires_discount),
                                    ("text_norm_warmup", args.text_norm_warmup),
-                                   ("text_norm_ramp", args.text_norm_ramp), ("mirror", args.mirror))
+                                   ("text_norm_ramp", args.text_norm_ramp), ("mirror", args.mirror),
+                                   ("caption_words", args.caption_words))
                  if v is not None}
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -497,3 +497,47 @@ def test_mirror_swaps_left_and_right_and_the_mirrored_drawing_matches(tmp_path):
     assert "mirror" not in plain.key_settings() and mirror.key_settings()["mirror"] is True
     folder = toy_teacher.ensure_toy_teacher("sd15", cache_dir=tmp_path, mirror=True, **TINY)
     assert toy_teacher.is_finished(folder) and folder == toy_teacher.toy_teacher_dir(mirror, tmp_path)
+
+
+def test_caption_words_objective_teaches_the_end_of_text_state_every_word(tmp_path):
+    """`caption_words`: labels are the caption's factors; trained on the objective alone, a tiny text
+    encoder's end-of-text state comes to tell left from right (what the jointly trained SD1.5-style
+    encoder's did not); a build with it is an ordinary teacher under its own key."""
+    from sitdistill.teachers.toy_parts import _tokenize, build_text_encoder, train_tokenizer
+
+    captions = [toy.ToySpec(c, s, p, "large", "plain").caption
+                for c, s, p in [("red", "circle", "top left"), ("red", "circle", "top right"),
+                                ("blue", "square", "bottom left"), ("blue", "square", "bottom right"),
+                                ("green", "triangle", "center"), ("yellow", "diamond", "top right")]]
+    labels = toy_teacher._caption_labels(captions)
+    positions = list(toy.POSITIONS)
+    assert labels[:, 2].tolist() == [positions.index(p) for p in
+                                     ("top left", "top right", "bottom left", "bottom right", "center", "top right")]
+    assert labels[0, 0] == list(toy.COLOURS).index("red") and labels[3, 1] == list(toy.SHAPES).index("square")
+
+    tok = train_tokenizer(16)
+    torch.manual_seed(0)
+    encoder = build_text_encoder("tiny", tok, 16)
+    head = toy_teacher.CaptionWordsHead(16)
+    ids = _tokenize(tok, captions)
+    opt = torch.optim.AdamW(list(encoder.parameters()) + list(head.parameters()), lr=1e-2)
+    first = float(head(encoder, ids, labels))
+    for _ in range(150):
+        loss = head(encoder, ids, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.1 * first
+    with torch.no_grad():
+        states = encoder(ids, output_hidden_states=True).hidden_states[-1]
+        eos = (ids == tok.eos_token_id).int().argmax(-1)
+        guess = head.heads[2](head.norm(states[torch.arange(len(captions)), eos])).argmax(-1)
+    assert guess.tolist() == labels[:, 2].tolist()  # top left and top right told apart at the end of text
+
+    plain = toy_teacher.ToyTeacherSettings(family="sd15", **TINY)
+    words = toy_teacher.ToyTeacherSettings(family="sd15", caption_words=0.5, **TINY)
+    assert "caption_words" not in plain.key_settings() and words.key_settings()["caption_words"] == 0.5
+    folder = toy_teacher.ensure_toy_teacher("sd15", cache_dir=tmp_path, caption_words=0.5, **TINY)
+    assert toy_teacher.is_finished(folder) and folder == toy_teacher.toy_teacher_dir(words, tmp_path)
+    with pytest.raises(ValueError, match="caption_words"):
+        toy_teacher.ToyTeacherSettings(family="sd15", caption_words=-1.0)
