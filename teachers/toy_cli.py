@@ -15,7 +15,7 @@ import torch
 from sitdistill.data import toy as world
 from sitdistill.teachers.toy import (FAMILIES, FINISHED_MARKER, PRESETS, ToyTeacherSettings, build_toy_teacher,
                           default_cache_root, is_finished, toy_teacher_dir)
-from sitdistill.teachers.toy_probe import word_gain
+from sitdistill.teachers.toy_probe import token_gains, word_gain
 
 
 # --- Fidelity -----------------------------------------------------------------------------------
@@ -143,6 +143,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "sitdistill.teachers.toy_probe); does not change the build")
     parser.add_argument("--word-gain", action="store_true",
                         help="after building, the word-gain probe on the finished teacher")
+    parser.add_argument("--token-gain", action="store_true",
+                        help="after building, which token of the text context carries each position axis "
+                        "(WordGainProbe.token_gains)")
     return parser
 
 
@@ -180,6 +183,8 @@ def run(args: argparse.Namespace) -> Path:
         print(json.dumps(evaluate(folder, n=args.eval)), flush=True)
     if args.word_gain:
         print(json.dumps({"word_gain": word_gain(folder)}), flush=True)
+    if args.token_gain:
+        print(json.dumps({"token_gain": token_gains(folder)}), flush=True)
     if args.probe_position:
         print(json.dumps({"position_probe": position_probe(folder, n_seeds=args.probe_position)}), flush=True)
     print(folder)

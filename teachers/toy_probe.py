@@ -101,14 +101,65 @@ class WordGainProbe:
             for m, mode in zip([unet, *encoders], modes):
                 m.train(mode)
 
+    @torch.no_grad()
+    def token_gains(self, unet, encoders: list, band: str = "high") -> dict:
+        """Which token of the context carries each position axis: ``{axis: [gain per token]}``, the
+        gain when only token j of the true caption's text states is replaced by that token's state
+        in the axis-swapped caption (off-center drawings; ``band``'s timesteps). A UNet that reads a
+        word from its own token shows the gain there; one that reads it from a summary, at the
+        end-of-text token (README, "The SD1.5-style toy teacher")."""
+        modes = [m.training for m in [unet, *encoders]]
+        for m in [unet, *encoders]:
+            m.eval()
+        try:
+            t, x_t = (v[self.off_center] for v in self.bands[band])
+            noise = self.noise[self.off_center]
 
-def word_gain(folder: str | Path) -> dict:
-    """The probe on a saved toy teacher (a pipeline folder, loaded with diffusers' from_pretrained)."""
+            def cond(key):
+                ids = [i[self.off_center] for i in self.ids[key]]
+                return unet_kwargs(self.family, encoders, ids, self.no_drop[self.off_center], 64, 64)
+
+            def mse(c):
+                return float((unet(x_t, t, **c).sample - noise).square().mean())
+
+            true = cond("true")
+            base = mse(true)
+            out = {}
+            for axis in AXES:
+                swapped = cond(axis)["encoder_hidden_states"]
+                gains = []
+                for j in range(swapped.shape[1]):
+                    mixed = true["encoder_hidden_states"].clone()
+                    mixed[:, j] = swapped[:, j]
+                    gains.append(round(mse({**true, "encoder_hidden_states": mixed}) / base - 1, 4))
+                out[axis] = gains
+            return out
+        finally:
+            for m, mode in zip([unet, *encoders], modes):
+                m.train(mode)
+
+
+def _load(folder: str | Path):
+    """A saved toy teacher's pipeline, family, and probe."""
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(Path(folder))
     family = "sdxl" if hasattr(pipe, "text_encoder_2") else "sd15"
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
-    probe = WordGainProbe(family, pipe.vae, tokenizers, dict(pipe.scheduler.config))
+    return pipe, encoders, WordGainProbe(family, pipe.vae, tokenizers, dict(pipe.scheduler.config))
+
+
+def token_gains(folder: str | Path) -> dict:
+    """`WordGainProbe.token_gains` on a saved toy teacher (high band), with the probe's tokens of its
+    first off-center caption for reading the positions."""
+    pipe, encoders, probe = _load(folder)
+    first = int(probe.off_center.nonzero()[0])
+    tokens = pipe.tokenizer.convert_ids_to_tokens(probe.ids["true"][0][first].tolist())
+    return {"tokens": tokens, **probe.token_gains(pipe.unet, encoders)}
+
+
+def word_gain(folder: str | Path) -> dict:
+    """The probe on a saved toy teacher (a pipeline folder, loaded with diffusers' from_pretrained)."""
+    pipe, encoders, probe = _load(folder)
     return probe(pipe.unet, encoders)

@@ -351,9 +351,10 @@ class _ColourOnlyUNet(torch.nn.Module):
     def forward(self, x_t, t, encoder_hidden_states):
         from types import SimpleNamespace
         ids = encoder_hidden_states[..., 0].long()  # the stand-in encoder passes the ids through
-        is_read = torch.isin(self.true, self.word_ids)
-        wrong = ((ids != self.true) & is_read).any(dim=1).float()
-        return SimpleNamespace(sample=self.probe.noise + 0.1 + 0.1 * wrong[:, None, None, None])
+        rows = slice(None) if len(ids) == len(self.true) else self.probe.off_center  # token_gains: off-center
+        true = self.true[rows]
+        wrong = ((ids != true) & torch.isin(true, self.word_ids)).any(dim=1).float()
+        return SimpleNamespace(sample=self.probe.noise[rows] + 0.1 + 0.1 * wrong[:, None, None, None])
 
 
 class _IdsThrough(torch.nn.Module):
@@ -383,6 +384,12 @@ def test_word_gain_probe_measures_the_word_a_unet_reads():
     for band in ("high", "mid"):
         assert got[band]["left_right"] == pytest.approx(3.0, abs=1e-3) and got[band]["top_bottom"] == 0.0
         assert got[band]["colour"] == 0.0 and 0.0 < got[band]["position"] < 3.0
+    # Per token: the whole left/right gain sits at the token of "left"/"right" (index 8 of "<bos> a
+    # <size> <colour> <shape> at the <top|bottom> <left|right> ..."), none anywhere for top/bottom.
+    per_token = probe.token_gains(_ColourOnlyUNet(probe, lr_ids), [_IdsThrough()])
+    assert per_token["left_right"][8] == pytest.approx(3.0, abs=1e-3)
+    assert all(g == 0.0 for j, g in enumerate(per_token["left_right"]) if j != 8)
+    assert len(per_token["top_bottom"]) == 16 and all(g == 0.0 for g in per_token["top_bottom"])
 
 
 def test_word_gain_during_a_build_is_logged_and_leaves_the_build_unchanged(tmp_path):
