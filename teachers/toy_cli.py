@@ -119,8 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="weight of multires level i is this ** i (default 0.5)")
     parser.add_argument("--text-norm-warmup", type=int, default=None, metavar="STEPS",
                         help="SD1.5 family: UNet steps reading the text encoder's last layer before its final "
-                        "layer norm, which is then blended in (default 60 %% of the UNet steps; 0: always the "
-                        "pipeline's states)")
+                        "layer norm, which is then blended in (default 0: always the pipeline's states)")
     parser.add_argument("--text-norm-ramp", type=int, default=None, metavar="STEPS",
                         help="steps over which the final layer norm is blended in after the warm-up (default 20 %% of the UNet "
                         "steps)")
@@ -128,7 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="mirror half of each UNet batch left-right, swapping left and right in its captions")
     parser.add_argument("--caption-words", type=float, default=None, metavar="W",
                         help="weight of the caption-words objective: the text encoder's end-of-text state must "
-                        "tell every factor of its caption, as a CLIP encoder's does (default 0: off)")
+                        "tell every factor of its caption, as a CLIP encoder's does (default 0.1 for sd15, 0 for sdxl)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own choice; 1 is faster on a busy shared CPU)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a finished build exists")
