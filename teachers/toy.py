@@ -50,15 +50,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sitdistill.core.modules import eval_mode
 from sitdistill.core.muon import MuonAdamW
 from sitdistill.data import toy as world
 from sitdistill.teachers.frontend import final_layer_norm
 from sitdistill.teachers.toy_cache import FINISHED_MARKER, atomic_dir, cache_key, default_cache_root, is_finished
 from sitdistill.teachers.toy_probe import WordGainProbe
 from sitdistill.teachers.toy_parts import (PRESETS, SDXL_PAD, _tokenize, build_text_encoder, build_unet, build_vae,
-                                swap_words, train_tokenizer, unet_kwargs)
+                                encode_text, swap_words, text_conditioning, train_tokenizer, unet_kwargs,
+                                with_micro_conditioning)
 
-TOY_TEACHER_VERSION = "3"  # bump when a change here alters what a UNet/text-encoder build produces
+# Bump when a change here alters what a UNet/text-encoder build computes; one that only rounds
+# differently (the same loss in another order) keeps the key: a cached build is still a build of its settings.
+TOY_TEACHER_VERSION = "3"
 TOY_VAE_VERSION = "1"      # bump when a change here alters what the (shared) VAE build produces
 FAMILIES = ("sd15", "sdxl")
 # UNet training steps by family: the SD1.5-style one (with its caption-words objective) draws all
@@ -224,18 +228,32 @@ class CaptionWordsHead(torch.nn.Module):
     """The caption-words objective's read-out (trained with the build, not saved): a layer norm and
     one linear classifier per caption factor on a text encoder's end-of-text state."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, eos_token_id: int):
         super().__init__()
+        self.eos_token_id = eos_token_id
         self.norm = torch.nn.LayerNorm(hidden, elementwise_affine=False)
         self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden, len(table)) for _, table in CAPTION_FACTORS)
 
-    def forward(self, encoder, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over the factors, read from ``encoder``'s last layer (before its final
-        layer norm) at the first end-of-text token of each row of ``ids``."""
-        states = encoder(ids, output_hidden_states=True).hidden_states[-1]  # (B, L, D)
-        eos = (ids == encoder.config.eos_token_id).int().argmax(dim=-1)  # CLIP's pooling position
+    def forward(self, states: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the factors, read from a text encoder's last-layer states (B, L, D)
+        on ``ids`` (before its final layer norm: ``hidden_states[-1]``) at each row's first
+        end-of-text token."""
+        eos = (ids == self.eos_token_id).int().argmax(dim=-1)  # CLIP's pooling position
         h = self.norm(states[torch.arange(ids.shape[0]), eos])
         return torch.stack([F.cross_entropy(head(h), labels[:, i]) for i, head in enumerate(self.heads)]).mean()
+
+
+def _caption_conditioning(fam: str, encoders: list, caption_ids: list[torch.Tensor], empty_ids: list[torch.Tensor],
+                          drop: torch.Tensor, height: int, width: int, norm_mix: float = 1.0) -> tuple[dict, list]:
+    """`unet_kwargs` of the batch with its rows in ``drop`` replaced by the empty prompt, from one
+    pass of each encoder over the batch's *undropped* captions (and, SD1.5, one over the empty
+    prompt), returned with those passes' outputs, whose states the caption-words objective reads."""
+    outputs = [e(c, output_hidden_states=True) for e, c in zip(encoders, caption_ids)]
+    cond = text_conditioning(fam, encoders, outputs, drop, norm_mix)  # SDXL: dropped rows are zeroed here
+    if fam == "sd15" and bool(drop.any()):
+        empty = encode_text(fam, encoders, empty_ids, drop[:1], norm_mix)["encoder_hidden_states"]  # (1, L, D)
+        cond["encoder_hidden_states"] = torch.where(drop[:, None, None], empty, cond["encoder_hidden_states"])
+    return with_micro_conditioning(fam, cond, height, width), outputs
 
 
 def _mirror_caption(caption: str) -> str:
@@ -296,10 +314,8 @@ def _fit_text_norm(encoder, ids: torch.Tensor) -> tuple[float, float]:
     """Set the encoder's final layer norm to about the identity on its current last-layer states:
     gain = median per-token standard deviation, bias = mean per-token mean (the norm removes both).
     Returns (gain, bias)."""
-    was = encoder.training
-    encoder.eval()
-    pre = encoder(ids, output_hidden_states=True).hidden_states[-1]  # (N, L, D)
-    encoder.train(was)
+    with eval_mode(encoder):
+        pre = encoder(ids, output_hidden_states=True).hidden_states[-1]  # (N, L, D)
     norm = final_layer_norm(encoder)
     gain = float(pre.std(dim=-1, unbiased=False).median())
     bias = float(pre.mean(dim=-1).mean())
@@ -465,7 +481,8 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
             encoders.append(build_text_encoder(settings.preset, tokenizers[1], p["text_hidden_2"], with_projection=True))
         unet = build_unet(settings.preset, fam, sum(e.config.hidden_size for e in encoders),
                           text_pool=settings.text_pool, levels=settings.unet_levels)
-        heads = [CaptionWordsHead(e.config.hidden_size) for e in encoders] if settings.caption_words else []
+        heads = ([CaptionWordsHead(e.config.hidden_size, e.config.eos_token_id) for e in encoders]
+                 if settings.caption_words else [])
 
     # Latent posteriors, computed once: each step samples z = mean + std * noise (as SD training does).
     t0 = time.time()
@@ -524,8 +541,12 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
             labels = torch.where(flip[:, None], m["labels"][idx], labels)
         latents = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling  # (B, 4, h, w)
         drop = torch.rand(b, generator=gen) < settings.caption_dropout
-        ids = [torch.where(drop[:, None], e_ids, c_ids) for e_ids, c_ids in zip(empty_ids, caption_ids)]
-        cond = unet_kwargs(fam, encoders, ids, drop, *g["pixels"].shape[-2:], norm_mix=mix)
+        if heads:  # one pass over the undropped captions serves the UNet and the objective
+            cond, outputs = _caption_conditioning(fam, encoders, caption_ids, empty_ids, drop,
+                                                  *g["pixels"].shape[-2:], norm_mix=mix)
+        else:
+            ids = [torch.where(drop[:, None], e_ids, c_ids) for e_ids, c_ids in zip(empty_ids, caption_ids)]
+            cond = unet_kwargs(fam, encoders, ids, drop, *g["pixels"].shape[-2:], norm_mix=mix)
         noise = _training_noise(latents.shape, gen, settings.multires_noise, settings.multires_discount)
         t = torch.randint(0, num_t, (b,), generator=gen)
         x_t = noise_scheduler.add_noise(latents, noise, t)
@@ -537,7 +558,8 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
         loss = per_sample.mean()
         if heads:
             # Every caption of the batch (dropped ones too: the objective is about the encoder).
-            words = torch.stack([h(e, c_ids, labels) for h, e, c_ids in zip(heads, encoders, caption_ids)]).mean()
+            words = torch.stack([h(o.hidden_states[-1], c_ids, labels)
+                                 for h, o, c_ids in zip(heads, outputs, caption_ids)]).mean()
             loss = loss + settings.caption_words * words
         for pg in opt.param_groups:
             pg["lr"] = pg["peak_lr"] * _lr_factor(step, settings.unet_steps, settings.warmup_steps)

@@ -140,15 +140,22 @@ def encode_text(family: str, encoders: list, ids: list[torch.Tensor], drop: torc
     output, dropped captions zeroed (``force_zeros_for_empty_prompt``) — StableDiffusionXLPipeline's
     ``encode_prompt``.
     """
+    if family == "sd15" and norm_mix >= 1.0:
+        return {"encoder_hidden_states": encoders[0](ids[0])[0]}  # (B, L, D)
+    outputs = [e(i, output_hidden_states=True) for e, i in zip(encoders, ids)]
+    return text_conditioning(family, encoders, outputs, drop, norm_mix)
+
+
+def text_conditioning(family: str, encoders: list, outputs: list, drop: torch.Tensor, norm_mix: float = 1.0) -> dict:
+    """`encode_text` from the encoders' outputs on the ids (called with ``output_hidden_states=True``)."""
     if family == "sd15":
         if norm_mix >= 1.0:
-            return {"encoder_hidden_states": encoders[0](ids[0])[0]}  # (B, L, D)
-        pre = encoders[0](ids[0], output_hidden_states=True).hidden_states[-1]  # before final_layer_norm
+            return {"encoder_hidden_states": outputs[0].last_hidden_state}  # (B, L, D)
+        pre = outputs[0].hidden_states[-1]  # before final_layer_norm
         if norm_mix <= 0.0:
             return {"encoder_hidden_states": pre}
         return {"encoder_hidden_states": torch.lerp(pre, final_layer_norm(encoders[0])(pre), norm_mix)}
-    out1 = encoders[0](ids[0], output_hidden_states=True)
-    out2 = encoders[1](ids[1], output_hidden_states=True)
+    out1, out2 = outputs
     states = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)  # (B, L, D1 + D2)
     pooled = out2.text_embeds  # (B, projection_dim)
     keep = (~drop).to(states.dtype)
@@ -159,12 +166,18 @@ def unet_kwargs(family: str, encoders: list, ids: list[torch.Tensor], drop: torc
                 width: int, norm_mix: float = 1.0) -> dict:
     """The UNet's conditioning keywords for token ids at one resolution: `encode_text`, and for SDXL
     the pooled embeds and the default micro-conditioning ids as ``added_cond_kwargs``."""
-    cond = encode_text(family, encoders, ids, drop, norm_mix)
+    return with_micro_conditioning(family, encode_text(family, encoders, ids, drop, norm_mix), height, width)
+
+
+def with_micro_conditioning(family: str, cond: dict, height: int, width: int) -> dict:
+    """`encode_text`'s result as UNet keywords: for SDXL, the pooled embeds and the default
+    micro-conditioning ids moved into ``added_cond_kwargs``."""
     if family == "sd15":
         return cond
-    return {"encoder_hidden_states": cond["encoder_hidden_states"],
+    states = cond["encoder_hidden_states"]
+    return {"encoder_hidden_states": states,
             "added_cond_kwargs": {"text_embeds": cond["text_embeds"],
-                                  "time_ids": sdxl_time_ids(height, width, ids[0].shape[0])}}
+                                  "time_ids": sdxl_time_ids(height, width, states.shape[0])}}
 
 
 def sdxl_time_ids(height: int, width: int, batch: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sitdistill.core.modules import eval_mode
 from sitdistill.data import toy as world
 from sitdistill.teachers.toy_parts import _tokenize, swap_words, unet_kwargs
 
@@ -83,10 +84,7 @@ class WordGainProbe:
         """``{band: {"mse": true-caption MSE, "<word>": gain, "<axis>": gain}}`` for the bands, the words
         and the two position axes (their gains over the off-center drawings only)
         (``norm_mix``: the text conditioning as the build reads it at that step, `encode_text`)."""
-        modes = [m.training for m in [unet, *encoders]]
-        for m in [unet, *encoders]:
-            m.eval()
-        try:
+        with eval_mode(unet, *encoders):
             cond = {k: unet_kwargs(self.family, encoders, ids, self.no_drop, 64, 64, norm_mix) for k, ids in self.ids.items()}
             out = {}
             for band, (t, x_t) in self.bands.items():
@@ -96,10 +94,7 @@ class WordGainProbe:
                 out[band] = {"mse": round(mse["true"], 5),
                              **{w: round(mse[w] / mse["true"] - 1, 4) for w in WORDS},
                              **{a: round(off[a] / off["true"] - 1, 4) for a in AXES}}
-            return out
-        finally:
-            for m, mode in zip([unet, *encoders], modes):
-                m.train(mode)
+        return out
 
     @torch.no_grad()
     def token_gains(self, unet, encoders: list, band: str = "high") -> dict:
@@ -108,10 +103,7 @@ class WordGainProbe:
         in the axis-swapped caption (off-center drawings; ``band``'s timesteps). A UNet that reads a
         word from its own token shows the gain there; one that reads it from a summary, at the
         end-of-text token (README, "The SD1.5-style toy teacher")."""
-        modes = [m.training for m in [unet, *encoders]]
-        for m in [unet, *encoders]:
-            m.eval()
-        try:
+        with eval_mode(unet, *encoders):
             t, x_t = (v[self.off_center] for v in self.bands[band])
             noise = self.noise[self.off_center]
 
@@ -133,10 +125,7 @@ class WordGainProbe:
                     mixed[:, j] = swapped[:, j]
                     gains.append(round(mse({**true, "encoder_hidden_states": mixed}) / base - 1, 4))
                 out[axis] = gains
-            return out
-        finally:
-            for m, mode in zip([unet, *encoders], modes):
-                m.train(mode)
+        return out
 
 
 def _load(folder: str | Path):

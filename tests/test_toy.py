@@ -170,6 +170,36 @@ def test_tiny_sdxl_teacher_loads_in_diffusers_and_runs(tiny_teachers):
     torch.testing.assert_close(ours["text_embeds"], torch.cat([pooled, neg_pooled]))
 
 
+@pytest.mark.parametrize("family", toy_teacher.FAMILIES)
+def test_caption_words_build_encodes_each_batch_once_with_the_same_conditioning(tiny_teachers, family):
+    """With the caption-words objective on, a build step encodes the undropped captions once (and
+    the empty prompt): the UNet gets the conditioning `unet_kwargs` computes on the batch whose
+    dropped rows are the empty prompt, and the objective gets the captions' own states."""
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(tiny_teachers[1][family])
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
+    captions = ["a red circle at the top left", "a blue square in the center",
+                "a small green triangle at the bottom right"]
+    caption_ids = [toy_teacher._tokenize(t, captions) for t in tokenizers]
+    empty_ids = [toy_teacher._tokenize(t, [""]) for t in tokenizers]
+    drop = torch.tensor([False, True, False])
+    dropped = [torch.where(drop[:, None], e, c) for e, c in zip(empty_ids, caption_ids)]
+    for mix in ((1.0, 0.5) if family == "sd15" else (1.0,)):
+        with torch.no_grad():
+            cond, outputs = toy_teacher._caption_conditioning(family, encoders, caption_ids, empty_ids, drop,
+                                                              32, 32, mix)
+            expected = toy_parts.unet_kwargs(family, encoders, dropped, drop, 32, 32, mix)
+            own = [e(c, output_hidden_states=True).hidden_states[-1] for e, c in zip(encoders, caption_ids)]
+        torch.testing.assert_close(cond, expected)
+        if family == "sd15":  # row 1 is the empty prompt's, not its caption's
+            assert not torch.allclose(cond["encoder_hidden_states"][1], outputs[0].last_hidden_state[1])
+        else:  # force_zeros_for_empty_prompt
+            assert not cond["encoder_hidden_states"][1].any() and cond["encoder_hidden_states"][0].any()
+        for out, states in zip(outputs, own):
+            torch.testing.assert_close(out.hidden_states[-1], states)  # the objective reads the true captions
+
+
 def test_sd15_teacher_with_pooled_text_and_four_levels_is_still_an_sd15_pipeline(tmp_path):
     """text_pool (diffusers' addition_embed_type="text") and a fourth UNet level: the SD pipeline
     runs it with no extra input, on every toy aspect ratio, and the project loads it as SD1.5."""
@@ -525,12 +555,16 @@ def test_caption_words_objective_teaches_the_end_of_text_state_every_word(tmp_pa
     tok = train_tokenizer(16)
     torch.manual_seed(0)
     encoder = build_text_encoder("tiny", tok, 16)
-    head = toy_teacher.CaptionWordsHead(16)
+    head = toy_teacher.CaptionWordsHead(16, tok.eos_token_id)
     ids = _tokenize(tok, captions)
     opt = torch.optim.AdamW(list(encoder.parameters()) + list(head.parameters()), lr=1e-2)
-    first = float(head(encoder, ids, labels))
+
+    def objective():
+        return head(encoder(ids, output_hidden_states=True).hidden_states[-1], ids, labels)
+
+    first = float(objective())
     for _ in range(150):
-        loss = head(encoder, ids, labels)
+        loss = objective()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -384,3 +384,15 @@ def test_guided_teacher_distillation_feeds_w_to_the_student_and_samples_without_
 def test_a_guided_target_without_a_guidance_input_warns_about_double_guidance(tiny_teachers, tmp_path, capsys):
     Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "run", "losses.guided_teacher=true"))
     assert "guide twice" in capsys.readouterr().out
+
+
+def test_eval_mode_puts_modules_in_eval_and_gives_each_its_own_mode_back_even_on_error():
+    from sitdistill.core.modules import eval_mode
+    a, b = torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)
+    b.eval()  # a trains, b does not
+    with eval_mode(a, b):
+        assert not a.training and not b.training
+    assert a.training and not b.training
+    with pytest.raises(RuntimeError), eval_mode(a, b):
+        raise RuntimeError("mid-evaluation")
+    assert a.training and not b.training

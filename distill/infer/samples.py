@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
+from sitdistill.core.modules import eval_mode
 from sitdistill.infer.sampling import Denoiser, make_scheduler, prediction_type_of, sample, teacher_denoiser
 
 LABEL_HEIGHT = 12  # pixels of the column-label strip of a grid
@@ -130,11 +131,7 @@ def teacher_student_grid(teacher, student, recipe, pixel_hw: tuple[int, int], st
     kw = dict(height=h, width=w, scheduler=s.scheduler, steps=s.num_inference_steps,
               guidance_scale=s.guidance_scale, seed=s.seed, negative_prompt=s.negative_prompt,
               guidance_rescale=s.guidance_rescale, scheduler_config=teacher.scheduler_config)
-    was_training = student.training
-    student.eval()
-    try:
+    with eval_mode(student):
         images = [to_pil(parts.decode_latents(sample_latents(fn, parts, prompts, **kw)))
                   for fn, parts in ((teacher_denoiser(teacher), teacher), (student_fn(student), side))]
-    finally:
-        student.train(was_training)
     return grid([list(pair) for pair in zip(*images)], labels=["teacher", "student"])

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig
 
+from sitdistill.core.modules import eval_mode
 from sitdistill.train.losses import teacher_loss
 
 
@@ -43,19 +44,19 @@ def agreement(probe: dict | None, student, ema, e2e, device, fsdp: bool) -> dict
     unwrapped, `ema` the `EMA` or None, `e2e` the end-to-end stage or None."""
     if probe is None:
         return None
-    was_training = student.training
-    student.eval()
-    cond = probe["cond"]  # the student's conditioning: its own encoders' in the end-to-end stage
-    if e2e is not None and e2e.text_encoders:
-        cond = e2e.encode(probe["captions"], **probe["sizes"])
-    out = {"teacher_mse": float(teacher_loss(student(probe["x_t"], probe["t"], **cond).float(), probe["eps"]).mean())}
-    if ema is not None:
-        # (a sharded EMA computes on the accelerator even when its shard is kept on the CPU)
-        dev = device if fsdp else next(ema.model.parameters()).device
-        xs = {k: v.to(dev) for k, v in probe.items() if torch.is_tensor(v)}
-        cond = {k: v.to(xs["x_t"].device) for k, v in cond.items()}
-        out["teacher_mse_ema"] = float(teacher_loss(ema.model(xs["x_t"], xs["t"], **cond).float(), xs["eps"]).mean())
-    student.train(was_training)
+    with eval_mode(student):
+        cond = probe["cond"]  # the student's conditioning: its own encoders' in the end-to-end stage
+        if e2e is not None and e2e.text_encoders:
+            cond = e2e.encode(probe["captions"], **probe["sizes"])
+        pred = student(probe["x_t"], probe["t"], **cond).float()
+        out = {"teacher_mse": float(teacher_loss(pred, probe["eps"]).mean())}
+        if ema is not None:
+            # (a sharded EMA computes on the accelerator even when its shard is kept on the CPU)
+            dev = device if fsdp else next(ema.model.parameters()).device
+            xs = {k: v.to(dev) for k, v in probe.items() if torch.is_tensor(v)}
+            cond = {k: v.to(xs["x_t"].device) for k, v in cond.items()}
+            pred = ema.model(xs["x_t"], xs["t"], **cond).float()
+            out["teacher_mse_ema"] = float(teacher_loss(pred, xs["eps"]).mean())
     return out
 
 
@@ -82,15 +83,11 @@ def final_fidelity(recipe: DictConfig, teacher, model, e2e) -> dict[str, Any]:
     from sitdistill.infer.sampling import teacher_denoiser
 
     n = int(recipe.evaluation.at_end)
-    was_training = model.training
-    model.eval()
     s = recipe.sampling
     t0 = time.perf_counter()
-    try:
+    with eval_mode(model):
         rates = recipe_toy_fidelity(recipe, teacher, {"teacher": teacher_denoiser(teacher), "student": student_fn(model)},
                                     toy_prompts(recipe, n), sides={"student": e2e.side} if e2e is not None else None)
-    finally:
-        model.train(was_training)
     teacher_all = rates["teacher"]["all"]
     rates["ratio_all"] = rates["student"]["all"] / teacher_all if teacher_all else None
     rates["prompts"] = n
