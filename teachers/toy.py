@@ -57,7 +57,7 @@ from sitdistill.teachers.frontend import final_layer_norm
 from sitdistill.teachers.toy_cache import FINISHED_MARKER, atomic_dir, cache_key, default_cache_root, is_finished
 from sitdistill.teachers.toy_probe import WordGainProbe
 from sitdistill.teachers.toy_parts import (PRESETS, SDXL_PAD, _tokenize, build_text_encoder, build_unet, build_vae,
-                                encode_text, swap_words, text_conditioning, train_tokenizer, unet_kwargs,
+                                encode_text, swap_words, text_conditioning, train_tokenizer,
                                 with_micro_conditioning)
 
 # Bump when a change here alters what a UNet/text-encoder build computes; one that only rounds
@@ -541,12 +541,9 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
             labels = torch.where(flip[:, None], m["labels"][idx], labels)
         latents = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling  # (B, 4, h, w)
         drop = torch.rand(b, generator=gen) < settings.caption_dropout
-        if heads:  # one pass over the undropped captions serves the UNet and the objective
-            cond, outputs = _caption_conditioning(fam, encoders, caption_ids, empty_ids, drop,
-                                                  *g["pixels"].shape[-2:], norm_mix=mix)
-        else:
-            ids = [torch.where(drop[:, None], e_ids, c_ids) for e_ids, c_ids in zip(empty_ids, caption_ids)]
-            cond = unet_kwargs(fam, encoders, ids, drop, *g["pixels"].shape[-2:], norm_mix=mix)
+        # One pass over the undropped captions serves the UNet and the caption-words objective.
+        cond, outputs = _caption_conditioning(fam, encoders, caption_ids, empty_ids, drop,
+                                              *g["pixels"].shape[-2:], norm_mix=mix)
         noise = _training_noise(latents.shape, gen, settings.multires_noise, settings.multires_discount)
         t = torch.randint(0, num_t, (b,), generator=gen)
         x_t = noise_scheduler.add_noise(latents, noise, t)

@@ -172,8 +172,7 @@ def test_tiny_sdxl_teacher_loads_in_diffusers_and_runs(tiny_teachers):
 
 @pytest.mark.parametrize("family", toy_teacher.FAMILIES)
 def test_caption_words_build_encodes_each_batch_once_with_the_same_conditioning(tiny_teachers, family):
-    """With the caption-words objective on, a build step encodes the undropped captions once (and
-    the empty prompt): the UNet gets the conditioning `unet_kwargs` computes on the batch whose
+    """A build step encodes the undropped captions once (and the empty prompt): the UNet gets the conditioning `unet_kwargs` computes on the batch whose
     dropped rows are the empty prompt, and the objective gets the captions' own states."""
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained(tiny_teachers[1][family])
