@@ -127,7 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="mirror half of each UNet batch left-right, swapping left and right in its captions")
     parser.add_argument("--caption-words", type=float, default=None, metavar="W",
                         help="weight of the caption-words objective: the text encoder's end-of-text state must "
-                        "tell every factor of its caption, as a CLIP encoder's does (default 0.1 for sd15, 0 for sdxl)")
+                        "tell every factor of its caption, as a CLIP encoder's does (default 0.1; 0: off)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own choice; 1 is faster on a busy shared CPU)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a finished build exists")

@@ -438,7 +438,7 @@ def test_word_gain_during_a_build_is_logged_and_leaves_the_build_unchanged(tmp_p
     assert word_gain(logged) == {k: v for k, v in gains[-1].items() if k != "step"}
 
 
-def test_text_norm_warmup_schedule_and_settings():
+def test_text_norm_warmup_schedule_and_settings(tmp_path):
     """The warm-up reads pre-norm states (mix 0), the ramp blends the norm in linearly, and the end
     is the pipeline's conditioning (mix 1). It is the SD1.5 family's default (a share of its steps,
     without pooled text); the SDXL family and the earlier SD1.5 settings keep their cache keys."""
@@ -458,8 +458,12 @@ def test_text_norm_warmup_schedule_and_settings():
     share = toy_teacher.ToyTeacherSettings(family="sd15", unet_steps=10, text_norm_warmup=6)
     assert share.text_norm_ramp == round(10 * toy_teacher.TEXT_NORM_RAMP)
     sdxl = toy_teacher.ToyTeacherSettings(family="sdxl")
-    assert sdxl.text_pool and sdxl.text_norm_warmup == 0 and sdxl.caption_words == 0.0
-    assert sdxl.key_settings() == {k: v for k, v in asdict(sdxl).items() if k not in toy_teacher.LATER_DEFAULTS}
+    assert sdxl.text_pool and sdxl.text_norm_warmup == 0 and sdxl.caption_words == 0.1
+    # the SDXL family's caption-words default is part of its key (a new key: it builds another teacher)
+    assert sdxl.key_settings()["caption_words"] == 0.1
+    plain_sdxl = toy_teacher.ToyTeacherSettings(family="sdxl", caption_words=0.0)
+    assert toy_teacher.toy_teacher_dir(sdxl, tmp_path) != toy_teacher.toy_teacher_dir(plain_sdxl, tmp_path)
+    assert plain_sdxl.key_settings() == {k: v for k, v in asdict(plain_sdxl).items() if k not in toy_teacher.LATER_DEFAULTS}
     with pytest.raises(ValueError, match="sd15 family only"):
         toy_teacher.ToyTeacherSettings(family="sdxl", **TINY, text_norm_warmup=1, text_norm_ramp=0)
     with pytest.raises(ValueError, match="at most unet_steps"):
