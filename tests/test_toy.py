@@ -172,8 +172,9 @@ def test_tiny_sdxl_teacher_loads_in_diffusers_and_runs(tiny_teachers):
 
 @pytest.mark.parametrize("family", toy_teacher.FAMILIES)
 def test_caption_words_build_encodes_each_batch_once_with_the_same_conditioning(tiny_teachers, family):
-    """A build step encodes the undropped captions once (and the empty prompt): the UNet gets the conditioning `unet_kwargs` computes on the batch whose
-    dropped rows are the empty prompt, and the objective gets the captions' own states."""
+    """A build step encodes the undropped captions once (and the empty prompt): the UNet gets the
+    conditioning `unet_kwargs` computes on the batch whose dropped rows are the empty prompt, and the
+    objective gets the captions' own states."""
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained(tiny_teachers[1][family])
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
@@ -441,7 +442,8 @@ def test_word_gain_during_a_build_is_logged_and_leaves_the_build_unchanged(tmp_p
 def test_text_norm_warmup_schedule_and_settings(tmp_path):
     """The warm-up reads pre-norm states (mix 0), the ramp blends the norm in linearly, and the end
     is the pipeline's conditioning (mix 1). It is the SD1.5 family's default (a share of its steps,
-    without pooled text); the SDXL family and the earlier SD1.5 settings keep their cache keys."""
+    without pooled text). The earlier settings keep their cache keys; the SDXL family's caption-words
+default made a new one."""
     from dataclasses import asdict
 
     s = toy_teacher.ToyTeacherSettings(family="sd15", **{**TINY, "unet_steps": 10}, text_norm_warmup=4,
