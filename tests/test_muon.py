@@ -5,7 +5,7 @@ import torch
 
 from sitdistill.students import build_student
 from sitdistill.core import muon as muon_module
-from sitdistill.core.muon import MuonAdamW, muon_parameters, orthogonalise
+from sitdistill.core.muon import MuonAdamW, muon_parameters, newton_schulz_dtype, orthogonalise
 
 
 @pytest.mark.parametrize("shape", [(48, 160), (160, 48), (64, 96)])
@@ -53,6 +53,38 @@ def test_equals_torch_muon_and_adamw(monkeypatch):
     torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(ours[1], ref[1], rtol=0, atol=1e-6)
     assert not torch.equal(ours[0], _train(lambda w, b: [MuonAdamW([{"params": [w, b]}], **kw)])[0])
+
+
+def test_newton_schulz_precision_follows_the_hardware_unless_the_recipe_names_one(monkeypatch):
+    """auto: bfloat16 on a GPU, and on a CPU only where it has bfloat16 matmul units."""
+    assert newton_schulz_dtype("cuda") is torch.bfloat16
+    assert newton_schulz_dtype("cuda", "float32") is torch.float32
+    assert newton_schulz_dtype("cpu", "bfloat16") is torch.bfloat16
+    for has_units, auto in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(muon_module, "cpu_has_bf16_matmul", lambda: has_units)
+        assert newton_schulz_dtype("cpu") is auto
+        assert newton_schulz_dtype("cpu", "float32") is torch.float32
+    with pytest.raises(ValueError, match="ns_dtype.*float16"):
+        MuonAdamW([{"params": [torch.nn.Parameter(torch.ones(2, 2))], "muon": True}], lr=1e-2, ns_dtype="float16")
+
+
+def test_the_recipe_s_newton_schulz_precision_reaches_the_step(monkeypatch):
+    """`optimizer.muon_ns_dtype` is the precision the Muon step orthogonalises in: float32 and
+    bfloat16 take nearby but different steps, and auto takes the one `newton_schulz_dtype` names."""
+    from sitdistill.core.recipe import load_recipe
+    from sitdistill.train.build import build_optimizer
+
+    def run(choice: str):
+        cfg = load_recipe(None, ["optimizer.name=muon", f"optimizer.muon_ns_dtype={choice}"]).optimizer
+        return _train(lambda w, b: [build_optimizer([{"params": [w], "muon": True}, {"params": [b]}], cfg,
+                                                    torch.device("cpu"))])[0]
+
+    f32, bf16 = run("float32"), run("bfloat16")
+    assert not torch.equal(f32, bf16)
+    torch.testing.assert_close(f32, bf16, rtol=0, atol=2e-3)
+    for has_units, same in ((True, bf16), (False, f32)):
+        monkeypatch.setattr(muon_module, "cpu_has_bf16_matmul", lambda: has_units)
+        assert torch.equal(run("auto"), same)
 
 
 def test_folded_clipping_equals_clipped_gradients():

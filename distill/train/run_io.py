@@ -189,9 +189,10 @@ class RunIO:
                                   f"{key}={value!r}{hint}; resume with the recipe it was trained with")
 
     def optimizer_settings(self) -> list[dict]:
-        """Per parameter group: the recipe's peak lr, betas, weight decay and eps (as built)."""
+        """Per parameter group: the recipe's peak lr, betas, weight decay and eps (as built), and Muon's
+        momentum and Newton-Schulz precision."""
         return [{"lr": g.get("initial_lr", g["lr"]), "betas": tuple(g["betas"]), "weight_decay": g["weight_decay"],
-                 "eps": g["eps"], **({"momentum": g["momentum"]} if "momentum" in g else {})}
+                 "eps": g["eps"], **{k: g[k] for k in ("momentum", "ns_dtype") if k in g}}
                 for g in torch_optimizer(self.optimizer).param_groups]
 
     def apply_optimizer_settings(self, wanted: list[dict]) -> None:
@@ -202,10 +203,10 @@ class RunIO:
         changes = []
         for i, (g, w) in enumerate(zip(groups, wanted)):
             name = "" if len(groups) == 1 else f" (group {i})"
-            for key in ("betas", "weight_decay", "eps", "momentum"):
+            for key in ("betas", "weight_decay", "eps", "momentum", "ns_dtype"):
                 if key not in w:
                     continue
-                old = tuple(g[key]) if key == "betas" else g[key]
+                old = tuple(g[key]) if key == "betas" else g.get(key, "auto")  # earlier checkpoints lack ns_dtype
                 if old != w[key]:
                     changes.append(f"{key}{name} {old} -> {w[key]}")
                     g[key] = w[key]
