@@ -1,5 +1,6 @@
 """The command line: help, recipe errors as one line with exit code 2, seed flags, dry runs."""
 
+import json
 import os
 import subprocess
 import sys
@@ -156,4 +157,22 @@ def test_bench_compare_times_both_sides_and_refuses_a_misspelt_key(tiny_teachers
     assert table[2].startswith("  optimizer.name=muon:") and "ms/step" in table[2]
     assert cli.main(["bench", *tiny, "--compare", "optimizer.nmae=muon"]) == 2
     assert "optimizer.nmae" in capsys.readouterr().err
-    assert cli.main(["bench", "training.seed=1"]) == 2
+    assert cli.main(["bench", "training.seed=1"]) == 2  # overrides are for the toy configuration, not mid
+    assert "--configs toy" in capsys.readouterr().err
+    assert cli.main(["bench", *tiny, "--compare", "training.mixed_precision=bf16"]) == 2  # accelerate's is process-wide
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training.mixed_precision" in err[0]
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_bench_times_the_toy_configuration_with_overrides(tiny_teachers, capsys):
+    """`bench key=value ... --configs toy` times the overridden recipe (the row's batch is the
+    override's); a misspelt key exits 2 naming it."""
+    tiny = [f"teacher.source={tiny_teachers['sd15']}", "student.hidden_size=32", "student.depth=2",
+            "student.num_heads=2", "data.toy.num_images=8", "training.batch_size=3", "losses.feature=0"]
+    assert cli.main(["bench", "--configs", "toy", "--steps", "1", "--warmup", "1", "--json", *tiny]) == 0
+    out = capsys.readouterr().out
+    row = json.loads(out[out.index("["):])[0]
+    assert row["config"] == "toy" and row["batch_size"] == 3 and row["step_ms"] > 0
+    assert cli.main(["bench", "training.batch_sise=3", "--configs", "toy"]) == 2
+    assert "training.batch_sise" in capsys.readouterr().err

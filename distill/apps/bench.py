@@ -5,6 +5,8 @@ Two configurations, measured in one run:
 - `mid`: SiT-B/2 on 32x32 latents (256 px) with an SD1.5-shaped, randomly initialised UNet teacher
   (860 M parameters; text encoder and VAE small, since with caching on they are out of the step).
 
+`key=value ...` alone: overrides of the toy configuration (what `--compare` cannot time side by side,
+such as `training.mixed_precision`, which accelerate holds process-wide).
 `--compare key=value ...`: the toy configuration as it is and with the overrides, two students built
 side by side and timed in alternating rounds, so that a change's cost is a ratio measured under the
 same machine load (these machines vary by 17 % from day to day).
@@ -114,11 +116,11 @@ def time_steps(d, steps: int, warmup: int, after_warmup=None) -> dict[str, Any]:
             "overhead_ratio": step_ms / core if core else float("nan")}
 
 
-def bench_config(name: str, workdir: Path, steps: int, warmup: int) -> dict[str, Any]:
+def bench_config(name: str, workdir: Path, steps: int, warmup: int, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     from sitdistill.train.trainer import Distiller
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    recipe, teacher = _config(name, workdir, device)
+    recipe, teacher = _config(name, workdir, device, overrides)
     d = Distiller(recipe, teacher=teacher)
     prime_caches(d)
 
@@ -155,9 +157,12 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_bench(configs: list[str], steps: int = 5, warmup: int = 2, as_json: bool = False) -> str:
+def run_bench(configs: list[str], steps: int = 5, warmup: int = 2, as_json: bool = False,
+              overrides: tuple[str, ...] = ()) -> str:
+    """Each configuration's step, section by section; `overrides` (key=value) apply to the toy one."""
     with tempfile.TemporaryDirectory(prefix="sitdistill-bench-") as tmp:
-        results = [bench_config(name, Path(tmp), steps, warmup) for name in configs]
+        results = [bench_config(name, Path(tmp), steps, warmup, overrides if name == "toy" else ())
+                   for name in configs]
     return json.dumps(results, indent=2) if as_json else format_table(results)
 
 
