@@ -124,8 +124,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         process_wide = [o for o in args.compare if o.split("=", 1)[0].strip() == "training.mixed_precision"]
         if process_wide:
-            return fail(f"bench --compare: 'training.mixed_precision' is process-wide in accelerate, so both sides "
-                        f"would run {process_wide[0].split('=', 1)[1]}; time each precision with its own "
+            return fail("bench --compare: 'training.mixed_precision' is fixed by accelerate at the first Accelerator "
+                        "of a process, so the second side cannot take another; time each precision with its own "
                         "`cli.py bench training.mixed_precision=... --configs toy`", EXIT_USAGE)
         print(compare_steps(args.compare, rounds=args.rounds, steps=args.steps, common=tuple(args.overrides)))
         return 0
@@ -280,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the figures as one JSON list")
     p.add_argument("--configs", nargs="+", default=["toy", "mid"], choices=("toy", "mid"))
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (per round with --compare)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the toy recipe (with --compare: "
-                   "for both sides)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the toy recipe: with --compare "
+                   "for both sides, without it with --configs toy")
     p.add_argument("--compare", nargs="+", metavar="key=value", help="time the toy step as it is and with these "
                    "recipe overrides side by side, in alternating rounds, and print the ratio")
     p.add_argument("--rounds", type=int, default=4, help="with --compare: alternating rounds (default 4)")

@@ -8,20 +8,23 @@ from sitdistill.core import muon as muon_module
 from sitdistill.core.muon import MuonAdamW, muon_parameters, newton_schulz_dtype, orthogonalise
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(48, 160), (160, 48), (64, 96)])
-def test_newton_schulz_flattens_the_spectrum(shape):
+def test_newton_schulz_flattens_the_spectrum(shape, dtype):
     g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     g[:, :4] *= 30  # a badly conditioned gradient: a few directions dominate
     s_in = torch.linalg.svdvals(g)
-    s_out = torch.linalg.svdvals(orthogonalise(g))
+    s_out = torch.linalg.svdvals(orthogonalise(g, dtype=dtype))
     assert s_in.max() / s_in.min() > 20
     assert 0.6 < s_out.min() and s_out.max() < 1.25  # every direction moves at about the same rate
 
 
-def test_a_convolution_kernel_is_orthogonalised_as_its_matrix():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_convolution_kernel_is_orthogonalised_as_its_matrix(dtype):
     k = torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(orthogonalise(k), orthogonalise(k.reshape(16, 72)).reshape(16, 8, 3, 3))
-    s = torch.linalg.svdvals(orthogonalise(k).reshape(16, 72))
+    as_matrix = orthogonalise(k.reshape(16, 72), dtype=dtype).reshape(16, 8, 3, 3)
+    torch.testing.assert_close(orthogonalise(k, dtype=dtype), as_matrix)
+    s = torch.linalg.svdvals(orthogonalise(k, dtype=dtype).reshape(16, 72))
     assert 0.6 < s.min() and s.max() < 1.25
 
 
@@ -40,19 +43,20 @@ def _train(make_optimizer, steps: int = 4):
     return w.detach(), b.detach()
 
 
-def test_equals_torch_muon_and_adamw(monkeypatch):
+def test_equals_torch_muon_and_adamw():
     """The Muon groups step as torch.optim.Muon (Moonshot's RMS-matched scale), the others as torch's
     AdamW, weight decay, Nesterov momentum and bias correction included (Newton-Schulz in bfloat16,
     as torch's, for the comparison)."""
     kw = dict(lr=1e-2, weight_decay=0.1)
     ref = _train(lambda w, b: [torch.optim.Muon([w], adjust_lr_fn="match_rms_adamw", **kw),
                                torch.optim.AdamW([b], **kw)])
-    monkeypatch.setattr(muon_module, "orthogonalise",
-                        lambda g, steps=5, eps=1e-7, dtype=None: orthogonalise(g, steps, eps, torch.bfloat16))
-    ours = _train(lambda w, b: [MuonAdamW([{"params": [w], "muon": True}, {"params": [b]}], **kw)])
+    ours = _train(lambda w, b: [MuonAdamW([{"params": [w], "muon": True}, {"params": [b]}], ns_dtype="bfloat16",
+                                          **kw)])
     torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(ours[1], ref[1], rtol=0, atol=1e-6)
     assert not torch.equal(ours[0], _train(lambda w, b: [MuonAdamW([{"params": [w, b]}], **kw)])[0])
+    f32 = _train(lambda w, b: [MuonAdamW([{"params": [w], "muon": True}, {"params": [b]}], ns_dtype="float32", **kw)])
+    assert not torch.equal(f32[0], ours[0])  # the precision asked for is the one used
 
 
 def test_newton_schulz_precision_follows_the_hardware_unless_the_recipe_names_one(monkeypatch):
@@ -85,6 +89,26 @@ def test_the_recipe_s_newton_schulz_precision_reaches_the_step(monkeypatch):
     for has_units, same in ((True, bf16), (False, f32)):
         monkeypatch.setattr(muon_module, "cpu_has_bf16_matmul", lambda: has_units)
         assert torch.equal(run("auto"), same)
+
+
+def test_a_checkpoint_from_before_the_precision_setting_loads_and_steps():
+    """Optimizer state saved before `ns_dtype` existed: loaded, its groups take "auto" (torch keeps a
+    saved group's keys and adds no new ones) and the next step runs; a saved choice survives loading."""
+    w = torch.nn.Parameter(torch.randn(8, 12))
+    opt = MuonAdamW([{"params": [w], "muon": True}], lr=1e-2, ns_dtype="float32")
+    w.grad = torch.ones_like(w)
+    opt.step()
+    old = opt.state_dict()
+    assert old["param_groups"][0]["ns_dtype"] == "float32"
+    fresh = MuonAdamW([{"params": [w], "muon": True}], lr=1e-2, ns_dtype="bfloat16")
+    fresh.load_state_dict(old)
+    assert fresh.param_groups[0]["ns_dtype"] == "float32"
+    del old["param_groups"][0]["ns_dtype"]
+    fresh.load_state_dict(old)
+    assert fresh.param_groups[0]["ns_dtype"] == "auto"
+    before = w.detach().clone()
+    fresh.step()
+    assert not torch.equal(w, before)
 
 
 def test_folded_clipping_equals_clipped_gradients():

@@ -42,9 +42,10 @@ def newton_schulz_dtype(device: torch.device | str, choice: str = "auto") -> tor
     than float32)."""
     if choice != "auto":
         return NS_DTYPES[choice]
-    if torch.device(device).type == "cpu":
+    kind = torch.device(device).type
+    if kind == "cpu":
         return torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32
-    return torch.bfloat16
+    return torch.bfloat16 if kind == "cuda" else torch.float32
 
 
 def orthogonalise(g: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None) -> Tensor:
@@ -94,6 +95,11 @@ class MuonAdamW(torch.optim.Optimizer):
             if group["muon"] and any(p.ndim < 2 for p in group["params"]):
                 raise ValueError("Muon groups hold matrices (2-D weights, or convolution kernels) only")
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # checkpoints written before ns_dtype (they ran float32 on any
+            group.setdefault("ns_dtype", "auto")  # CPU; resumed, they take "auto", as a new run does)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -126,7 +132,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(p)
             buf = state["momentum_buffer"]
             buf.lerp_(g, 1 - mu)
-            dtype = newton_schulz_dtype(p.device, group.get("ns_dtype", "auto"))
+            dtype = newton_schulz_dtype(p.device, group["ns_dtype"])
             update = orthogonalise(g.lerp(buf, mu), group["ns_steps"], dtype=dtype)  # Nesterov
             p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape[0], p[0].numel())))
 

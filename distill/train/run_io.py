@@ -206,7 +206,7 @@ class RunIO:
             for key in ("betas", "weight_decay", "eps", "momentum", "ns_dtype"):
                 if key not in w:
                     continue
-                old = tuple(g[key]) if key == "betas" else g.get(key, "auto")  # earlier checkpoints lack ns_dtype
+                old = tuple(g[key]) if key == "betas" else g[key]
                 if old != w[key]:
                     changes.append(f"{key}{name} {old} -> {w[key]}")
                     g[key] = w[key]
