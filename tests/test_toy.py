@@ -443,7 +443,7 @@ def test_text_norm_warmup_schedule_and_settings(tmp_path):
     """The warm-up reads pre-norm states (mix 0), the ramp blends the norm in linearly, and the end
     is the pipeline's conditioning (mix 1). It is the SD1.5 family's default (a share of its steps,
     without pooled text). The earlier settings keep their cache keys; the SDXL family's caption-words
-default made a new one."""
+    default made a new one."""
     from dataclasses import asdict
 
     s = toy_teacher.ToyTeacherSettings(family="sd15", **{**TINY, "unet_steps": 10}, text_norm_warmup=4,

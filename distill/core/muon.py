@@ -14,6 +14,7 @@ wrapper and checkpoints see a single `param_groups` / `state_dict`, as with Adam
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterable
 
@@ -27,8 +28,10 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+@functools.cache
 def cpu_has_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX tiles)."""
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX tiles); asked
+    once per process, since every Muon step asks it for every matrix."""
     cpu = getattr(torch, "cpu", None)
     return any(bool(getattr(cpu, name, lambda: False)()) for name in
                ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
@@ -36,10 +39,10 @@ def cpu_has_bf16_matmul() -> bool:
 
 def newton_schulz_dtype(device: torch.device | str, choice: str = "auto") -> torch.dtype:
     """The Newton-Schulz iterations' precision: `choice` ("float32" or "bfloat16"), or for "auto"
-    bfloat16 on a GPU (as torch.optim.Muon) and on a CPU with bfloat16 matmul units (the toy
-    student's update 2.3x-2.7x faster than in float32 on an AVX512-BF16 CPU: `cli.py bench --compare
-    optimizer.muon_ns_dtype=float32`), float32 on other CPUs (which emulate bfloat16 matmuls, slower
-    than float32)."""
+    bfloat16 on CUDA (as torch.optim.Muon) and on a CPU with bfloat16 matmul units (there the
+    toy student's orthogonalisations run 2.3x-2.7x faster than in float32 and its whole step 1.29x:
+    `cli.py bench --compare optimizer.muon_ns_dtype=float32`), float32 elsewhere (CPUs without those
+    units emulate bfloat16 matmuls)."""
     if choice != "auto":
         return NS_DTYPES[choice]
     kind = torch.device(device).type
