@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_aspect_ratio_bucket", action="store_true", default=None)
     p.add_argument("--train_vae", action="store_true", default=None)
     p.add_argument("--train_text_encoder", action="store_true", default=None)
-    p.add_argument("--mixed_precision", nargs="?", const="bf16", choices=("no", "fp16", "bf16"),
+    p.add_argument("--mixed_precision", nargs="?", const="bf16", choices=("no", "fp16", "bf16", "auto"),
                    help="mixed precision; the bare flag (as in the seed) means bf16")
     p.add_argument("--use_ema", action="store_true", default=None)
     p.add_argument("--dry-run", action="store_true", help="print the resolved plan and stop")

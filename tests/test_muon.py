@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sitdistill.students import build_student
-from sitdistill.core import muon as muon_module
+from sitdistill.core import precision
 from sitdistill.core.muon import MuonAdamW, muon_parameters, newton_schulz_dtype, orthogonalise
 
 
@@ -60,12 +60,13 @@ def test_equals_torch_muon_and_adamw():
 
 
 def test_newton_schulz_precision_follows_the_hardware_unless_the_recipe_names_one(monkeypatch):
-    """auto: bfloat16 on a GPU, and on a CPU only where it has bfloat16 matmul units."""
+    """auto: bfloat16 on a GPU that supports it, and on a CPU only where it has bfloat16 matmul units."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert newton_schulz_dtype("cuda") is torch.bfloat16
     assert newton_schulz_dtype("cuda", "float32") is torch.float32
     assert newton_schulz_dtype("cpu", "bfloat16") is torch.bfloat16
     for has_units, auto in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(muon_module, "cpu_has_bf16_matmul", lambda: has_units)
+        monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: has_units)
         assert newton_schulz_dtype("cpu") is auto
         assert newton_schulz_dtype("cpu", "float32") is torch.float32
     with pytest.raises(ValueError, match="ns_dtype.*float16"):
@@ -87,7 +88,7 @@ def test_the_recipe_s_newton_schulz_precision_reaches_the_step(monkeypatch):
     assert not torch.equal(f32, bf16)
     torch.testing.assert_close(f32, bf16, rtol=0, atol=2e-3)
     for has_units, same in ((True, bf16), (False, f32)):
-        monkeypatch.setattr(muon_module, "cpu_has_bf16_matmul", lambda: has_units)
+        monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: has_units)
         assert torch.equal(run("auto"), same)
 
 

@@ -14,27 +14,19 @@ wrapper and checkpoints see a single `param_groups` / `state_dict`, as with Adam
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Iterable
 
 import torch
 from torch import Tensor, nn
 
+from sitdistill.core import precision
+
 # Keller Jordan's quintic Newton-Schulz coefficients (torch.optim.Muon uses the same).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-@functools.cache
-def cpu_has_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX tiles); asked
-    once per process, since every Muon step asks it for every matrix."""
-    cpu = getattr(torch, "cpu", None)
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in
-               ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def newton_schulz_dtype(device: torch.device | str, choice: str = "auto") -> torch.dtype:
@@ -45,10 +37,7 @@ def newton_schulz_dtype(device: torch.device | str, choice: str = "auto") -> tor
     units emulate bfloat16 matmuls)."""
     if choice != "auto":
         return NS_DTYPES[choice]
-    kind = torch.device(device).type
-    if kind == "cpu":
-        return torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32
-    return torch.bfloat16 if kind == "cuda" else torch.float32
+    return torch.bfloat16 if precision.bf16_pays(device) else torch.float32
 
 
 def orthogonalise(g: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None) -> Tensor:

@@ -252,7 +252,7 @@ class TrainingConfig:
     num_epochs: Optional[int] = None
     batch_size: int = 8  # per process
     gradient_accumulation_steps: int = 1
-    mixed_precision: str = _choice("no", ("no", "fp16", "bf16"))
+    mixed_precision: str = _choice("no", ("no", "fp16", "bf16", "auto"))  # auto: bf16 where the hardware multiplies it (core.precision)
     max_grad_norm: float = 1.0
     use_ema: bool = True
     ema_decay: float = 0.9999

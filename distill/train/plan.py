@@ -15,6 +15,16 @@ FAMILY_COND_DIMS = {
 }
 
 
+def _precision(choice: str) -> str:
+    """The recipe's mixed precision, with what "auto" becomes on this machine."""
+    if choice != "auto":
+        return choice
+    import torch
+
+    from sitdistill.core.precision import resolve_mixed_precision
+    return f"auto ({resolve_mixed_precision(choice, 'cuda' if torch.cuda.is_available() else 'cpu')} here)"
+
+
 def _student_line(r: DictConfig) -> str:
     s = r.student
     line = f"{s.preset}, prediction {s.prediction_type}"
@@ -80,7 +90,7 @@ def describe_plan(r: DictConfig) -> str:
         *_losses_line(r),
         f"optimizer:   {o.name} lr {o.lr:g}, {o.lr_scheduler} schedule, warmup {o.warmup_steps}, weight decay {o.weight_decay:g}",
         f"training:    {length}, batch {t.batch_size} x accumulation {t.gradient_accumulation_steps} per process, "
-        f"precision {t.mixed_precision}, EMA {'%g' % t.ema_decay if t.use_ema else 'off'}, seed {t.seed}",
+        f"precision {_precision(t.mixed_precision)}, EMA {'%g' % t.ema_decay if t.use_ema else 'off'}, seed {t.seed}",
         f"             checkpoint every {t.checkpoint_every} steps, keep {t.keep_checkpoints}"
         + (f", resume from {t.resume}" if t.resume else "")
         + (f", weights from {t.init_from}" if t.init_from else ""),

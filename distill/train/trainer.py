@@ -27,6 +27,7 @@ from sitdistill.train.ema import EMA, local
 from sitdistill.train.features import FeatureProjector, FeatureProjectors, capture
 from sitdistill.train.losses import combine
 from sitdistill.train.objective import DistillObjective
+from sitdistill.core.precision import resolve_mixed_precision
 from sitdistill.core.recipe import save_recipe
 from sitdistill.train.run_io import RunIO, TrainingStopped, TrainState, torch_optimizer
 from sitdistill.train.sharding import GatheredModel, check_fsdp, full, shard_model
@@ -105,8 +106,9 @@ class Distiller:
         # Every recipe check, before any model is loaded (a caller that brings its own teacher may
         # use a placeholder source, and its own student another shape than the recipe's preset).
         validate_recipe(r, files=teacher is None, student=student is None)
+        self.mixed_precision = resolve_mixed_precision(t.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
         self.accelerator = accelerator or Accelerator(
-            mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
+            mixed_precision=self.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
             cpu=not torch.cuda.is_available(),
         )
         acc = self.accelerator
@@ -144,11 +146,11 @@ class Distiller:
         ema_device = None if self.fsdp else ("cpu" if t.ema_on_cpu else self.device)
         self.ema = EMA(student, decay=t.ema_decay, device=ema_device) if t.use_ema else None
         if self.fsdp:
-            shard_model(student, self.device, t.mixed_precision)
+            shard_model(student, self.device, self.mixed_precision)
             if self.ema is not None:
                 shard_model(self.ema.model, self.device, offload=t.ema_on_cpu)
             for proj in self.projector or []:
-                shard_model(proj, self.device, t.mixed_precision)
+                shard_model(proj, self.device, self.mixed_precision)
         params = student_param_groups(student, r.optimizer)
         if self.projector is not None:
             params.append({"params": list(self.projector.parameters())})
