@@ -66,6 +66,7 @@ TINY = ("student.hidden_size=32", "student.depth=2", "student.num_heads=2", "dat
         "training.batch_size=4", "training.max_steps=3", "training.checkpoint_every=1000",
         "training.sample_every=0", "training.log_every=1", "optimizer.warmup_steps=0", "optimizer.lr=1e-3",
         "optimizer.name=adamw",  # the golden weights were recorded with AdamW (the toy default is Muon now)
+        "training.mixed_precision=no",  # ... in float32 (the toy default `auto` picks bf16 on CPUs that multiply it)
         "evaluation.at_end=0", "output.tensorboard=false", "data.caption_dropout=0.3")
 FEATURE = ("losses.feature=0.5", "losses.features.student_blocks=[1]", "losses.features.teacher_modules=[mid_block]",
            "losses.features.projector_hidden=16")

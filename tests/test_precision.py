@@ -68,3 +68,20 @@ def test_the_student_trains_under_bf16_autocast_close_to_float32():
     assert torch.isfinite(grad16).all()
     assert (out16 - out32).abs().max() < 0.05 * out32.abs().max()
     assert F.cosine_similarity(grad16, grad32, dim=0) > 0.99
+
+
+def test_one_process_may_train_recipes_of_different_precision_one_after_the_other():
+    """A study, a curve or a test session builds several trainers in one process; accelerate's
+    process-wide state refuses a second precision unless the trainer frees it first."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from sitdistill.train.trainer import _free_accelerator_state
+
+    Accelerator(mixed_precision="bf16", cpu=True)
+    with pytest.raises(ValueError, match="already been initialized"):
+        Accelerator(mixed_precision="no", cpu=True)  # what the trainer met before it freed the state
+    _free_accelerator_state("bf16")  # the same precision: the state is kept
+    assert AcceleratorState._shared_state.get("_mixed_precision") == "bf16"
+    _free_accelerator_state("no")
+    assert Accelerator(mixed_precision="no", cpu=True).mixed_precision == "no"

@@ -89,6 +89,19 @@ def step_optimizer(optimizer, divisor: torch.Tensor | None) -> None:
         del inner.grad_scale
 
 
+def _free_accelerator_state(mixed_precision: str) -> None:
+    """accelerate keeps one `AcceleratorState` per process and refuses an `Accelerator` with another
+    `mixed_precision` once one exists. A single process that trains several recipes one after the
+    other (a study, a curve, a test session) may change precision between them: drop the old
+    precision state (not the process group) when nothing distributed holds it."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision \
+            and PartialState().num_processes == 1:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 class Distiller:
     """Everything a run holds; `fit()` trains, `step()` is one micro-batch."""
 
@@ -107,6 +120,8 @@ class Distiller:
         # use a placeholder source, and its own student another shape than the recipe's preset).
         validate_recipe(r, files=teacher is None, student=student is None)
         self.mixed_precision = resolve_mixed_precision(t.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
+        if accelerator is None:
+            _free_accelerator_state(self.mixed_precision)
         self.accelerator = accelerator or Accelerator(
             mixed_precision=self.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
             cpu=not torch.cuda.is_available(),
