@@ -32,6 +32,7 @@ def launch(tmp: Path, teacher: Path, run: Path, port: int, *extra: str, worker_a
            "training.sample_every=0", "losses.perturb=0.5", "losses.perturbations.input_noise.enabled=true",
            # weights that move, and clipping that acts (the sharded grad norm is a gathered one); AdamW,
            # which FSDP takes (Muon needs whole matrices)
+           "training.mixed_precision=no",  # float32 on every CPU (the toy recipe's auto is bf16 on some)
            "optimizer.name=adamw", "optimizer.lr=3e-3", "optimizer.warmup_steps=0", "training.max_grad_norm=0.05",
            "training.gradient_accumulation_steps=2", "evaluation.at_end=0", *extra]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -5,7 +5,7 @@ import torch
 
 from sitdistill.students import build_student
 from sitdistill.core import precision
-from sitdistill.core.muon import MuonAdamW, muon_parameters, newton_schulz_dtype, orthogonalise
+from sitdistill.core.muon import MuonAdamW, muon_parameters, newton_schulz_dtype, orthogonalise, orthogonalise_many
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -41,6 +41,20 @@ def _train(make_optimizer, steps: int = 4):
         for opt in optimizers:
             opt.step()
     return w.detach(), b.detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matrices_of_one_shape_are_orthogonalised_as_a_batch_and_each_as_alone(dtype):
+    """The step stacks same-shaped matrices (wide, tall, square, a kernel) and iterates them as one
+    batch; each comes back as `orthogonalise` makes it alone, in its own shape and dtype."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(12, 40), (40, 12), (12, 40), (16, 16), (40, 12), (8, 4, 3, 3), (16, 16), (12, 40)]
+    gs = [torch.randn(*s, generator=gen) * (i + 1) for i, s in enumerate(shapes)]
+    gs[3] = gs[3].double()  # a dtype of its own: its own batch, returned in float64
+    got = orthogonalise_many(gs, dtype=dtype)
+    for g, out in zip(gs, got):
+        assert out.shape == g.shape and out.dtype == g.dtype
+        torch.testing.assert_close(out, orthogonalise(g, dtype=dtype), rtol=0, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
 def test_equals_torch_muon_and_adamw():

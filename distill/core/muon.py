@@ -45,17 +45,34 @@ def orthogonalise(g: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dty
     is taken as its (out, in x kh x kw) matrix, as in Jordan's CIFAR-10 runs; singular values
     land in about [0.7, 1.2], which the papers find as good as exact). `dtype`: the iterations'
     precision; default `newton_schulz_dtype(g.device)`."""
+    return orthogonalise_many([g], steps, eps, dtype)[0]
+
+
+def orthogonalise_many(gs: list[Tensor], steps: int = 5, eps: float = 1e-7,
+                       dtype: torch.dtype | None = None) -> list[Tensor]:
+    """`orthogonalise` of each matrix, the matrices of one shape stacked and iterated as one batch
+    (a transformer's blocks repeat their shapes: the toy student's 48 matrices are 6 shapes, and
+    its step's orthogonalisations take 72-78 against 95-107 ms one by one, `tests/test_muon.py`
+    checks the two agree)."""
     a, b, c = NS_COEFFICIENTS
-    dtype = dtype or newton_schulz_dtype(g.device)
-    x = g.reshape(g.shape[0], -1).to(dtype)
-    tall = x.shape[0] > x.shape[1]
-    if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return (x.T if tall else x).reshape(g.shape).to(g.dtype)
+    out: list[Tensor | None] = [None] * len(gs)
+    groups: dict[tuple, list[int]] = {}
+    for i, g in enumerate(gs):
+        groups.setdefault((g.shape, g.dtype, g.device), []).append(i)
+    for (shape, _, device), index in groups.items():
+        x = torch.stack([gs[i].reshape(shape[0], -1) for i in index]).to(dtype or newton_schulz_dtype(device))
+        tall = x.shape[1] > x.shape[2]
+        if tall:
+            x = x.mT
+        x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)
+        for _ in range(steps):
+            gram = x @ x.mT
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        if tall:
+            x = x.mT
+        for j, i in enumerate(index):
+            out[i] = x[j].reshape(shape).to(gs[i].dtype)
+    return out
 
 
 def muon_parameters(model: nn.Module, prefix: str = "blocks.") -> tuple[list[Tensor], list[Tensor]]:
@@ -118,14 +135,16 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon(self, group: dict, params: list[Tensor], grads: list[Tensor], lr: float) -> None:
         mu = group["momentum"]
+        nesterov = []
         for p, g in zip(params, grads):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
             buf = state["momentum_buffer"]
             buf.lerp_(g, 1 - mu)
-            dtype = newton_schulz_dtype(p.device, group["ns_dtype"])
-            update = orthogonalise(g.lerp(buf, mu), group["ns_steps"], dtype=dtype)  # Nesterov
+            nesterov.append(g.lerp(buf, mu))
+        dtype = newton_schulz_dtype(params[0].device, group["ns_dtype"])
+        for p, update in zip(params, orthogonalise_many(nesterov, group["ns_steps"], dtype=dtype)):
             p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape[0], p[0].numel())))
 
     def _adamw(self, group: dict, params: list[Tensor], grads: list[Tensor], lr: float) -> None:
@@ -151,4 +170,4 @@ class MuonAdamW(torch.optim.Optimizer):
         torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - beta1 ** n) for n in steps])
 
 
-__all__ = ["MuonAdamW", "muon_parameters", "newton_schulz_dtype", "orthogonalise"]
+__all__ = ["MuonAdamW", "muon_parameters", "newton_schulz_dtype", "orthogonalise", "orthogonalise_many"]
