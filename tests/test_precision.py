@@ -76,12 +76,21 @@ def test_one_process_may_train_recipes_of_different_precision_one_after_the_othe
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    from sitdistill.train import trainer
     from sitdistill.train.trainer import _free_accelerator_state
 
-    Accelerator(mixed_precision="bf16", cpu=True)
+    live = Accelerator(mixed_precision="bf16", cpu=True)
     with pytest.raises(ValueError, match="already been initialized"):
         Accelerator(mixed_precision="no", cpu=True)  # what the trainer met before it freed the state
     _free_accelerator_state("bf16")  # the same precision: the state is kept
     assert AcceleratorState._shared_state.get("_mixed_precision") == "bf16"
+    # An earlier trainer's Accelerator still alive: all share the state, so it is kept (and the
+    # new precision refused) rather than switched under the live one.
+    trainer._ACCELERATORS.add(live)
+    _free_accelerator_state("no")
+    assert live.mixed_precision == "bf16"
+    with pytest.raises(ValueError, match="already been initialized"):
+        Accelerator(mixed_precision="no", cpu=True)
+    del live  # the trainer finished and let go: the precision may change
     _free_accelerator_state("no")
     assert Accelerator(mixed_precision="no", cpu=True).mixed_precision == "no"

@@ -60,7 +60,8 @@ def orthogonalise_many(gs: list[Tensor], steps: int = 5, eps: float = 1e-7,
     for i, g in enumerate(gs):
         groups.setdefault((g.shape, g.dtype, g.device), []).append(i)
     for (shape, _, device), index in groups.items():
-        x = torch.stack([gs[i].reshape(shape[0], -1) for i in index]).to(dtype or newton_schulz_dtype(device))
+        ns_dtype = dtype or newton_schulz_dtype(device)
+        x = torch.stack([gs[i].reshape(shape[0], -1).to(ns_dtype) for i in index])
         tall = x.shape[1] > x.shape[2]
         if tall:
             x = x.mT
@@ -135,17 +136,22 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon(self, group: dict, params: list[Tensor], grads: list[Tensor], lr: float) -> None:
         mu = group["momentum"]
-        nesterov = []
+        by_shape: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
         for p, g in zip(params, grads):
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.lerp_(g, 1 - mu)
-            nesterov.append(g.lerp(buf, mu))
-        dtype = newton_schulz_dtype(params[0].device, group["ns_dtype"])
-        for p, update in zip(params, orthogonalise_many(nesterov, group["ns_steps"], dtype=dtype)):
-            p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape[0], p[0].numel())))
+            by_shape.setdefault((p.shape, p.dtype, p.device), []).append((p, g))
+        # One shape at a time: only that shape's Nesterov momenta and their batch are held at once.
+        for (_, _, device), members in by_shape.items():
+            nesterov = []
+            for p, g in members:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(g, 1 - mu)
+                nesterov.append(g.lerp(buf, mu))
+            dtype = newton_schulz_dtype(device, group["ns_dtype"])
+            for (p, _), update in zip(members, orthogonalise_many(nesterov, group["ns_steps"], dtype=dtype)):
+                p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape[0], p[0].numel())))
 
     def _adamw(self, group: dict, params: list[Tensor], grads: list[Tensor], lr: float) -> None:
         beta1, beta2 = group["betas"]

@@ -10,8 +10,10 @@ exactly.
 
 from __future__ import annotations
 
+import gc
 import math
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -89,16 +91,26 @@ def step_optimizer(optimizer, divisor: torch.Tensor | None) -> None:
         del inner.grad_scale
 
 
+# The Accelerators the trainers of this process made (weakly held: a finished trainer lets go).
+_ACCELERATORS: "weakref.WeakSet" = weakref.WeakSet()
+
+
 def _free_accelerator_state(mixed_precision: str) -> None:
     """accelerate keeps one `AcceleratorState` per process and refuses an `Accelerator` with another
     `mixed_precision` once one exists. A single process that trains several recipes one after the
     other (a study, a curve, a test session) may change precision between them: drop the old
-    precision state (not the process group) when nothing distributed holds it."""
+    precision state (not the process group) when nothing distributed holds it and no Accelerator
+    of an earlier trainer is still alive (all Accelerators share that state, so a live one would
+    silently take the new precision: that case keeps accelerate's refusal)."""
     from accelerate.state import AcceleratorState, PartialState
 
     state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision \
-            and PartialState().num_processes == 1:
+    if not state or state.get("_mixed_precision", mixed_precision) == mixed_precision:
+        return
+    if PartialState().num_processes != 1:
+        return
+    gc.collect()  # a finished trainer in a reference cycle still holds its Accelerator until collected
+    if len(_ACCELERATORS) == 0:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
@@ -126,6 +138,7 @@ class Distiller:
             mixed_precision=self.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
             cpu=not torch.cuda.is_available(),
         )
+        _ACCELERATORS.add(self.accelerator)
         acc = self.accelerator
         self.device = acc.device
         self.run_dir = Path(r.output.dir)
