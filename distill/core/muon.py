@@ -24,6 +24,7 @@ from sitdistill.core import precision
 
 # Keller Jordan's quintic Newton-Schulz coefficients (torch.optim.Muon uses the same).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_EPS = 1e-7  # floor of the norm each matrix is divided by before the iterations
 
 
 NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -40,40 +41,51 @@ def newton_schulz_dtype(device: torch.device | str, choice: str = "auto") -> tor
     return torch.bfloat16 if precision.bf16_pays(device) else torch.float32
 
 
-def orthogonalise(g: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None) -> Tensor:
+def orthogonalise(g: Tensor, steps: int = 5, eps: float = NS_EPS, dtype: torch.dtype | None = None) -> Tensor:
     """About U V^T for g = U S V^T by `steps` quintic Newton-Schulz iterations (a convolution's kernel
     is taken as its (out, in x kh x kw) matrix, as in Jordan's CIFAR-10 runs; singular values
     land in about [0.7, 1.2], which the papers find as good as exact). `dtype`: the iterations'
     precision; default `newton_schulz_dtype(g.device)`."""
-    return orthogonalise_many([g], steps, eps, dtype)[0]
+    return _newton_schulz([g], steps, eps, dtype or newton_schulz_dtype(g.device))[0]
 
 
-def orthogonalise_many(gs: list[Tensor], steps: int = 5, eps: float = 1e-7,
+def orthogonalise_many(gs: list[Tensor], steps: int = 5, eps: float = NS_EPS,
                        dtype: torch.dtype | None = None) -> list[Tensor]:
     """`orthogonalise` of each matrix, the matrices of one shape stacked and iterated as one batch
     (a transformer's blocks repeat their shapes: the toy student's 48 matrices are 6 shapes, and
     `cli.py bench --configs toy` timed the optimizer at 86-92 against 151-162 ms one by one; the
     iterations are the same, and `tests/test_muon.py` checks the two agree)."""
-    a, b, c = NS_COEFFICIENTS
     out: list[Tensor | None] = [None] * len(gs)
-    groups: dict[tuple, list[int]] = {}
-    for i, g in enumerate(gs):
-        groups.setdefault((g.shape, g.dtype, g.device), []).append(i)
-    for (shape, _, device), index in groups.items():
-        ns_dtype = dtype or newton_schulz_dtype(device)
-        x = torch.stack([gs[i].reshape(shape[0], -1).to(ns_dtype) for i in index])
-        tall = x.shape[1] > x.shape[2]
-        if tall:
-            x = x.mT
-        x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)
-        for _ in range(steps):
-            gram = x @ x.mT
-            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-        if tall:
-            x = x.mT
-        for j, i in enumerate(index):
-            out[i] = x[j].reshape(shape).to(gs[i].dtype)
+    for (_, _, device), index in _same_shape(gs).items():
+        batch = _newton_schulz([gs[i] for i in index], steps, eps, dtype or newton_schulz_dtype(device))
+        for i, x in zip(index, batch):
+            out[i] = x
     return out
+
+
+def _same_shape(tensors: Iterable[Tensor]) -> dict[tuple, list[int]]:
+    """The positions of `tensors` by (shape, dtype, device): the batches `_newton_schulz` takes."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.shape, t.dtype, t.device), []).append(i)
+    return groups
+
+
+def _newton_schulz(gs: list[Tensor], steps: int, eps: float, dtype: torch.dtype) -> list[Tensor]:
+    """The quintic iterations on matrices of one shape, stacked into one batch in `dtype`."""
+    a, b, c = NS_COEFFICIENTS
+    shape = gs[0].shape
+    x = torch.stack([g.reshape(shape[0], -1).to(dtype) for g in gs])
+    tall = x.shape[1] > x.shape[2]
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    if tall:
+        x = x.mT
+    return [m.reshape(shape).to(gs[0].dtype) for m in x]
 
 
 def muon_parameters(model: nn.Module, prefix: str = "blocks.") -> tuple[list[Tensor], list[Tensor]]:
@@ -136,13 +148,11 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon(self, group: dict, params: list[Tensor], grads: list[Tensor], lr: float) -> None:
         mu = group["momentum"]
-        by_shape: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
-        for p, g in zip(params, grads):
-            by_shape.setdefault((p.shape, p.dtype, p.device), []).append((p, g))
         # One shape at a time: only that shape's Nesterov momenta and their batch are held at once.
-        for (_, _, device), members in by_shape.items():
+        for (_, _, device), index in _same_shape(params).items():
             nesterov = []
-            for p, g in members:
+            for i in index:
+                p, g = params[i], grads[i]
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
@@ -150,7 +160,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 buf.lerp_(g, 1 - mu)
                 nesterov.append(g.lerp(buf, mu))
             dtype = newton_schulz_dtype(device, group["ns_dtype"])
-            for (p, _), update in zip(members, orthogonalise_many(nesterov, group["ns_steps"], dtype=dtype)):
+            for i, update in zip(index, _newton_schulz(nesterov, group["ns_steps"], NS_EPS, dtype)):
+                p = params[i]
                 p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape[0], p[0].numel())))
 
     def _adamw(self, group: dict, params: list[Tensor], grads: list[Tensor], lr: float) -> None:
