@@ -346,7 +346,7 @@ def train_vae(settings: ToyTeacherSettings, groups: dict, out_dir: Path | None =
         with torch.no_grad():
             vae.quant_conv.weight[4:].mul_(0.1)
             vae.quant_conv.bias[4:].fill_(VAE_INIT_LOGVAR)
-    opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0, betas=(0.9, 0.99), fused=True)
     crop = settings.vae_crop
     t0 = time.time()
     bar = tqdm(range(settings.vae_steps), desc="toy VAE", mininterval=5, file=sys.stdout)
@@ -432,7 +432,8 @@ def _unet_optimizer(unet: torch.nn.Module, encoders: list, settings: ToyTeacherS
     ("peak_lr") for the warm-up and decay."""
     params = list(unet.parameters()) + [q for e in encoders for q in e.parameters()] + list(extra)
     if settings.optimizer == "adamw":
-        return torch.optim.AdamW([{"params": params, "peak_lr": settings.lr}], lr=settings.lr, weight_decay=0.0)
+        return torch.optim.AdamW([{"params": params, "peak_lr": settings.lr}], lr=settings.lr, weight_decay=0.0,
+                                 fused=True)
     muon = [q for n, q in unet.named_parameters() if q.ndim >= 2 and not n.startswith(("conv_in.", "conv_out."))]
     in_muon = {id(q) for q in muon}
     rest = [q for q in params if id(q) not in in_muon]
@@ -564,7 +565,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
             pg["lr"] = pg["peak_lr"] * _lr_factor(step, settings.unet_steps, settings.warmup_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
         # EMA with a warm-up (decay grows with the step), as short runs need it to forget the init.
         decay = min(settings.ema_decay, (1 + step) / (10 + step))

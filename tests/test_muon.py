@@ -160,6 +160,27 @@ def test_muon_takes_the_block_matrices_and_nothing_else():
         MuonAdamW([{"params": rest, "muon": True}], lr=1e-3)
 
 
+def test_the_recipe_can_keep_named_block_matrices_on_adamw():
+    """`optimizer.muon_exclude` moves the block matrices whose names contain a part to AdamW, and only
+    those; a part that names no block matrix is a recipe error naming the key."""
+    from sitdistill.core.recipe import RecipeError, load_recipe
+    from sitdistill.train.build import student_param_groups
+
+    student = build_student("S/2", hidden_size=32, depth=2, num_heads=2)
+    names = {id(p): n for n, p in student.named_parameters()}
+    all_muon, _ = muon_parameters(student)
+    cfg = load_recipe(None, ["optimizer.name=muon", "optimizer.muon_exclude=[adaLN_modulation]"]).optimizer
+    muon_group, rest_group = student_param_groups(student, cfg)
+    muon = {names[id(p)] for p in muon_group["params"]}
+    moved = {names[id(p)] for p in all_muon} - muon
+    assert moved == {f"blocks.{i}.adaLN_modulation.1.weight" for i in range(2)}
+    assert moved <= {names[id(p)] for p in rest_group["params"]}
+    assert any(".attn.qkv." in n for n in muon)
+    cfg = load_recipe(None, ["optimizer.name=muon", "optimizer.muon_exclude=[adaln]"]).optimizer
+    with pytest.raises(RecipeError, match="'optimizer.muon_exclude'.*'adaln'"):
+        student_param_groups(student, cfg)
+
+
 def test_a_step_flagged_non_finite_by_a_grad_scaler_changes_nothing():
     w, b = torch.nn.Parameter(torch.randn(8, 12)), torch.nn.Parameter(torch.randn(12))
     opt = MuonAdamW([{"params": [w], "muon": True}, {"params": [b]}], lr=1e-2)

@@ -88,12 +88,21 @@ def _newton_schulz(gs: list[Tensor], steps: int, eps: float, dtype: torch.dtype)
     return [m.reshape(shape).to(gs[0].dtype) for m in x]
 
 
-def muon_parameters(model: nn.Module, prefix: str = "blocks.") -> tuple[list[Tensor], list[Tensor]]:
-    """(Muon's, AdamW's) trainable parameters of a student: the 2-D weights under `prefix`, the rest."""
-    muon, rest = [], []
+def muon_parameters(model: nn.Module, prefix: str = "blocks.",
+                    exclude: Iterable[str] = ()) -> tuple[list[Tensor], list[Tensor]]:
+    """(Muon's, AdamW's) trainable parameters of a student: the 2-D weights under `prefix` whose names
+    contain none of the parts in `exclude`, and the rest. A part that is in no such weight's name is an error."""
+    exclude = tuple(exclude)
+    muon, rest, matrices = [], [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (muon if p.ndim == 2 and name.startswith(prefix) else rest).append(p)
+            matrix = p.ndim == 2 and name.startswith(prefix)
+            matrices += [name] if matrix else []
+            (muon if matrix and not any(part in name for part in exclude) else rest).append(p)
+    unknown = [part for part in exclude if not any(part in name for name in matrices)]
+    if unknown:
+        raise ValueError(f"{', '.join(map(repr, unknown))} is in no name of the matrices under {prefix!r} "
+                         f"(such as {matrices[0]!r})" if matrices else f"there are no matrices under {prefix!r}")
     return muon, rest
 
 

@@ -237,6 +237,8 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.0  # floor of the cosine/linear decay, as a fraction of lr
     muon_lr_scale: float = 1.0  # Muon's learning rate over `lr` (its update RMS is AdamW's at 1.0)
     muon_momentum: float = 0.95
+    # Names (or parts of names) of block matrices that stay on AdamW under Muon, e.g. adaLN_modulation.
+    muon_exclude: list[str] = _list()
     # Muon's Newton-Schulz precision. auto: bfloat16 on CUDA and on a CPU with bfloat16 matmul
     # units (AVX512-BF16, AMX), float32 elsewhere.
     muon_ns_dtype: str = _choice("auto", ("auto", "float32", "bfloat16"))

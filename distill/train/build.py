@@ -139,10 +139,16 @@ def _adamw8bit(groups: list[dict], cfg: DictConfig) -> torch.optim.Optimizer:
 
 def student_param_groups(student: torch.nn.Module, cfg: DictConfig) -> list[dict]:
     """The student's trainable parameters as optimizer groups: one AdamW group, or for
-    `optimizer.name: muon` the blocks' 2-D weights (Muon, at lr x muon_lr_scale) and the rest (AdamW)."""
+    `optimizer.name: muon` the blocks' 2-D weights (Muon, at lr x muon_lr_scale) and the rest (AdamW);
+    `optimizer.muon_exclude` keeps the block matrices whose names contain one of its parts on AdamW."""
     if cfg.name != "muon":
         return [{"params": [p for p in student.parameters() if p.requires_grad]}]
-    muon, rest = muon_parameters(student)
+    try:
+        muon, rest = muon_parameters(student, exclude=cfg.muon_exclude)
+    except ValueError as err:
+        from sitdistill.core.recipe import RecipeError
+
+        raise RecipeError(f"'optimizer.muon_exclude': {err}") from None
     return [{"params": muon, "muon": True, "lr": cfg.lr * cfg.muon_lr_scale}, {"params": rest}]
 
 
