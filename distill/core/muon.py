@@ -95,10 +95,14 @@ def muon_parameters(model: nn.Module, prefix: str = "blocks.",
     exclude = tuple(exclude)
     muon, rest, matrices = [], [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            matrix = p.ndim == 2 and name.startswith(prefix)
-            matrices += [name] if matrix else []
-            (muon if matrix and not any(part in name for part in exclude) else rest).append(p)
+        if not p.requires_grad:
+            continue
+        if p.ndim == 2 and name.startswith(prefix):
+            matrices.append(name)
+            if not any(part in name for part in exclude):
+                muon.append(p)
+                continue
+        rest.append(p)
     unknown = [part for part in exclude if not any(part in name for name in matrices)]
     if unknown:
         raise ValueError(f"{', '.join(map(repr, unknown))} is in no name of the matrices under {prefix!r} "
