@@ -5,7 +5,8 @@ import torch
 
 from sitdistill.students import build_student
 from sitdistill.core import precision
-from sitdistill.core.muon import MuonAdamW, muon_parameters, newton_schulz_dtype, orthogonalise, orthogonalise_many
+from sitdistill.core.muon import (MuonAdamW, _newton_schulz, gram_pays, muon_parameters, newton_schulz_dtype, orthogonalise,
+                                  orthogonalise_many)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -55,6 +56,51 @@ def test_matrices_of_one_shape_are_orthogonalised_as_a_batch_and_each_as_alone(d
     for g, out in zip(gs, got):
         assert out.shape == g.shape and out.dtype == g.dtype
         torch.testing.assert_close(out, orthogonalise(g, dtype=dtype), rtol=0, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("shape", [(32, 192), (192, 32), (40, 96), (24, 40)])
+def test_the_gram_form_iterates_as_the_plain_one(shape):
+    """In float32 a wide or tall matrix's iterations run on its Gram matrix: the plain iterations'
+    result to rounding, a batch with a dominated spectrum included, and as close to float64's."""
+    gen = torch.Generator().manual_seed(0)
+    gs = [torch.randn(*shape, generator=gen) for _ in range(3)]
+    gs[0][:, :4] *= 30
+    assert gram_pays(*shape, 5, torch.float32)
+    plain = torch.stack(_newton_schulz(gs, 5, 1e-7, torch.float32, gram=False))
+    gram = torch.stack(_newton_schulz(gs, 5, 1e-7, torch.float32, gram=True))
+    exact = torch.stack(_newton_schulz([g.double() for g in gs], 5, 1e-7, torch.float64, gram=False)).float()
+    assert not torch.equal(gram, plain)  # another order of products
+    torch.testing.assert_close(gram, plain, rtol=0, atol=5e-5)
+    assert (gram - exact).abs().max() < 5e-5
+    torch.testing.assert_close(torch.stack(orthogonalise_many(gs, dtype=torch.float32)), gram, rtol=0, atol=0)
+
+
+def test_the_gram_form_is_taken_where_it_multiplies_fewer_numbers_in_float32_only():
+    assert gram_pays(192, 1152, 5, torch.float32) and gram_pays(1152, 192, 5, torch.float32)
+    assert gram_pays(192, 384, 5, torch.float32)  # 2.0 x: fewer products
+    assert not gram_pays(192, 288, 5, torch.float32)  # 1.5 x: as many
+    assert not gram_pays(192, 192, 5, torch.float32)
+    assert not gram_pays(192, 1152, 1, torch.float32)  # one iteration: no saving
+    assert not gram_pays(192, 1152, 5, torch.bfloat16)  # bfloat16 keeps torch.optim.Muon's iterations
+
+
+def test_the_recipe_can_ask_for_the_plain_iterations():
+    """`optimizer.muon_ns_form: plain` reaches the step: in float32 it steps as the Gram form to
+    rounding, but not bit for bit; an unknown form is refused."""
+    from sitdistill.core.recipe import load_recipe
+    from sitdistill.train.build import build_optimizer
+
+    def run(form: str):
+        cfg = load_recipe(None, ["optimizer.name=muon", "optimizer.muon_ns_dtype=float32",
+                                 f"optimizer.muon_ns_form={form}"]).optimizer
+        return _train(lambda w, b: [build_optimizer([{"params": [w], "muon": True}, {"params": [b]}], cfg,
+                                                    torch.device("cpu"))])[0]
+
+    auto, plain = run("auto"), run("plain")
+    assert not torch.equal(auto, plain)
+    torch.testing.assert_close(auto, plain, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="ns_form.*gram"):
+        MuonAdamW([{"params": [torch.nn.Parameter(torch.ones(2, 2))], "muon": True}], lr=1e-2, ns_form="gram")
 
 
 def test_equals_torch_muon_and_adamw():
@@ -118,9 +164,9 @@ def test_a_checkpoint_from_before_the_precision_setting_loads_and_steps():
     fresh = MuonAdamW([{"params": [w], "muon": True}], lr=1e-2, ns_dtype="bfloat16")
     fresh.load_state_dict(old)
     assert fresh.param_groups[0]["ns_dtype"] == "float32"
-    del old["param_groups"][0]["ns_dtype"]
+    del old["param_groups"][0]["ns_dtype"], old["param_groups"][0]["ns_form"]
     fresh.load_state_dict(old)
-    assert fresh.param_groups[0]["ns_dtype"] == "auto"
+    assert fresh.param_groups[0]["ns_dtype"] == "auto" and fresh.param_groups[0]["ns_form"] == "auto"
     before = w.detach().clone()
     fresh.step()
     assert not torch.equal(w, before)

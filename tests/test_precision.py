@@ -79,6 +79,9 @@ def test_one_process_may_train_recipes_of_different_precision_one_after_the_othe
     from sitdistill.train import trainer
     from sitdistill.train.trainer import _free_accelerator_state
 
+    # Earlier tests' trainers left the state at their precision (float32 on a CPU without bfloat16
+    # units): freed first, as the trainer frees it, so the test starts from any state.
+    _free_accelerator_state("bf16")
     live = Accelerator(mixed_precision="bf16", cpu=True)
     with pytest.raises(ValueError, match="already been initialized"):
         Accelerator(mixed_precision="no", cpu=True)  # what the trainer met before it freed the state

@@ -162,7 +162,7 @@ def build_optimizer(groups: Iterable[dict], cfg: DictConfig, device: torch.devic
     if cfg.name == "muon":
         return MuonAdamW(list(groups), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                          weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
-                         ns_dtype=cfg.muon_ns_dtype)
+                         ns_dtype=cfg.muon_ns_dtype, ns_form=cfg.muon_ns_form)
     fused = cfg.fused if cfg.fused is not None else device.type in FUSED_ADAMW_DEVICES
     return torch.optim.AdamW(list(groups), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              weight_decay=cfg.weight_decay, fused=fused)
