@@ -29,6 +29,7 @@ NS_EPS = 1e-7  # floor of the norm each matrix is divided by before the iteratio
 
 NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 NS_FORMS = ("auto", "plain")  # auto: the Gram form where `gram_pays`; plain: torch.optim.Muon's iterations
+MUON_SETTINGS = ("momentum", "ns_dtype", "ns_form")  # the group settings beyond AdamW's a resume takes from the recipe
 
 
 def newton_schulz_dtype(device: torch.device | str, choice: str = "auto") -> torch.dtype:
@@ -116,13 +117,16 @@ def _gram_newton_schulz(x: Tensor, steps: int) -> Tensor:
     g_0 = x_0 x_0^T and in the final q x_0, instead of twice per iteration. Exact arithmetic gives
     the plain iterations' result (`tests/test_muon.py` checks float32 to rounding)."""
     a, b, c = NS_COEFFICIENTS
+
+    def p(g: Tensor) -> Tensor:
+        out = torch.baddbmm(g, g, g, beta=b, alpha=c)
+        out.diagonal(dim1=-2, dim2=-1).add_(a)
+        return out
+
     g0 = x @ x.mT
-    eye = torch.eye(g0.shape[-1], dtype=x.dtype, device=x.device)
-    q = None
-    for _ in range(steps):
-        g = g0 if q is None else q @ g0 @ q.mT
-        p = torch.baddbmm(g, g, g, beta=b, alpha=c).add_(eye, alpha=a)
-        q = p if q is None else p @ q
+    q = p(g0)
+    for _ in range(steps - 1):
+        q = p(q @ g0 @ q.mT) @ q
     return q @ x
 
 

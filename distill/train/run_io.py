@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from sitdistill.core import checkpoint as ckpt
+from sitdistill.core.muon import MUON_SETTINGS
 from sitdistill.train.e2e import resolve_init
 from sitdistill.core.recipe import RecipeError, to_yaml
 from sitdistill.train.sharding import GatheredModel, GatheredOptimizer, all_finite
@@ -192,7 +193,7 @@ class RunIO:
         """Per parameter group: the recipe's peak lr, betas, weight decay and eps (as built), and Muon's
         momentum and Newton-Schulz precision and form."""
         return [{"lr": g.get("initial_lr", g["lr"]), "betas": tuple(g["betas"]), "weight_decay": g["weight_decay"],
-                 "eps": g["eps"], **{k: g[k] for k in ("momentum", "ns_dtype", "ns_form") if k in g}}
+                 "eps": g["eps"], **{k: g[k] for k in MUON_SETTINGS if k in g}}
                 for g in torch_optimizer(self.optimizer).param_groups]
 
     def apply_optimizer_settings(self, wanted: list[dict]) -> None:
@@ -203,7 +204,7 @@ class RunIO:
         changes = []
         for i, (g, w) in enumerate(zip(groups, wanted)):
             name = "" if len(groups) == 1 else f" (group {i})"
-            for key in ("betas", "weight_decay", "eps", "momentum", "ns_dtype", "ns_form"):
+            for key in ("betas", "weight_decay", "eps", *MUON_SETTINGS):
                 if key not in w:
                     continue
                 old = tuple(g[key]) if key == "betas" else g[key]
