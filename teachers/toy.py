@@ -56,6 +56,7 @@ from sitdistill.core.muon import MuonAdamW
 from sitdistill.data import toy as world
 from sitdistill.teachers.frontend import final_layer_norm
 from sitdistill.teachers.toy_cache import FINISHED_MARKER, atomic_dir, cache_key, default_cache_root, is_finished
+from sitdistill.teachers.toy_split import HalfBatchWorker, split_rows
 from sitdistill.teachers.toy_probe import WordGainProbe
 from sitdistill.teachers.toy_parts import (PRESETS, SDXL_PAD, _tokenize, build_text_encoder, build_unet, build_vae,
                                 encode_text, swap_words, text_conditioning, train_tokenizer,
@@ -258,6 +259,70 @@ def _caption_conditioning(fam: str, encoders: list, caption_ids: list[torch.Tens
     return with_micro_conditioning(fam, cond, height, width), outputs
 
 
+def _batch_loss(models: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The build's loss on ``batch`` (a step's batch or some of its rows: ``x_t``, ``t``, ``noise``,
+    the loss ``weight``, caption ``drop``, ``labels``, token ``ids`` per encoder, the pixel ``height``
+    and ``width``, the text-norm ``mix``, and the ``total`` rows of the step's batch) as that many
+    rows' share of the step's loss: the loss of two halves adds up to the whole batch's. Returns it
+    with the caption-words term (None without that objective). Module-level: the build's worker
+    process calls it too (sitdistill.teachers.toy_split)."""
+    fam, encoders, heads = models["family"], models["encoders"], models["heads"]
+    # One pass over the undropped captions serves the UNet and the caption-words objective.
+    cond, outputs = _caption_conditioning(fam, encoders, batch["ids"], models["empty_ids"], batch["drop"],
+                                          batch["height"], batch["width"], norm_mix=batch["mix"])
+    pred = models["unet"](batch["x_t"], batch["t"], **cond).sample  # epsilon prediction, like SD
+    per_sample = (pred - batch["noise"]).square().mean(dim=(1, 2, 3)) * batch["weight"]  # (B,)
+    share = len(batch["t"]) / batch["total"]
+    loss = per_sample.mean() * share
+    words = None
+    if heads:
+        # Every caption of the batch (dropped ones too: the objective is about the encoder).
+        words = torch.stack([h(o.hidden_states[-1], c_ids, batch["labels"])
+                             for h, o, c_ids in zip(heads, outputs, batch["ids"])]).mean()
+        loss = loss + models["caption_words"] * words * share
+    return loss, words
+
+
+def _model_params(models: dict) -> list[torch.nn.Parameter]:
+    """The build's trained parameters in one order: the UNet's, the text encoders', the caption-words heads'."""
+    return [q for m in [models["unet"], *models["encoders"], *models["heads"]] for q in m.parameters()]
+
+
+def _worker_spec(models: dict) -> dict:
+    """What the build's worker process needs to build the same models (`_worker_models`)."""
+    return {"family": models["family"], "unet": models["unet"].config,
+            "encoders": [(type(e), e.config) for e in models["encoders"]],
+            "heads": [(h.norm.normalized_shape[0], h.eos_token_id) for h in models["heads"]],
+            "empty_ids": models["empty_ids"], "caption_words": models["caption_words"]}
+
+
+def _worker_models(spec: dict) -> tuple[dict, list[torch.nn.Parameter]]:
+    """The models of `_worker_spec`, freshly built in training mode, and their `_model_params`."""
+    from diffusers import UNet2DConditionModel
+
+    models = {"family": spec["family"], "unet": UNet2DConditionModel.from_config(spec["unet"]).train(),
+              "encoders": [cls(config).train() for cls, config in spec["encoders"]],
+              "heads": [CaptionWordsHead(hidden, eos).train() for hidden, eos in spec["heads"]],
+              "empty_ids": spec["empty_ids"], "caption_words": spec["caption_words"]}
+    return models, _model_params(models)
+
+
+# The build splits each step's batch over two processes (sitdistill.teachers.toy_split) by default
+# where torch runs two threads, the 2-core machines it was measured on, and the build is long
+# enough to repay the worker's start (a few seconds of imports).
+SPLIT_MIN_STEPS = 500
+
+
+def build_processes(settings: ToyTeacherSettings, processes: int | None = None) -> int:
+    """How many processes share the build's UNet steps: ``processes`` (1 or 2) if given; by default
+    2 where torch runs two threads and the build has at least SPLIT_MIN_STEPS UNet steps, else 1."""
+    if processes is not None:
+        if processes not in (1, 2):
+            raise ValueError(f"a toy teacher builds on 1 or 2 processes, got {processes}")
+        return processes
+    return 2 if torch.get_num_threads() == 2 and settings.unet_steps >= SPLIT_MIN_STEPS else 1
+
+
 def _mirror_caption(caption: str) -> str:
     """The caption of the left-right mirrored drawing: "left" and "right" swapped."""
     return swap_words(caption, "left", "right")
@@ -442,9 +507,28 @@ def _unet_optimizer(unet: torch.nn.Module, encoders: list, settings: ToyTeacherS
                       {"params": rest, "peak_lr": settings.lr}], lr=settings.lr)
 
 
+def new_models(settings: ToyTeacherSettings) -> tuple[list, list, torch.nn.Module, list]:
+    """A build's tokenizers, its text encoders, UNet and caption-words heads (none without that
+    objective), freshly initialised from the settings' seed."""
+    fam, p = settings.family, PRESETS[settings.preset]
+    tokenizers = [train_tokenizer(settings.max_length)]
+    if fam == "sdxl":
+        tokenizers.append(train_tokenizer(settings.max_length, pad_token=SDXL_PAD))
+    with torch.random.fork_rng():
+        torch.manual_seed(settings.seed + 1)
+        encoders = [build_text_encoder(settings.preset, tokenizers[0], p["text_hidden"])]
+        if fam == "sdxl":
+            encoders.append(build_text_encoder(settings.preset, tokenizers[1], p["text_hidden_2"], with_projection=True))
+        unet = build_unet(settings.preset, fam, sum(e.config.hidden_size for e in encoders),
+                          text_pool=settings.text_pool, levels=settings.unet_levels)
+        heads = ([CaptionWordsHead(e.config.hidden_size, e.config.eos_token_id) for e in encoders]
+                 if settings.caption_words else [])
+    return tokenizers, encoders, unet, heads
+
+
 def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_dir: str | Path | None = None,
                       snapshots: Sequence[int] = (), snapshot_dir: str | Path | None = None,
-                      word_gain_every: int = 0) -> Path:
+                      word_gain_every: int = 0, processes: int | None = None) -> Path:
     """Train a toy teacher and save it as a diffusers pipeline folder at ``out_dir`` (atomically).
 
     ``cache_dir`` (optional) is where the shared VAE is cached; without it the VAE is trained here.
@@ -453,6 +537,8 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
     itself is unchanged by them. ``word_gain_every``: every that many UNet steps, the word-gain probe
     (`sitdistill.teachers.toy_probe`) on the EMA weights, printed and kept in the finished marker
     (``word_gain``); it draws from its own generator, so the build is unchanged by it too.
+    ``processes``: 2 splits each UNet step's batch between this process and a worker, each with
+    half of torch's threads (the same update up to rounding); None: `build_processes`' choice.
     """
     from diffusers import DDPMScheduler
 
@@ -473,19 +559,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
     vae = ensure_toy_vae(settings, groups, None if cache_dir is None else Path(cache_dir))
     timings["vae_s"] = time.time() - t0
 
-    p = PRESETS[settings.preset]
-    tokenizers = [train_tokenizer(settings.max_length)]
-    if fam == "sdxl":
-        tokenizers.append(train_tokenizer(settings.max_length, pad_token=SDXL_PAD))
-    with torch.random.fork_rng():
-        torch.manual_seed(settings.seed + 1)
-        encoders = [build_text_encoder(settings.preset, tokenizers[0], p["text_hidden"])]
-        if fam == "sdxl":
-            encoders.append(build_text_encoder(settings.preset, tokenizers[1], p["text_hidden_2"], with_projection=True))
-        unet = build_unet(settings.preset, fam, sum(e.config.hidden_size for e in encoders),
-                          text_pool=settings.text_pool, levels=settings.unet_levels)
-        heads = ([CaptionWordsHead(e.config.hidden_size, e.config.eos_token_id) for e in encoders]
-                 if settings.caption_words else [])
+    tokenizers, encoders, unet, heads = new_models(settings)
 
     # Latent posteriors, computed once: each step samples z = mean + std * noise (as SD training does).
     t0 = time.time()
@@ -517,76 +591,93 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
     for e in encoders:
         e.train()
 
+    models = {"family": fam, "unet": unet, "encoders": encoders, "heads": heads, "empty_ids": empty_ids,
+              "caption_words": settings.caption_words}
+    processes = build_processes(settings, processes)
+    threads = torch.get_num_threads()
+    worker = None
+    if processes == 2:
+        torch.set_num_threads(max(1, threads // 2))
+        worker = HalfBatchWorker(_batch_loss, _worker_models, _worker_spec(models), _model_params(models),
+                                 threads=max(1, threads // 2))
     t0 = time.time()
-    bar = tqdm(range(settings.unet_steps), desc=f"toy {fam} UNet", mininterval=5, file=sys.stdout)
-    for step in bar:
-        mix = _text_norm_mix(step, settings)
-        if settings.text_norm_warmup and step == settings.text_norm_warmup:
-            # The final layer norm has not been trained (no gradient reached it): start it near the
-            # identity on the states the UNet has learnt to read, in the weights and in their EMA.
-            gain, bias = _fit_text_norm(encoders[0], torch.cat([g_["ids"][0][:128] for g_ in groups.values()]))
-            by_id = {id(q): i for i, q in enumerate(params)}
-            for q in final_layer_norm(encoders[0]).parameters():
-                ema[by_id[id(q)]].copy_(q.detach())
-            print(f"toy {fam} UNet: text encoder's final layer norm blended in from step {step} "
-                  f"(gain {gain:.3f}, bias {bias:.3f})", flush=True)
-        g = _pick_group(groups, gen)
-        b = settings.batch_size
-        idx = torch.randint(len(g["captions"]), (b,), generator=gen)
-        mean, std, caption_ids = g["mean"][idx], g["std"][idx], [t_ids[idx] for t_ids in g["ids"]]
-        labels = g["labels"][idx]
-        if settings.mirror:
-            m = g["mirror"]
-            flip = torch.rand(b, generator=gen) < 0.5
-            mean = torch.where(flip[:, None, None, None], m["mean"][idx], mean)
-            std = torch.where(flip[:, None, None, None], m["std"][idx], std)
-            caption_ids = [torch.where(flip[:, None], m_ids[idx], c) for m_ids, c in zip(m["ids"], caption_ids)]
-            labels = torch.where(flip[:, None], m["labels"][idx], labels)
-        latents = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling  # (B, 4, h, w)
-        drop = torch.rand(b, generator=gen) < settings.caption_dropout
-        # One pass over the undropped captions serves the UNet and the caption-words objective.
-        cond, outputs = _caption_conditioning(fam, encoders, caption_ids, empty_ids, drop,
-                                              *g["pixels"].shape[-2:], norm_mix=mix)
-        noise = _training_noise(latents.shape, gen, settings.multires_noise, settings.multires_discount)
-        t = torch.randint(0, num_t, (b,), generator=gen)
-        x_t = noise_scheduler.add_noise(latents, noise, t)
-        pred = unet(x_t, t, **cond).sample  # epsilon prediction, like SD
-        per_sample = (pred - noise).square().mean(dim=(1, 2, 3))  # (B,)
-        # The loss weighting decides how much the high-noise steps, where layout and shape are
-        # decided, count (sitdistill.core.schedule.NoiseSchedule.loss_weight).
-        per_sample = per_sample * schedule.loss_weight(t, settings.loss_weighting, settings.snr_gamma)
-        loss = per_sample.mean()
-        if heads:
-            # Every caption of the batch (dropped ones too: the objective is about the encoder).
-            words = torch.stack([h(o.hidden_states[-1], c_ids, labels)
-                                 for h, o, c_ids in zip(heads, outputs, caption_ids)]).mean()
-            loss = loss + settings.caption_words * words
-        for pg in opt.param_groups:
-            pg["lr"] = pg["peak_lr"] * _lr_factor(step, settings.unet_steps, settings.warmup_steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        opt.step()
-        # EMA with a warm-up (decay grows with the step), as short runs need it to forget the init.
-        decay = min(settings.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [q.detach() for q in params], 1 - decay)
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", **({"words": f"{words.item():.3f}"} if heads else {}))
-        if probe is not None and (step + 1) % word_gain_every == 0:
-            _swap(params, ema)
-            word_gains.append({"step": step + 1, **probe(unet, encoders, norm_mix=mix)})
-            _swap(params, ema)
-            print(f"toy {fam} UNet word gain {json.dumps(word_gains[-1])}", flush=True)
-        if step + 1 in snapshots:
-            _swap(params, ema)
-            with atomic_dir(Path(snapshot_dir) / f"step-{step + 1}") as tmp:
-                _pipeline(fam, vae, encoders, tokenizers, unet, scheduler_config).save_pretrained(
-                    tmp, safe_serialization=True)
-                (tmp / FINISHED_MARKER).write_text(json.dumps(
-                    {"version": TOY_TEACHER_VERSION, "settings": settings.key_settings(), "snapshot_step": step + 1},
-                    indent=1, default=list) + "\n")
-            _swap(params, ema)
+    try:
+        bar = tqdm(range(settings.unet_steps), desc=f"toy {fam} UNet", mininterval=5, file=sys.stdout)
+        for step in bar:
+            mix = _text_norm_mix(step, settings)
+            if settings.text_norm_warmup and step == settings.text_norm_warmup:
+                # The final layer norm has not been trained (no gradient reached it): start it near the
+                # identity on the states the UNet has learnt to read, in the weights and in their EMA.
+                gain, bias = _fit_text_norm(encoders[0], torch.cat([g_["ids"][0][:128] for g_ in groups.values()]))
+                by_id = {id(q): i for i, q in enumerate(params)}
+                for q in final_layer_norm(encoders[0]).parameters():
+                    ema[by_id[id(q)]].copy_(q.detach())
+                print(f"toy {fam} UNet: text encoder's final layer norm blended in from step {step} "
+                      f"(gain {gain:.3f}, bias {bias:.3f})", flush=True)
+            g = _pick_group(groups, gen)
+            b = settings.batch_size
+            idx = torch.randint(len(g["captions"]), (b,), generator=gen)
+            mean, std, caption_ids = g["mean"][idx], g["std"][idx], [t_ids[idx] for t_ids in g["ids"]]
+            labels = g["labels"][idx]
+            if settings.mirror:
+                m = g["mirror"]
+                flip = torch.rand(b, generator=gen) < 0.5
+                mean = torch.where(flip[:, None, None, None], m["mean"][idx], mean)
+                std = torch.where(flip[:, None, None, None], m["std"][idx], std)
+                caption_ids = [torch.where(flip[:, None], m_ids[idx], c) for m_ids, c in zip(m["ids"], caption_ids)]
+                labels = torch.where(flip[:, None], m["labels"][idx], labels)
+            latents = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling  # (B, 4, h, w)
+            drop = torch.rand(b, generator=gen) < settings.caption_dropout
+            noise = _training_noise(latents.shape, gen, settings.multires_noise, settings.multires_discount)
+            t = torch.randint(0, num_t, (b,), generator=gen)
+            x_t = noise_scheduler.add_noise(latents, noise, t)
+            # The loss weighting decides how much the high-noise steps, where layout and shape are
+            # decided, count (sitdistill.core.schedule.NoiseSchedule.loss_weight).
+            weight = schedule.loss_weight(t, settings.loss_weighting, settings.snr_gamma)
+            batch = {"x_t": x_t, "t": t, "noise": noise, "weight": weight, "drop": drop, "labels": labels,
+                     "ids": caption_ids, "height": g["pixels"].shape[-2], "width": g["pixels"].shape[-1],
+                     "mix": mix, "total": b}
+            for pg in opt.param_groups:
+                pg["lr"] = pg["peak_lr"] * _lr_factor(step, settings.unet_steps, settings.warmup_steps)
+            opt.zero_grad(set_to_none=True)
+            if worker is None:
+                loss, words = _batch_loss(models, batch)
+                loss.backward()
+                loss_value, words_value = loss.item(), None if words is None else words.item()
+            else:
+                # Rows [b // 2, b) in the worker, [0, b // 2) here, at the same time (sitdistill.teachers.toy_split).
+                worker.submit(split_rows(batch, b // 2, b))
+                loss, words = _batch_loss(models, split_rows(batch, 0, b // 2))
+                loss.backward()
+                other_loss, other_words = worker.add_grads()
+                loss_value = loss.item() + other_loss
+                words_value = None if words is None else (words.item() + other_words) / 2
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            opt.step()
+            # EMA with a warm-up (decay grows with the step), as short runs need it to forget the init.
+            decay = min(settings.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [q.detach() for q in params], 1 - decay)
+            if step % 25 == 0:
+                bar.set_postfix(loss=f"{loss_value:.4f}", **({"words": f"{words_value:.3f}"} if heads else {}))
+            if probe is not None and (step + 1) % word_gain_every == 0:
+                _swap(params, ema)
+                word_gains.append({"step": step + 1, **probe(unet, encoders, norm_mix=mix)})
+                _swap(params, ema)
+                print(f"toy {fam} UNet word gain {json.dumps(word_gains[-1])}", flush=True)
+            if step + 1 in snapshots:
+                _swap(params, ema)
+                with atomic_dir(Path(snapshot_dir) / f"step-{step + 1}") as tmp:
+                    _pipeline(fam, vae, encoders, tokenizers, unet, scheduler_config).save_pretrained(
+                        tmp, safe_serialization=True)
+                    (tmp / FINISHED_MARKER).write_text(json.dumps(
+                        {"version": TOY_TEACHER_VERSION, "settings": settings.key_settings(), "snapshot_step": step + 1},
+                        indent=1, default=list) + "\n")
+                _swap(params, ema)
+    finally:
+        if worker is not None:
+            worker.close()
+            torch.set_num_threads(threads)
     timings["unet_s"] = time.time() - t0
     with torch.no_grad():
         for q, e in zip(params, ema):
@@ -599,7 +690,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
     timings["total_s"] = time.time() - t_start
     timings["cpu_s"] = time.process_time() - cpu_start  # CPU time: the honest figure on a shared machine
     info = {"version": TOY_TEACHER_VERSION, "settings": settings.key_settings(), "timings": timings,
-            "final_loss": float(loss.item()), "torch_threads": torch.get_num_threads()}
+            "final_loss": loss_value, "torch_threads": torch.get_num_threads(), "processes": processes}
     if word_gains:
         info["word_gain"] = word_gains
     with atomic_dir(out_dir) as tmp:

@@ -130,6 +130,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "tell every factor of its caption, as a CLIP encoder's does (default 0.1; 0: off)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own choice; 1 is faster on a busy shared CPU)")
+    parser.add_argument("--processes", type=int, choices=(1, 2), default=None,
+                        help="split each UNet step's batch over this many processes, each with half the threads "
+                        "(default: 2 where torch runs two threads and the build has >= 500 UNet steps)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a finished build exists")
     parser.add_argument("--eval", type=int, default=0, metavar="N",
                         help="after building, sample N held-out prompts and print colour/shape/position fidelity")
@@ -174,7 +177,7 @@ def run(args: argparse.Namespace) -> Path:
     done = is_finished(folder) and json.loads((Path(folder) / FINISHED_MARKER).read_text()).get("settings") == \
         json.loads(json.dumps(s.key_settings(), default=list))
     if args.force or not done:
-        build_toy_teacher(folder, s, cache_dir=cache, word_gain_every=args.word_gain_every)
+        build_toy_teacher(folder, s, cache_dir=cache, word_gain_every=args.word_gain_every, processes=args.processes)
     else:
         print(f"toy {s.family} teacher already built at {folder}"
               + (" (--word_gain_every applies to a build: add --force)" if args.word_gain_every else ""), flush=True)
