@@ -112,6 +112,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.gpu:
         return _gpu_bench(args)
+    if args.teacher_build:
+        from sitdistill.apps.bench import compare_build_processes
+
+        if args.steps < 2 or args.rounds < 1:
+            return fail("bench --teacher_build needs --steps >= 2 and --rounds >= 1", EXIT_USAGE)
+        _quiet_libraries()
+        print(compare_build_processes(steps=args.steps, rounds=args.rounds))
+        return 0
     from sitdistill.core.recipe import load_recipe
 
     if args.overrides and not args.compare and "mid" in args.configs:
@@ -286,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "recipe overrides side by side, in alternating rounds, and print the ratio")
     p.add_argument("--rounds", type=int, default=4, help="with --compare: alternating rounds (default 4)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--teacher_build", action="store_true", help="time the SDXL-style toy teacher's UNet steps on one "
+                   "and on two processes side by side (--steps UNet steps per build, --rounds alternating rounds; "
+                   "the VAE from the cache)")
     p.add_argument("--gpu", action="store_true", help="the real-size GPU benchmark (SD1.5 -> SiT-XL/2 at 512 px, "
                    "SDXL -> 2b at 1024 px, variants, memory levers; <= 8 minutes): writes results.md and results.json")
     p.add_argument("--output_dir", help="with --gpu: where the results go")

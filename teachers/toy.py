@@ -658,6 +658,8 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
             decay = min(settings.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
                 torch._foreach_lerp_(ema, [q.detach() for q in params], 1 - decay)
+            if step == 0:  # the first step carries the start-up (first-call allocations; the worker's start)
+                timings["unet_first_step_s"] = time.time() - t0
             if step % 25 == 0:
                 bar.set_postfix(loss=f"{loss_value:.4f}", **({"words": f"{words_value:.3f}"} if heads else {}))
             if probe is not None and (step + 1) % word_gain_every == 0:

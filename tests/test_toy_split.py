@@ -122,3 +122,18 @@ def test_a_two_process_build_is_a_pipeline_and_the_same_on_every_run(tmp_path):
         assert torch.equal(a, b), name
     one = toy_teacher.build_toy_teacher(tmp_path / "one", settings, cache_dir=tmp_path / "cache", processes=1)
     assert json.loads((one / toy_teacher.FINISHED_MARKER).read_text())["processes"] == 1
+
+
+def test_the_build_bench_times_both_sides(tmp_path, capsys):
+    from sitdistill import cli
+    from sitdistill.apps.bench import compare_build_processes
+
+    out = compare_build_processes(steps=2, rounds=1, cache_dir=tmp_path, **{k: v for k, v in TINY.items()
+                                                                            if k != "unet_steps"})
+    lines = out.splitlines()
+    assert "1 alternating rounds of 2 UNet steps" in lines[0]
+    assert lines[1].startswith("  1 process: ") and lines[1].endswith("ratio 1.000")
+    assert lines[2].startswith("  2 processes: ") and float(lines[2].rsplit(" ", 1)[1]) > 0
+    assert "ms/step after a first step of" in lines[2]
+    assert cli.main(["bench", "--teacher_build", "--steps", "1"]) == cli.EXIT_USAGE
+    assert "--steps >= 2 and --rounds >= 1" in capsys.readouterr().err

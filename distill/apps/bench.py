@@ -189,3 +189,33 @@ def compare_steps(overrides: list[str], rounds: int = 4, steps: int = 20, warmup
     for label, (_, total) in runs.items():
         lines.append(f"  {label}: {total[0] / (rounds * steps) * 1000:.1f} ms/step, ratio {total[0] / base:.3f}")
     return "\n".join(lines)
+
+
+def compare_build_processes(steps: int = 200, rounds: int = 2, cache_dir: str | Path | None = None,
+                            **settings: Any) -> str:
+    """The SDXL-style toy teacher's build (its default settings but `steps` UNet steps) on one process
+    and on two (sitdistill.teachers.toy_split), in `rounds` alternating rounds. Returns the UNet
+    part's ms per step on each side (the worker's start, a few seconds, included) and the ratio. The
+    VAE comes from the cache (`cache_dir`, default the toy teachers' cache root: built there if missing).
+    `settings`: other ToyTeacherSettings (the tests' tiny builds)."""
+    from sitdistill.teachers.toy import ToyTeacherSettings, build_toy_teacher
+    from sitdistill.teachers.toy_cache import FINISHED_MARKER, default_cache_root
+
+    settings = ToyTeacherSettings(**{"family": "sdxl", **settings, "unet_steps": steps})
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_root()
+    if steps < 2:
+        raise ValueError("the build bench needs at least 2 UNet steps (the first one is timed apart)")
+    totals = {1: [0.0, 0.0], 2: [0.0, 0.0]}  # the first steps' seconds, the other steps' seconds
+    with tempfile.TemporaryDirectory(prefix="sitdistill-bench-") as tmp:
+        for r in range(rounds):
+            for processes, total in totals.items():
+                out = build_toy_teacher(Path(tmp) / f"{r}-{processes}", settings, cache_dir=cache, processes=processes)
+                timings = json.loads((out / FINISHED_MARKER).read_text())["timings"]
+                total[0] += timings["unet_first_step_s"]
+                total[1] += timings["unet_s"] - timings["unet_first_step_s"]
+    lines = [f"toy sdxl teacher build, {rounds} alternating rounds of {steps} UNet steps "
+             f"(torch threads {torch.get_num_threads()}, split between the processes):"]
+    for processes, (first, rest) in totals.items():
+        lines.append(f"  {processes} process{'es' if processes > 1 else ''}: {rest / (rounds * (steps - 1)) * 1000:.1f} "
+                     f"ms/step after a first step of {first / rounds:.1f} s, ratio {rest / totals[1][1]:.3f}")
+    return "\n".join(lines)
