@@ -113,10 +113,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.gpu:
         return _gpu_bench(args)
     if args.teacher_build:
-        from sitdistill.apps.bench import compare_build_processes
+        from sitdistill.apps.bench import build_bench_problem, compare_build_processes
 
-        if args.steps < 2 or args.rounds < 1:
-            return fail("bench --teacher_build needs --steps >= 2 and --rounds >= 1", EXIT_USAGE)
+        problem = build_bench_problem(args.steps, args.rounds)
+        if problem:
+            return fail(problem, EXIT_USAGE)
         _quiet_libraries()
         print(compare_build_processes(steps=args.steps, rounds=args.rounds))
         return 0

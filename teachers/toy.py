@@ -283,6 +283,22 @@ def _batch_loss(models: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor |
     return loss, words
 
 
+def _backward(models: dict, batch: dict, worker: HalfBatchWorker | None) -> tuple[float, float | None]:
+    """The step's gradient on ``batch`` into the parameters' ``.grad``: here, or with ``worker``
+    rows [b // 2, b) there and [0, b // 2) here at the same time (sitdistill.teachers.toy_split).
+    Returns the step's loss and caption-words term (None without that objective)."""
+    b = batch["total"]
+    if worker is not None:
+        worker.submit(split_rows(batch, b // 2, b))
+        batch = split_rows(batch, 0, b // 2)
+    loss, words = _batch_loss(models, batch)
+    loss.backward()
+    if worker is None:
+        return loss.item(), None if words is None else words.item()
+    other_loss, other_words = worker.add_grads()
+    return loss.item() + other_loss, None if words is None else (words.item() + other_words) / 2
+
+
 def _model_params(models: dict) -> list[torch.nn.Parameter]:
     """The build's trained parameters in one order: the UNet's, the text encoders', the caption-words heads'."""
     return [q for m in [models["unet"], *models["encoders"], *models["heads"]] for q in m.parameters()]
@@ -599,7 +615,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
     if processes == 2:
         torch.set_num_threads(max(1, threads // 2))
         worker = HalfBatchWorker(_batch_loss, _worker_models, _worker_spec(models), _model_params(models),
-                                 threads=max(1, threads // 2))
+                                 threads=torch.get_num_threads())
     t0 = time.time()
     try:
         bar = tqdm(range(settings.unet_steps), desc=f"toy {fam} UNet", mininterval=5, file=sys.stdout)
@@ -640,18 +656,7 @@ def build_toy_teacher(out_dir: str | Path, settings: ToyTeacherSettings, cache_d
             for pg in opt.param_groups:
                 pg["lr"] = pg["peak_lr"] * _lr_factor(step, settings.unet_steps, settings.warmup_steps)
             opt.zero_grad(set_to_none=True)
-            if worker is None:
-                loss, words = _batch_loss(models, batch)
-                loss.backward()
-                loss_value, words_value = loss.item(), None if words is None else words.item()
-            else:
-                # Rows [b // 2, b) in the worker, [0, b // 2) here, at the same time (sitdistill.teachers.toy_split).
-                worker.submit(split_rows(batch, b // 2, b))
-                loss, words = _batch_loss(models, split_rows(batch, 0, b // 2))
-                loss.backward()
-                other_loss, other_words = worker.add_grads()
-                loss_value = loss.item() + other_loss
-                words_value = None if words is None else (words.item() + other_words) / 2
+            loss_value, words_value = _backward(models, batch, worker)
             torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
             opt.step()
             # EMA with a warm-up (decay grows with the step), as short runs need it to forget the init.

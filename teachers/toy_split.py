@@ -144,7 +144,7 @@ class HalfBatchWorker:
                 if self._pending:  # an exception between submit and add_grads: drain the answer first
                     self._receive()
                 self.conn.send(None)
-            except (OSError, RuntimeError, BrokenPipeError):
+            except (OSError, RuntimeError):  # a worker already gone
                 pass
             self.proc.join(timeout=10)
             if self.proc.is_alive():

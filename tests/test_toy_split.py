@@ -136,4 +136,4 @@ def test_the_build_bench_times_both_sides(tmp_path, capsys):
     assert lines[2].startswith("  2 processes: ") and float(lines[2].rsplit(" ", 1)[1]) > 0
     assert "ms/step after a first step of" in lines[2]
     assert cli.main(["bench", "--teacher_build", "--steps", "1"]) == cli.EXIT_USAGE
-    assert "--steps >= 2 and --rounds >= 1" in capsys.readouterr().err
+    assert "--steps >= 2 (the first step is timed apart) and --rounds >= 1" in capsys.readouterr().err

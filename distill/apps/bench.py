@@ -191,20 +191,28 @@ def compare_steps(overrides: list[str], rounds: int = 4, steps: int = 20, warmup
     return "\n".join(lines)
 
 
+def build_bench_problem(steps: int, rounds: int) -> str | None:
+    """Why `compare_build_processes` cannot run with these counts, or None."""
+    if steps < 2 or rounds < 1:
+        return "bench --teacher_build needs --steps >= 2 (the first step is timed apart) and --rounds >= 1"
+    return None
+
+
 def compare_build_processes(steps: int = 200, rounds: int = 2, cache_dir: str | Path | None = None,
                             **settings: Any) -> str:
     """The SDXL-style toy teacher's build (its default settings but `steps` UNet steps) on one process
-    and on two (sitdistill.teachers.toy_split), in `rounds` alternating rounds. Returns the UNet
-    part's ms per step on each side (the worker's start, a few seconds, included) and the ratio. The
-    VAE comes from the cache (`cache_dir`, default the toy teachers' cache root: built there if missing).
-    `settings`: other ToyTeacherSettings (the tests' tiny builds)."""
+    and on two (sitdistill.teachers.toy_split), in `rounds` alternating rounds. Returns each side's
+    ms per UNet step after the first (timed apart: it carries the worker's start, a few seconds)
+    and the ratio. The VAE comes from the cache (`cache_dir`, default the toy teachers' cache root:
+    built there if missing). `settings`: other ToyTeacherSettings (the tests' tiny builds)."""
     from sitdistill.teachers.toy import ToyTeacherSettings, build_toy_teacher
     from sitdistill.teachers.toy_cache import FINISHED_MARKER, default_cache_root
 
+    problem = build_bench_problem(steps, rounds)
+    if problem:
+        raise ValueError(problem)
     settings = ToyTeacherSettings(**{"family": "sdxl", **settings, "unet_steps": steps})
     cache = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    if steps < 2:
-        raise ValueError("the build bench needs at least 2 UNet steps (the first one is timed apart)")
     totals = {1: [0.0, 0.0], 2: [0.0, 0.0]}  # the first steps' seconds, the other steps' seconds
     with tempfile.TemporaryDirectory(prefix="sitdistill-bench-") as tmp:
         for r in range(rounds):
