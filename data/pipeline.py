@@ -80,10 +80,13 @@ def data_root(data_cfg: DictConfig) -> Path:
 
 
 def needs_images(recipe: DictConfig) -> bool:
-    """False only in data-free mode: every active term comes from teacher trajectories."""
+    """False only in data-free mode: every active term comes from teacher trajectories (feature
+    alignment included, when it is on for the trajectory states: `trajectory.align`)."""
     lo = recipe.losses
     batch_parts = any(lo.perturbations[p].enabled for p in BATCH_PARTS)
-    return bool(lo.eps or lo.teacher or lo.feature or (lo.perturb and batch_parts))
+    traj = lo.perturbations.trajectory
+    aligned_off_data = bool(lo.perturb and traj.enabled and traj.get("align", False))
+    return bool(lo.eps or lo.teacher or (lo.feature and not aligned_off_data) or (lo.perturb and batch_parts))
 
 
 class DataExhausted(RuntimeError):

@@ -136,6 +136,23 @@ def test_data_free_run_learns_from_teacher_trajectories_only(tiny_teachers, tmp_
     assert len(d.objective.trajectory.queue) == 2
 
 
+def test_data_free_run_aligns_features_on_the_teachers_states(tiny_teachers, tmp_path):
+    pp = "losses.perturbations"
+    common = ["losses.eps=0", "losses.teacher=0", "losses.perturb=1", f"{pp}.trajectory.enabled=true",
+              f"{pp}.trajectory.num_steps=2", "losses.feature=0.5", "losses.features.student_blocks=[1]",
+              "losses.features.teacher_modules=[mid_block]", "losses.features.projector_hidden=16"]
+    # Without `align` the feature weight is the data's alignment term, so images are read.
+    assert Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "data", *common)).data.needs_images
+    d = Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "run", *common, f"{pp}.trajectory.align=true"))
+    assert not d.data.needs_images
+    projector = [p.detach().clone() for p in d.projector.parameters()]
+    logs = d.step(None)
+    assert logs["loss/perturb/trajectory_feature"] > 0 and "loss/feature" not in logs
+    assert logs["loss/total"] == pytest.approx(logs["loss/perturb/trajectory"]
+                                               + 0.5 * logs["loss/perturb/trajectory_feature"], rel=1e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(projector, d.projector.parameters()))  # it learns
+
+
 def test_trajectory_part_beside_data_terms(tiny_teachers, tmp_path):
     d = Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "run", "losses.perturb=0.5",
                               "losses.perturbations.trajectory.enabled=true",

@@ -208,11 +208,19 @@ class DistillObjective:
         lo, out = self.losses, Terms()
         with self.timer("trajectory_sampling"):
             xs, ts, cs = self.trajectory.next()
-        with self.timer("teacher"), torch.no_grad():
+        paths = self.teacher_paths if lo.perturbations.trajectory.align else ()
+        blocks = self.student_blocks if paths else None
+        with self.timer("teacher"), torch.no_grad(), capture(self.teacher.unet, paths) as t_feats:
             target = self.teacher_target(xs, ts, cs)
         with self.timer("student_forward"):
-            loss = teacher_loss(self.student_eps(xs, ts, self.with_guidance(cs, None)), target, self.teacher_weight(ts))
-        out.add("perturb/trajectory", loss, lo.perturb * lo.perturbations.trajectory.weight)
+            pred = self.student_eps(xs, ts, self.with_guidance(cs, None), blocks)
+        s_eps, s_feats, grid = pred if blocks else (pred, None, None)
+        out.add("perturb/trajectory", teacher_loss(s_eps, target, self.teacher_weight(ts)),
+                lo.perturb * lo.perturbations.trajectory.weight)
+        if blocks:  # alignment on the teacher's own states, weighted as the data's (`losses.feature`)
+            targets = [tokens_from_map(t_feats[p], grid) for p in paths]
+            out.add("perturb/trajectory_feature", feature_loss(self.projector(s_feats), targets, kind=lo.features.kind),
+                    lo.feature)
         return out
 
     # ------------------------------------------------------------------ conditioning and latents

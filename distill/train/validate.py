@@ -155,6 +155,9 @@ def _check_losses(r: DictConfig, where: str) -> None:
     if traj.enabled and traj.prompts == "prompt_file" and not pf.path:
         raise fail("losses.perturbations.prompt_file.path", "is null but the trajectory part reads its prompts from it",
                     where)
+    if traj.align and not lo.feature:
+        raise fail("losses.perturbations.trajectory.align", "is true but losses.feature is 0: nothing to align with",
+                    where)
 
 
 def _check_student(r: DictConfig, where: str, shape: bool = True) -> None:
