@@ -27,9 +27,10 @@ def test_every_student_recipe_resolves_and_differs_only_in_its_losses(letter, tm
         assert r[section] == base[section], section
     assert list(r.data.toy.exclude_combos) == HELD
     expected = {"A": (1.0, 0.0, 0.0, 0.0), "B": (1.0, 1.0, 0.0, 0.0), "C": (1.0, 1.0, 1.0, 0.0),
-                "D": (0.0, 0.0, 1.0, 0.0), "E": (1.0, 1.0, 1.0, 0.5)}[letter]
+                "D": (0.0, 0.0, 1.0, 0.5), "E": (1.0, 1.0, 1.0, 0.5)}[letter]
     assert (lo.eps, lo.teacher, lo.perturb, lo.feature) == expected
-    assert needs_images(r) == (letter != "D")  # D is data-free: trajectories only
+    assert needs_images(r) == (letter != "D")  # D is data-free: trajectories only, aligned on them
+    assert lo.perturbations.trajectory.align == (letter == "D")
     assert lo.perturbations.trajectory.enabled == (letter in "CDE")
     if letter in "CDE":
         assert lo.perturbations.trajectory.prompts == "prompt_file" and lo.perturbations.prompt_file.path == str(prompts)

@@ -8,7 +8,8 @@ limited data set in the same order and trains for the same number of steps; only
   C  B + perturbation: input noise, caption recombination, prompts from a text-only prompt list and
      timestep jitter on the data's states, plus states from the teacher's own sampling trajectories
      for prompts of the list (the teacher is the only target on all of them)
-  D  data-free: the trajectory states alone, no image at all
+  D  data-free: the trajectory states alone, no image at all, with E's feature alignment on them
+     (the teacher's eps and its mid-block features on its own states are the only targets)
   E  C + feature alignment (a student block to the teacher's mid block)
 
 The data set is small (``data.toy.num_images``) and some colour x shape combinations are held out
@@ -64,7 +65,8 @@ def letter_overrides(letter: str, prompt_file: str) -> list[str]:
         "A": ["losses.teacher=0"],
         "B": [],
         "C": perturb,
-        "D": ["losses.eps=0", "losses.teacher=0", "losses.perturb=1.0", *trajectories],
+        "D": ["losses.eps=0", "losses.teacher=0", "losses.perturb=1.0", *trajectories, *feature,
+              f"{pp}.trajectory.align=true"],
         "E": perturb + feature,
     }
     if letter not in table:
