@@ -85,7 +85,7 @@ def needs_images(recipe: DictConfig) -> bool:
     lo = recipe.losses
     batch_parts = any(lo.perturbations[p].enabled for p in BATCH_PARTS)
     traj = lo.perturbations.trajectory
-    aligned_off_data = bool(lo.perturb and traj.enabled and traj.get("align", False))
+    aligned_off_data = bool(lo.perturb and traj.enabled and traj.align)
     return bool(lo.eps or lo.teacher or (lo.feature and not aligned_off_data) or (lo.perturb and batch_parts))
 
 

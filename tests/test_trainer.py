@@ -137,20 +137,40 @@ def test_data_free_run_learns_from_teacher_trajectories_only(tiny_teachers, tmp_
 
 
 def test_data_free_run_aligns_features_on_the_teachers_states(tiny_teachers, tmp_path):
+    from sitdistill.data.pipeline import needs_images
+    from sitdistill.train.features import capture, tokens_from_map
+    from sitdistill.train.losses import feature_loss
+
     pp = "losses.perturbations"
     common = ["losses.eps=0", "losses.teacher=0", "losses.perturb=1", f"{pp}.trajectory.enabled=true",
               f"{pp}.trajectory.num_steps=2", "losses.feature=0.5", "losses.features.student_blocks=[1]",
               "losses.features.teacher_modules=[mid_block]", "losses.features.projector_hidden=16"]
     # Without `align` the feature weight is the data's alignment term, so images are read.
-    assert Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "data", *common)).data.needs_images
+    assert needs_images(tiny_recipe(tiny_teachers["sd15"], tmp_path / "data", *common))
     d = Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "run", *common, f"{pp}.trajectory.align=true"))
     assert not d.data.needs_images
+    # The term compares the student's block 1, projected, with the teacher's mid block on the same states.
+    obj = d.objective
+    xs, ts, cs = obj.trajectory.next()
+    obj.trajectory.next = lambda: (xs, ts, cs)
+    terms, weights, _ = obj(None)
+    with torch.no_grad(), capture(d.teacher.unet, ["mid_block"]) as t_feats:
+        d.teacher.predict_as(xs, ts, cs, obj.target_type)
+        _, s_feats, grid = obj.student_eps(xs, ts, cs, [1])
+        expected = feature_loss(d.projector(s_feats), [tokens_from_map(t_feats["mid_block"], grid)])
+    assert torch.allclose(terms["feature/trajectory"].detach(), expected, atol=1e-6)
+    assert weights["feature/trajectory"] == 0.5 and set(terms) == {"perturb/trajectory", "feature/trajectory"}
     projector = [p.detach().clone() for p in d.projector.parameters()]
     logs = d.step(None)
-    assert logs["loss/perturb/trajectory_feature"] > 0 and "loss/feature" not in logs
     assert logs["loss/total"] == pytest.approx(logs["loss/perturb/trajectory"]
-                                               + 0.5 * logs["loss/perturb/trajectory_feature"], rel=1e-5)
+                                               + 0.5 * logs["loss/feature/trajectory"], rel=1e-5)
     assert any(not torch.equal(a, b) for a, b in zip(projector, d.projector.parameters()))  # it learns
+    # Beside the data terms, the data states are aligned too: two alignment terms.
+    both = Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "both", *common, "losses.eps=1",
+                                 f"{pp}.trajectory.align=true"))
+    assert both.data.needs_images
+    logs = both.step(next(iter(both.data.epoch_batches(0))))
+    assert {"loss/eps", "loss/feature", "loss/feature/trajectory", "loss/perturb/trajectory"} <= logs.keys()
 
 
 def test_trajectory_part_beside_data_terms(tiny_teachers, tmp_path):

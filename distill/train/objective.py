@@ -18,7 +18,8 @@ so a resumed run continues exactly.
 Perturbations (SDiT): every sample of a batch is assigned to one enabled batch part
 (`sitdistill.train.perturb.PERTURBATIONS`, keyed by the recipe's names), so one extra teacher+student
 forward serves them all and each part's loss is logged on its own. Off-data trajectory states
-(data-free) come as a batch of their own from `TrajectoryPool`.
+(data-free) come as a batch of their own from `TrajectoryPool`, aligned too when
+`trajectory.align` is on (w_feat * L_feat on them, logged as `feature/trajectory`).
 """
 
 from __future__ import annotations
@@ -204,13 +205,15 @@ class DistillObjective:
         return out
 
     def trajectory_term(self) -> Terms:
-        """The trajectory part: states of the teacher's own sampling, a batch of their own."""
+        """The trajectory part: states of the teacher's own sampling, a batch of their own; with
+        `trajectory.align`, the feature alignment on them too (`feature/trajectory`)."""
         lo, out = self.losses, Terms()
         with self.timer("trajectory_sampling"):
             xs, ts, cs = self.trajectory.next()
         paths = self.teacher_paths if lo.perturbations.trajectory.align else ()
         blocks = self.student_blocks if paths else None
-        with self.timer("teacher"), torch.no_grad(), capture(self.teacher.unet, paths) as t_feats:
+        hooks = capture(self.teacher.unet, paths) if paths else contextlib.nullcontext({})
+        with self.timer("teacher"), torch.no_grad(), hooks as t_feats:
             target = self.teacher_target(xs, ts, cs)
         with self.timer("student_forward"):
             pred = self.student_eps(xs, ts, self.with_guidance(cs, None), blocks)
@@ -219,7 +222,7 @@ class DistillObjective:
                 lo.perturb * lo.perturbations.trajectory.weight)
         if blocks:  # alignment on the teacher's own states, weighted as the data's (`losses.feature`)
             targets = [tokens_from_map(t_feats[p], grid) for p in paths]
-            out.add("perturb/trajectory_feature", feature_loss(self.projector(s_feats), targets, kind=lo.features.kind),
+            out.add("feature/trajectory", feature_loss(self.projector(s_feats), targets, kind=lo.features.kind),
                     lo.feature)
         return out
 

@@ -158,6 +158,15 @@ def _check_losses(r: DictConfig, where: str) -> None:
     if traj.align and not lo.feature:
         raise fail("losses.perturbations.trajectory.align", "is true but losses.feature is 0: nothing to align with",
                     where)
+    if traj.align and not (lo.perturb and traj.enabled):
+        raise fail("losses.perturbations.trajectory.align", "is true but the trajectory part is off (it needs "
+                    "losses.perturb > 0 and losses.perturbations.trajectory.enabled=true)", where)
+    if lo.guidance_pairs:
+        from sitdistill.data.pipeline import needs_images
+
+        if not needs_images(r):
+            raise fail("losses.guidance_pairs", "pairs rows of a data batch, and this run is data-free "
+                        "(trajectory states only)", where)
 
 
 def _check_student(r: DictConfig, where: str, shape: bool = True) -> None:
