@@ -43,8 +43,12 @@ def capture(module: nn.Module, paths: Sequence[str], detach: bool = False) -> It
     The dict maps each path to the output of its last call (a teacher called once for the
     unconditional and once for the conditional half leaves the second). Keep `detach=False` on
     the student side so gradients flow through the features. Unknown paths raise a KeyError
-    before anything is hooked; every hook is removed on exit, exceptions included.
+    before anything is hooked; every hook is removed on exit, exceptions included. No paths: an
+    empty dict, without walking the module (the training step enters this every step).
     """
+    if not paths:
+        yield {}
+        return
     modules = dict(module.named_modules())
     unknown = [p for p in paths if p not in modules]
     if unknown:

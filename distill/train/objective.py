@@ -71,6 +71,8 @@ class DistillObjective:
         # Read from the recipe once, not every step.
         self.teacher_paths = tuple(lo.features.teacher_modules) if lo.feature else ()
         self.student_blocks = tuple(lo.features.student_blocks) if lo.feature else None
+        # The teacher modules aligned on trajectory states too (`trajectory.align`), else none.
+        self.trajectory_paths = self.teacher_paths if lo.perturbations.trajectory.align else ()
         self.parts = [name for name in PERTURBATIONS if lo.perturbations[name].enabled]  # batch parts on
         pp = lo.perturbations
         # The prompt file feeds the prompt_file part and/or the trajectory part (prompts=prompt_file),
@@ -157,10 +159,7 @@ class DistillObjective:
             out.add("guidance", teacher_loss(s_eps[:k] - s_eps[k:2 * k], t_eps[:k] - t_eps[k:2 * k],
                                              self.teacher_weight(t[:k])), lo.guidance_pairs)
         if lo.feature:
-            projected = self.projector(s_feats)  # one call: the DDP wrapper syncs their gradients
-            # A guided teacher ran one batch [uncond, cond]: align to the conditional half.
-            targets = [tokens_from_map(t_feats[p][-n:], grid) for p in self.teacher_paths]
-            out.add("feature", feature_loss(projected, targets, kind=lo.features.kind), lo.feature)
+            out.add("feature", self.alignment(s_feats, t_feats, grid, self.teacher_paths, n), lo.feature)
             if x0_attached is not None:  # REPA-E: this term alone trains the VAE, through x_t
                 weighted = lo.feature / self.accumulation * out.terms["feature"].mean()
                 e2e.feature_grad_to_vae_(weighted, x_t, x0_attached, noise, t, sched)
@@ -210,10 +209,9 @@ class DistillObjective:
         lo, out = self.losses, Terms()
         with self.timer("trajectory_sampling"):
             xs, ts, cs = self.trajectory.next()
-        paths = self.teacher_paths if lo.perturbations.trajectory.align else ()
+        paths = self.trajectory_paths
         blocks = self.student_blocks if paths else None
-        hooks = capture(self.teacher.unet, paths) if paths else contextlib.nullcontext({})
-        with self.timer("teacher"), torch.no_grad(), hooks as t_feats:
+        with self.timer("teacher"), torch.no_grad(), capture(self.teacher.unet, paths) as t_feats:
             target = self.teacher_target(xs, ts, cs)
         with self.timer("student_forward"):
             pred = self.student_eps(xs, ts, self.with_guidance(cs, None), blocks)
@@ -221,10 +219,17 @@ class DistillObjective:
         out.add("perturb/trajectory", teacher_loss(s_eps, target, self.teacher_weight(ts)),
                 lo.perturb * lo.perturbations.trajectory.weight)
         if blocks:  # alignment on the teacher's own states, weighted as the data's (`losses.feature`)
-            targets = [tokens_from_map(t_feats[p], grid) for p in paths]
-            out.add("feature/trajectory", feature_loss(self.projector(s_feats), targets, kind=lo.features.kind),
-                    lo.feature)
+            out.add("feature/trajectory", self.alignment(s_feats, t_feats, grid, paths, len(ts)), lo.feature)
         return out
+
+    def alignment(self, s_feats: list[Tensor], t_feats: dict[str, Tensor], grid: tuple[int, int],
+                  paths: tuple[str, ...], n: int) -> Tensor:
+        """The feature-alignment term (N,): the student's block outputs through the projectors
+        against the teacher's module outputs at `paths`, resampled onto the student's token grid. A
+        guided teacher ran one batch [uncond, cond]: its last `n` rows, the conditional half, are the targets."""
+        projected = self.projector(s_feats)  # one call for every block: the DDP wrapper syncs their gradients
+        targets = [tokens_from_map(t_feats[p][-n:], grid) for p in paths]
+        return feature_loss(projected, targets, kind=self.losses.features.kind)
 
     # ------------------------------------------------------------------ conditioning and latents
     def encode(self, captions: list[str], batch: dict | None = None, cached: bool = True) -> tuple[dict, dict]:
