@@ -115,6 +115,28 @@ def test_teacher_trajectory_states_match_ddim_closed_form():
     assert torch.allclose(states, expected, atol=1e-5)
 
 
+def test_teacher_trajectory_end_is_the_guided_ddim_sample():
+    """stop_at="end" runs every step (one guided call each) and returns the sample: with the exact
+    eps, sqrt(a_final) c_g + sqrt(1 - a_final) eta0, the closed form one step past the last state."""
+    scheduler = DDIMScheduler(**SD_SCHEDULE)
+    ac, calls = scheduler.alphas_cumprod, []
+    n, shape, w = 3, (3, 2, 3, 3), 4.0
+    cond = {"encoder_hidden_states": torch.tensor([0.5, -0.2, 0.3]).view(n, 1, 1).expand(n, 5, 8)}
+    uncond = {"encoder_hidden_states": torch.tensor([0.1, 0.0, -0.1]).view(n, 1, 1).expand(n, 5, 8)}
+    x0, t = teacher_trajectory_states(_analytic_teacher(ac, calls), scheduler, cond, uncond, shape, num_steps=5,
+                                      guidance_scale=w, generator=gen(4), stop_at="end")
+    assert x0.shape == shape and torch.equal(t, torch.tensor([801, 601, 401, 201, 1]))
+    assert len(calls) == 5  # one more teacher call than the last state of "all" needs
+    noise = torch.randn(shape, generator=gen(4))
+    c_u, c_c = uncond["encoder_hidden_states"][:, 0, 0], cond["encoder_hidden_states"][:, 0, 0]
+    c_g = (c_u + w * (c_c - c_u)).view(-1, 1, 1, 1)
+    a0, a_end = ac[801], scheduler.final_alpha_cumprod  # set_alpha_to_one=False: alphas_cumprod[0]
+    eta0 = (noise - a0.sqrt() * c_g) / (1 - a0).sqrt()
+    assert torch.allclose(x0, a_end.sqrt() * c_g + (1 - a_end).sqrt() * eta0, atol=1e-5)
+    with pytest.raises(ValueError, match="'end'"):
+        teacher_trajectory_states(_analytic_teacher(ac, []), scheduler, cond, uncond, shape, 5, stop_at="last")
+
+
 def test_teacher_trajectory_unguided_draws_stops_and_refuses_sigma_schedulers():
     scheduler = DDIMScheduler(**SD_SCHEDULE)
     calls = []

@@ -136,6 +136,30 @@ def test_data_free_run_learns_from_teacher_trajectories_only(tiny_teachers, tmp_
     assert len(d.objective.trajectory.queue) == 2
 
 
+def test_renoised_trajectory_states_are_the_teachers_samples_noised_like_data(tiny_teachers, tmp_path):
+    pp = "losses.perturbations"
+    d = Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "run", "losses.eps=0", "losses.teacher=0",
+                              "losses.perturb=1", f"{pp}.trajectory.enabled=true", f"{pp}.trajectory.num_steps=3",
+                              f"{pp}.trajectory.guidance_scale=2.0", f"{pp}.trajectory.states=renoised",
+                              "training.max_steps=4"))
+    pool, schedule = d.objective.trajectory, d.teacher.schedule
+    # Each of the N samples is noised `copies` times, copy-major, at timesteps drawn as the data's.
+    x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    pool.gen.manual_seed(5)
+    x_t, t = pool.renoise(x0, 3)
+    g = torch.Generator().manual_seed(5)
+    t_again = schedule.sample_timesteps(12, generator=g, mode=d.recipe.losses.timestep_sampling)
+    noise = torch.randn(12, 4, 8, 8, generator=g)
+    assert torch.equal(t, t_again) and len(set(t.tolist())) > 3
+    assert torch.allclose(x_t, schedule.add_noise(x0.repeat(3, 1, 1, 1), noise, t))
+    # A data-free run on them: one sampling run of 3 steps still serves 3 batches.
+    summary = d.fit()
+    assert summary["steps"] == 4 and len(pool.queue) == 2
+    _, t_served, _ = pool.next()
+    pool.scheduler.set_timesteps(3)
+    assert not set(t_served.tolist()) <= set(pool.scheduler.timesteps.tolist())  # fresh, not the sampler's grid
+
+
 def test_data_free_run_aligns_features_on_the_teachers_states(tiny_teachers, tmp_path):
     from sitdistill.data.pipeline import needs_images
     from sitdistill.train.features import capture, tokens_from_map

@@ -158,6 +158,10 @@ class TrajectoryConfig:
     # Where the prompts come from: the data set's captions (text only), the prompt file of
     # `prompt_file.path`, or fresh toy-world prompts.
     prompts: str = _choice("captions", ("captions", "prompt_file", "toy"))
+    # Which states: "path", the states the sampler passes through (on its `num_steps` grid);
+    # "renoised", the runs' end points (the teacher's samples) noised afresh, as data images are
+    # (timesteps by `losses.timestep_sampling`): as many states per sampling run either way.
+    states: str = _choice("path", ("path", "renoised"))
     # Align the student's features to the teacher's on these states too (the `losses.features`
     # blocks and modules, weighted by `losses.feature`, which must be > 0). With `losses.eps` and
     # `losses.teacher` at 0 and no batch part on, the run is data-free and aligned on these states only.

@@ -85,7 +85,8 @@ class DistillObjective:
 
             self.trajectory = TrajectoryPool(teacher, pp.trajectory, generator, batch_size=data.batch_size,
                                              latent_hw=data.example_latent_hw, captions=data.captions,
-                                             prompt_pool=self.prompt_pool, caption_dropout=self.caption_dropout)
+                                             prompt_pool=self.prompt_pool, caption_dropout=self.caption_dropout,
+                                             timestep_sampling=lo.timestep_sampling)
 
     # ------------------------------------------------------------------ the terms
     def __call__(self, batch: dict) -> tuple[dict[str, Tensor], dict[str, float], dict[str, Tensor]]:

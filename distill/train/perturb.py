@@ -187,6 +187,8 @@ def teacher_trajectory_states(
 
     `stop_at="all"` returns every state of the trajectory instead: states (S, N, C, H, W) and
     timesteps (S,) for the S = `num_steps` steps (one sampling run yields S batches of states).
+    `stop_at="end"` runs every step and returns the teacher's samples, x0 (N, C, H, W), with the
+    timesteps (S,) of the grid they were sampled on.
 
     `teacher_eps_fn(x, t, cond) -> eps` with t a (N,) long tensor; with `uncond` and a guidance
     scale (float or (N,)) the unconditional and conditional halves go through one batched call.
@@ -204,11 +206,12 @@ def teacher_trajectory_states(
         raise ValueError(f"{type(scheduler).__name__} has float timesteps; trajectory states need integer ones")
 
     x = torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)  # (N, C, H, W)
-    every_state = isinstance(stop_at, str)
-    if every_state and stop_at != "all":
-        raise ValueError(f"stop_at must be a step index, a tensor of them, None or 'all', got {stop_at!r}")
+    named = isinstance(stop_at, str)
+    if named and stop_at not in ("all", "end"):
+        raise ValueError(f"stop_at must be a step index, a tensor of them, None, 'all' or 'end', got {stop_at!r}")
+    every_state, to_the_end = named and stop_at == "all", named and stop_at == "end"
     trail = []
-    if every_state:
+    if named:
         stop_at = len(timesteps) - 1
     elif stop_at is None:
         stop_at = torch.randint(len(timesteps), (n,), generator=generator, device=gen_device)
@@ -226,7 +229,7 @@ def teacher_trajectory_states(
         states[take] = x[take]
         if every_state:
             trail.append(x)
-        if step == int(stop_at.max()):
+        if step == int(stop_at.max()) and not to_the_end:
             break  # every sample has its state; no more teacher calls needed
         model_in = scheduler.scale_model_input(x, t)  # identity on the DDPM grid
         t_batch = t.expand(n).long()  # (N,)
@@ -238,6 +241,8 @@ def teacher_trajectory_states(
         x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
     if every_state:
         return torch.stack(trail), timesteps.long()  # (S, N, C, H, W), (S,)
+    if to_the_end:
+        return x, timesteps.long()  # (N, C, H, W), (S,)
     return states, timesteps[stop_at].long()
 
 
