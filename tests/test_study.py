@@ -31,6 +31,7 @@ def test_every_student_recipe_resolves_and_differs_only_in_its_losses(letter, tm
     assert (lo.eps, lo.teacher, lo.perturb, lo.feature) == expected
     assert needs_images(r) == (letter != "D")  # D is data-free: trajectories only, aligned on them
     assert lo.perturbations.trajectory.align == (letter == "D")
+    assert lo.perturbations.trajectory.swap_prompts == (0.3 if letter == "D" else 0.0)
     assert lo.perturbations.trajectory.enabled == (letter in "CDE")
     if letter in "CDE":
         assert lo.perturbations.trajectory.prompts == "prompt_file" and lo.perturbations.prompt_file.path == str(prompts)

@@ -160,6 +160,22 @@ def test_renoised_trajectory_states_are_the_teachers_samples_noised_like_data(ti
     assert not set(t_served.tolist()) <= set(pool.scheduler.timesteps.tolist())  # fresh, not the sampler's grid
 
 
+def test_swapped_prompts_give_trajectory_states_another_rows_prompt(tiny_teachers, tmp_path):
+    pp = "losses.perturbations"
+    d = Distiller(tiny_recipe(tiny_teachers["sd15"], tmp_path / "run", "losses.perturb=1", "data.caption_dropout=0",
+                              f"{pp}.trajectory.enabled=true", f"{pp}.trajectory.num_steps=2",
+                              f"{pp}.trajectory.prompts=toy", f"{pp}.trajectory.swap_prompts=1.0"))
+    pool = d.objective.trajectory
+    pool.refill()
+    x_q, t_q, cond_q, _ = pool.queue[-1]
+    x, t, cond = pool.next()
+    assert torch.equal(x, x_q) and torch.equal(t, t_q)
+    served, queued = cond["encoder_hidden_states"], cond_q["encoder_hidden_states"]
+    # Every row now carries some row's prompt of the same batch, and not all its own.
+    match = (served[:, None] == queued[None]).flatten(2).all(-1)  # (N, N): served row i is queued row j
+    assert match.any(1).all() and not torch.equal(served, queued)
+
+
 def test_data_free_run_aligns_features_on_the_teachers_states(tiny_teachers, tmp_path):
     from sitdistill.data.pipeline import needs_images
     from sitdistill.train.features import capture, tokens_from_map

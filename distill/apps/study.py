@@ -66,7 +66,7 @@ def letter_overrides(letter: str, prompt_file: str) -> list[str]:
         "B": [],
         "C": perturb,
         "D": ["losses.eps=0", "losses.teacher=0", "losses.perturb=1.0", *trajectories, *feature,
-              f"{pp}.trajectory.align=true"],
+              f"{pp}.trajectory.align=true", f"{pp}.trajectory.swap_prompts=0.3"],
         "E": perturb + feature,
     }
     if letter not in table:

@@ -13,7 +13,7 @@ DESCRIPTIONS = {
     "A": "eps only (no teacher)",
     "B": "eps + teacher",
     "C": "eps + teacher + perturbation",
-    "D": "teacher trajectories only, aligned (data-free)",
+    "D": "teacher trajectories only, aligned, prompts swapped (data-free)",
     "E": "C + feature alignment",
 }
 SETS = ("seen", "held_out")

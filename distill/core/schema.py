@@ -162,6 +162,10 @@ class TrajectoryConfig:
     # "renoised", the runs' end points (the teacher's samples) noised afresh, as data images are
     # (timesteps by `losses.timestep_sampling`): as many states per sampling run either way.
     states: str = _choice("path", ("path", "renoised"))
+    # The fraction of states served with another prompt of their batch than the one they were
+    # sampled for (the teacher's eps for that prompt is the target), as caption_mix does with data
+    # states: how the prediction answers a prompt the state does not show.
+    swap_prompts: float = 0.0
     # Align the student's features to the teacher's on these states too (the `losses.features`
     # blocks and modules, weighted by `losses.feature`, which must be > 0). With `losses.eps` and
     # `losses.teacher` at 0 and no batch part on, the run is data-free and aligned on these states only.

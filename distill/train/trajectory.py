@@ -96,13 +96,18 @@ class TrajectoryPool:
     def next(self) -> tuple[torch.Tensor, torch.Tensor, Cond]:
         """A batch of states and their conditioning. The data's caption dropout applies here too
         (a dropped row gets the unconditional input, and so the teacher's unconditional eps as
-        target): without it a data-free student never learns the branch that CFG subtracts."""
+        target): without it a data-free student never learns the branch that CFG subtracts. With
+        `swap_prompts`, that fraction of rows first takes another row's prompt."""
         if not self.queue:
             self.refill()
         x, t, cond, uncond = self.queue.pop()
+        g, q = self.gen, self.cfg.swap_prompts
+        if q > 0:  # before the dropout: a dropped row stays unconditional
+            swap = torch.rand(len(t), generator=g, device=g.device).to(t.device) < q
+            other = torch.randperm(len(t), generator=g, device=g.device).to(t.device)
+            cond = where_rows(swap, {k: v[other] for k, v in cond.items()}, cond)
         p = self.caption_dropout
         if p > 0:
-            g = self.gen
             drop = torch.rand(len(t), generator=g, device=g.device).to(t.device) < p
             cond = where_rows(drop, uncond, cond)
         return x, t, cond

@@ -53,7 +53,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "losses.min_snr_gamma": _POS, "losses.features.projector_hidden": _GE1,
     "losses.perturbations.input_noise.gamma": _GE0, "losses.perturbations.embedding_noise.sigma": _GE0,
     "losses.perturbations.timestep_jitter.max_delta": _GE0, "losses.perturbations.trajectory.num_steps": _GE1,
-    "losses.perturbations.trajectory.guidance_scale": _GE0,
+    "losses.perturbations.trajectory.guidance_scale": _GE0, "losses.perturbations.trajectory.swap_prompts": _PROB,
     "e2e.lora_rank": _GE1, "e2e.lora_alpha": _POS, "e2e.vae_recon": _GE0, "e2e.vae_kl": _GE0, "e2e.vae_align": _GE0,
     "e2e.text_encoder_align": _GE0,
     "sampling.num_inference_steps": _GE1, "sampling.guidance_scale": _GE0, "sampling.guidance_rescale": _PROB, "sampling.height": _GE1,
