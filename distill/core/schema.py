@@ -162,8 +162,9 @@ class TrajectoryConfig:
     # "renoised", the runs' end points (the teacher's samples) noised afresh, as data images are
     # (timesteps by `losses.timestep_sampling`): as many states per sampling run either way.
     states: str = _choice("path", ("path", "renoised"))
-    # The fraction of states served with another prompt of their batch than the one they were
-    # sampled for (the teacher's eps for that prompt is the target), as caption_mix does with data
+    # The fraction of states served with the prompt a random permutation of their batch gives them
+    # (another row's, unless it maps a row to itself; the teacher's eps for that prompt is the
+    # target), as caption_mix does with data
     # states: how the prediction answers a prompt the state does not show.
     swap_prompts: float = 0.0
     # Align the student's features to the teacher's on these states too (the `losses.features`

@@ -88,16 +88,16 @@ class TrajectoryPool:
         training timestep t drawn per state as the data's are (`losses.timestep_sampling`) -> (copies*N, C, h, w), (copies*N,) long."""
         g, schedule = self.gen, self.teacher.schedule
         flat = x0.repeat(copies, 1, 1, 1)
-        t = schedule.sample_timesteps(len(flat), generator=g, device=g.device, mode=self.timestep_sampling)
-        noise = torch.randn(flat.shape, generator=g, device=g.device)
-        t, noise = t.to(flat.device), noise.to(flat.device)
+        t = schedule.sample_timesteps(len(flat), generator=g, device=flat.device, mode=self.timestep_sampling)
+        noise = torch.randn(flat.shape, generator=g, device=g.device).to(flat.device)
         return schedule.add_noise(flat, noise, t), t
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, Cond]:
         """A batch of states and their conditioning. The data's caption dropout applies here too
         (a dropped row gets the unconditional input, and so the teacher's unconditional eps as
         target): without it a data-free student never learns the branch that CFG subtracts. With
-        `swap_prompts`, that fraction of rows first takes another row's prompt."""
+        `swap_prompts`, that fraction of rows first takes the prompt a random permutation of the
+        batch gives it (another row's, except where the permutation keeps a row in place)."""
         if not self.queue:
             self.refill()
         x, t, cond, uncond = self.queue.pop()
